@@ -1,0 +1,30 @@
+"""Install PixArt-delta research code: `pip install -e .[test]`."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pixart-delta",
+    version="0.1.0",
+    description="PixArt-delta: latent consistency distillation, ControlNet-Transformer and low-memory "
+    "inference on the PixArt-alpha diffusion transformer",
+    python_requires=">=3.10",
+    packages=find_packages(include=["models*", "diffusion*", "train*", "sample*", "configs*", "tools*"]),
+    package_data={"configs": ["*.yaml", "**/*.yaml"]},
+    install_requires=[
+        # These two pins take the wheels on this project's machines' disk; others download gigabytes.
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "timm>=1.0",
+        "einops>=0.8",
+        "transformers>=4.46",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "tensorboard>=2.16",
+        "safetensors>=0.4",
+        "diffusers>=0.32",
+        "tqdm>=4.66",
+        "pillow>=10.0",
+    ],
+    extras_require={"test": ["pytest>=8.0"]},
+)
