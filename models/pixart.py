@@ -1,0 +1,270 @@
+"""PixArt-alpha: a diffusion transformer with cross-attention to T5 captions and adaLN-single.
+
+The network is a pure function of (latents, timesteps, caption features, caption mask, micro-conditions).
+It knows no noise schedule; losses live in diffusion/, sampling in diffusion/samplers/.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from timm.layers import Mlp, PatchEmbed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import CrossAttention, SelfAttention
+from models.embeddings import CaptionEmbedder, SizeEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+
+# Size presets: (depth, hidden_size, num_heads). Patch size is a separate field of PixArtConfig.
+PIXART_ARCHS = {
+    "XL": (28, 1152, 16),  # the paper's model: 611,349,152 parameters as 1024-MS
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    "T": (6, 256, 4),  # tiny: trains on a laptop CPU
+}
+
+
+@dataclass
+class PixArtConfig:
+    """Architecture of a PixArt transformer; stored in every checkpoint this project writes."""
+
+    arch: str = "XL"                 # size preset in PIXART_ARCHS; depth/hidden_size/num_heads override it
+    depth: int | None = None         # number of transformer blocks
+    hidden_size: int | None = None   # token width D
+    num_heads: int | None = None     # attention heads (head dim = D / heads)
+    patch_size: int = 2              # latent pixels per token side
+    mlp_ratio: float = 4.0           # MLP width / D
+    in_channels: int = 4             # latent channels (4 for the SD VAE)
+    learn_sigma: bool = True         # also predict the variance interpolation (output 2 x in_channels)
+    caption_channels: int = 4096     # text-encoder feature width (T5-v1.1-XXL: 4096)
+    caption_tokens: int = 120        # length of the learned null caption (y_embedding)
+    latent_size: int = 32            # latent side the positional grid is defined for (image side / 8)
+    pe_interpolation: float = 0.5    # positional-embedding scale: 0.5 at 256px, 1 at 512px, 2 at 1024px
+    micro_conditions: bool = False   # image-size and aspect-ratio embedders (the 1024-MS model)
+
+    def dims(self) -> tuple[int, int, int]:
+        """(depth, hidden_size, num_heads) after applying overrides to the preset."""
+        if self.arch not in PIXART_ARCHS:
+            raise ValueError(f"unknown model.arch {self.arch!r}; valid: {', '.join(PIXART_ARCHS)}")
+        preset = PIXART_ARCHS[self.arch]
+        given = (self.depth, self.hidden_size, self.num_heads)
+        return tuple(p if g is None else g for p, g in zip(preset, given))
+
+    def resolved(self) -> "PixArtConfig":
+        """Copy with depth/hidden_size/num_heads filled in, as written into checkpoints."""
+        depth, hidden, heads = self.dims()
+        return PixArtConfig(**{**asdict(self), "depth": depth, "hidden_size": hidden, "num_heads": heads})
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+class Modulation(NamedTuple):
+    """adaLN parameters for one sub-layer: y = LN(x) * (1 + scale) + shift; the output is gated."""
+
+    shift: torch.Tensor  # (N, 1, D)
+    scale: torch.Tensor  # (N, 1, D)
+    gate: torch.Tensor   # (N, 1, D)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, 1 + self.scale)
+
+
+class PixArtBlock(nn.Module):
+    """Self-attention, cross-attention to the caption, MLP; adaLN-single modulation of attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(
+            in_features=hidden_size,
+            hidden_features=int(hidden_size * mlp_ratio),
+            act_layer=lambda: nn.GELU(approximate="tanh"),
+            drop=0.0,
+        )
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t6: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (N, T, D) image tokens; y (N, L, D) caption tokens; t6 (N, 6D) shared adaLN vector; mask (N,1,1,L)."""
+        params = (self.scale_shift_table[None] + rearrange(t6, "N (K D) -> N K D", K=6)).chunk(6, dim=1)
+        msa, mlp = Modulation(*params[:3]), Modulation(*params[3:])  # each (N, 1, D)
+        x = x + msa.gate * self.attn(msa.apply(self.norm1(x)))  # (N, T, D)
+        x = x + self.cross_attn(x, y, mask)  # (N, T, D): no norm, no gate
+        x = x + mlp.gate * self.mlp(mlp.apply(self.norm2(x)))  # (N, T, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """LN, modulation by the raw timestep embedding, linear projection to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)  # (N, 1, D) each
+        return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))  # (N, T, p*p*C)
+
+
+class Conditioning(NamedTuple):
+    """Everything the blocks need besides the image tokens, computed once per forward."""
+
+    c: torch.Tensor            # (N, D) timestep (+ micro-condition) embedding, used by the final layer
+    t6: torch.Tensor           # (N, 6D) shared adaLN-single vector, used by every block
+    y: torch.Tensor            # (N, L, D) projected caption tokens
+    mask: torch.Tensor | None  # (N, 1, 1, L) bool, True = attend; None = attend to all tokens
+
+
+class PixArt(nn.Module):
+    """The PixArt-alpha diffusion transformer (PixArt and PixArtMS of the official code in one class)."""
+
+    def __init__(self, cfg: PixArtConfig):
+        super().__init__()
+        depth, hidden, heads = cfg.dims()
+        self.patch_size = cfg.patch_size
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.out_channels
+        self.hidden_size = hidden
+        self.base_grid = cfg.latent_size // cfg.patch_size  # token grid the positional embedding is defined on
+        self.pe_interpolation = cfg.pe_interpolation
+        self.micro_conditions = cfg.micro_conditions
+        self.gradient_checkpointing = False  # set by trainers; recomputes block activations in backward
+
+        self.x_embedder = PatchEmbed(
+            img_size=None, patch_size=cfg.patch_size, in_chans=cfg.in_channels, embed_dim=hidden, strict_img_size=False
+        )
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, hidden, cfg.caption_tokens)
+        if cfg.micro_conditions:
+            if hidden % 3 != 0:
+                raise ValueError(f"micro-conditions split hidden_size into thirds; {hidden} is not divisible by 3")
+            self.csize_embedder = SizeEmbedder(hidden // 3)  # (h, w) -> 2/3 of D
+            self.ar_embedder = SizeEmbedder(hidden // 3)  # aspect ratio -> 1/3 of D
+        self.blocks = nn.ModuleList(PixArtBlock(hidden, heads, cfg.mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden, cfg.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The official initialisation; every zero-init below is what makes a fresh model a no-op residual."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Patch embedding: xavier on the flattened conv kernel, like a linear layer.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Timestep, micro-condition and caption MLPs and the adaLN-single projection: small normal.
+        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]]
+        embedders += [self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+        if self.micro_conditions:
+            embedders += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2]]
+            embedders += [self.ar_embedder.mlp[0], self.ar_embedder.mlp[2]]
+        for layer in embedders:
+            nn.init.normal_(layer.weight, std=0.02)
+        # Cross-attention output is zero, so a new block ignores the caption until it learns to use it.
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        # Output projection is zero, so the untrained model predicts zero noise.
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def check_latent_size(self, height: int, width: int):
+        """Raise if a latent H x W cannot be cut into patches, naming the nearest valid sizes."""
+        p = self.patch_size
+        if height % p or width % p or height < p or width < p:
+            near = lambda s: sorted({max(p, s // p * p), max(p, -(-s // p) * p)})  # noqa: E731
+            raise ValueError(
+                f"latent size {height}x{width} is not a multiple of the patch size {p}; "
+                f"nearest valid heights {near(height)}, widths {near(width)} "
+                f"(images: multiples of {8 * p} pixels with the SD VAE)"
+            )
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, H, W) -> tokens (N, T, D) with the sin-cos positional embedding added."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected latents of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self.check_latent_size(x.shape[2], x.shape[3])
+        gh, gw = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        pos = sincos_pos_embed_2d(self.hidden_size, gh, gw, self.base_grid, self.pe_interpolation, x.device)
+        return self.x_embedder(x) + pos.to(x.dtype)  # (N, T, D)
+
+    def condition(
+        self,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        resolution: torch.Tensor | None = None,
+        aspect_ratio: torch.Tensor | None = None,
+        drop_caption: torch.Tensor | None = None,
+    ) -> Conditioning:
+        """Timestep, micro-condition and caption embeddings shared by all blocks (and by ControlNet copies)."""
+        n = y.shape[0]
+        t = t.expand(n) if t.ndim == 0 or t.shape[0] == 1 else t
+        c = self.t_embedder(t)  # (N, D)
+        if self.micro_conditions:
+            if resolution is None or aspect_ratio is None:
+                raise ValueError("this is a multi-scale (MS) model: pass resolution (N, 2) as (height, width) "
+                                 "in pixels and aspect_ratio (N, 1) as height / width")
+            sizes = self.csize_embedder(resolution.reshape(n, 2))  # (N, 2D/3)
+            ratio = self.ar_embedder(aspect_ratio.reshape(n, 1))  # (N, D/3)
+            c = c + torch.cat([sizes, ratio], dim=1)  # (N, D)
+        if y.ndim != 3 or y.shape[-1] != self.y_embedder.y_proj.fc1.in_features:
+            raise ValueError(f"expected caption features (N, L, {self.y_embedder.y_proj.fc1.in_features}), "
+                             f"got {tuple(y.shape)}")
+        if mask is not None:
+            mask = mask.to(torch.bool)[:, None, None, :]  # (N, 1, 1, L)
+        return Conditioning(c=c, t6=self.t_block(c), y=self.y_embedder(y, drop_caption), mask=mask)
+
+    def run_block(self, index: int, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Block `index` on tokens x (N, T, D), with activation checkpointing when enabled and training."""
+        block = self.blocks[index]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, cond.y, cond.t6, cond.mask, use_reentrant=False)
+        return block(x, cond.y, cond.t6, cond.mask)
+
+    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Tokens (N, T, p*p*C) -> image (N, C, H, W)."""
+        p = self.patch_size
+        return rearrange(x, "N (h w) (p q C) -> N C (h p) (w q)", h=grid_h, w=grid_w, p=p, q=p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        resolution: torch.Tensor | None = None,
+        aspect_ratio: torch.Tensor | None = None,
+        drop_caption: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict noise (and variance interpolation) for latents x (N, C, H, W) at timesteps t (N,).
+
+        y (N, L, caption_channels) T5 features; mask (N, L) 1 = real token, 0 = padding;
+        resolution (N, 2) and aspect_ratio (N, 1) only for micro-conditioned (MS) models;
+        drop_caption (N,) bool replaces those captions by the learned null caption (CFG training/sampling).
+        Returns (N, out_channels, H, W).
+        """
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.embed_image(x)  # (N, T, D)
+        cond = self.condition(t, y, mask, resolution, aspect_ratio, drop_caption)
+        for i in range(len(self.blocks)):
+            tokens = self.run_block(i, tokens, cond)  # (N, T, D)
+        out = self.final_layer(tokens, cond.c)  # (N, T, p*p*C_out)
+        return self.unpatchify(out, grid_h, grid_w)  # (N, C_out, H, W)
+
+
+def build_pixart(cfg: PixArtConfig, device: torch.device | str | None = None) -> PixArt:
+    """Build a randomly initialised PixArt; device="meta" gives a shell for checkpoint loading."""
+    with torch.device(device or "cpu"):
+        return PixArt(cfg)

@@ -1,0 +1,1 @@
+"""Training: data, the shared loop and the trainers."""

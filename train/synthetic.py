@@ -1,0 +1,205 @@
+"""Synthetic shapes data set for CPU experiments: images, exact captions and edge maps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("circle", "square", "triangle", "diamond", "cross")
+PALETTE = {                         # name -> RGB; all readable on the white background
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (235, 200, 30),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 60, 190),
+    "pink": (240, 120, 180),
+    "brown": (130, 80, 40),
+}
+SIZES = {"small": 0.2, "medium": 0.3, "large": 0.4}  # shape extent as a fraction of the shorter image side
+POSITIONS = (                       # 3x3 grid, row-major from the top left
+    ("top left", "top center", "top right"),
+    ("middle left", "center", "middle right"),
+    ("bottom left", "bottom center", "bottom right"),
+)
+MIN_GAP = 0.02                      # extra clearance between circumscribed circles, in fractions of the shorter side
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One coloured shape; x, y are centre fractions of the image width and height."""
+
+    kind: str
+    color: str
+    size: str
+    x: float
+    y: float
+
+    def __post_init__(self):
+        """Reject unknown names and out-of-range centres."""
+        for field, value, valid in (("kind", self.kind, KINDS), ("color", self.color, PALETTE), ("size", self.size, SIZES)):
+            if value not in valid:
+                raise ValueError(f"ShapeObject.{field}={value!r} is not one of {list(valid)}")
+        if not (0.0 <= self.x <= 1.0 and 0.0 <= self.y <= 1.0):
+            raise ValueError(f"ShapeObject centre ({self.x}, {self.y}) must lie in [0, 1] x [0, 1]")
+
+    @property
+    def position(self) -> str:
+        """Named cell of the 3x3 grid that holds the centre."""
+        return POSITIONS[min(int(self.y * 3), 2)][min(int(self.x * 3), 2)]
+
+    def to_dict(self) -> dict:
+        """Fields plus the derived position, as stored in metadata.jsonl."""
+        return {**asdict(self), "position": self.position}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShapeObject:
+        """Inverse of to_dict (the derived position is ignored)."""
+        return cls(d["kind"], d["color"], d["size"], float(d["x"]), float(d["y"]))
+
+
+def sample_scene(rng: np.random.Generator, max_objects: int = 3) -> list[ShapeObject]:
+    """Draw 1..max_objects shapes whose circumscribed circles do not overlap at any aspect ratio."""
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    objects: list[ShapeObject] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        kind = KINDS[int(rng.integers(len(KINDS)))]
+        color = list(PALETTE)[int(rng.integers(len(PALETTE)))]
+        size = list(SIZES)[int(rng.integers(len(SIZES)))]
+        half = SIZES[size] / 2  # the extent is relative to the shorter side, so this margin fits any aspect
+        for _attempt in range(50):
+            x, y = (round(float(v), 3) for v in rng.uniform(half, 1 - half, size=2))
+            # Distances in fractions lower-bound pixel distances over the shorter side, so this is aspect-safe.
+            if all(math.hypot(x - o.x, y - o.y) >= half + SIZES[o.size] / 2 + MIN_GAP for o in objects):
+                objects.append(ShapeObject(kind, color, size, x, y))
+                break
+    return objects
+
+
+def caption(objects: Sequence[ShapeObject]) -> str:
+    """Exact English description, e.g. 'a large red circle at the top left and a small blue square at the center'."""
+    if not objects:
+        raise ValueError("caption needs at least one object")
+    parts = [f"a {o.size} {o.color} {o.kind} at the {o.position}" for o in objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _outline(obj: ShapeObject, width: int, height: int) -> list[tuple[float, float]] | None:
+    """Polygon vertices in pixels, or None for a circle (drawn as an ellipse)."""
+    cx, cy, r = obj.x * width, obj.y * height, SIZES[obj.size] * min(width, height) / 2
+    if obj.kind == "circle":
+        return None
+    if obj.kind == "square":
+        unit = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    elif obj.kind == "triangle":  # equilateral, pointing up, circumradius r
+        unit = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    elif obj.kind == "diamond":
+        unit = [(0.0, -1.0), (0.75, 0.0), (0.0, 1.0), (-0.75, 0.0)]
+    else:  # cross: a plus sign with arms a third of the radius wide on each side
+        a, b = 1 / 3, 0.9
+        unit = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    return [(cx + r * u, cy + r * v) for u, v in unit]
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, width: int, height: int, fill, outline=None, line: int = 1):
+    """Draw one shape filled with `fill` and, if given, outlined inwards with `outline` of `line` pixels."""
+    points = _outline(obj, width, height)
+    if points is None:
+        cx, cy, r = obj.x * width, obj.y * height, SIZES[obj.size] * min(width, height) / 2
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline, width=line)
+    else:
+        draw.polygon(points, fill=fill, outline=outline, width=line)
+
+
+def render(objects: Sequence[ShapeObject], width: int, height: int, background=(255, 255, 255)) -> Image.Image:
+    """RGB image of the shapes, painted in list order (no anti-aliasing, so colours are exact)."""
+    image = Image.new("RGB", (width, height), tuple(background))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(draw, obj, width, height, fill=PALETTE[obj.color])
+    return image
+
+
+def edge_width(width: int, height: int) -> int:
+    """Outline width in pixels used by render_edges."""
+    return max(1, min(width, height) // 64)
+
+
+def render_edges(objects: Sequence[ShapeObject], width: int, height: int) -> Image.Image:
+    """RGB edge map: white visible shape boundaries on black, drawn just inside each shape."""
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:  # the black fill erases edges that a later shape would hide in render()
+        _draw(draw, obj, width, height, fill=(0, 0, 0), outline=(255, 255, 255), line=edge_width(width, height))
+    return image
+
+
+def _image_rng(seed: int, index: int) -> np.random.Generator:
+    """Generator for image `index`; equal to SeedSequence(seed).spawn(n)[index] for any n > index."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def _save_png(image: Image.Image, path: Path):
+    """Write a PNG through a temporary name so an interrupted run leaves no truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_dataset(
+    out_dir,
+    num_images: int,
+    seed: int,
+    sizes: Sequence[tuple[int, int]] = ((256, 256),),
+    max_objects: int = 3,
+    progress: bool = True,
+) -> list[dict]:
+    """Write images, captions, edge maps and metadata.jsonl to out_dir; returns the metadata records."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    sizes = [(int(w), int(h)) for w, h in sizes]
+    if not sizes or any(w < 1 or h < 1 for w, h in sizes):
+        raise ValueError(f"sizes must be a non-empty list of positive (width, height) pairs, got {sizes}")
+    out = Path(out_dir)
+    (out / "edges").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in tqdm(range(num_images), desc="synthetic data", disable=not progress):
+        rng = _image_rng(seed, i)
+        width, height = sizes[int(rng.integers(len(sizes)))]
+        objects = sample_scene(rng, max_objects)
+        text = caption(objects)
+        name = f"{i:06d}"
+        _save_png(render(objects, width, height), out / f"{name}.png")
+        _save_png(render_edges(objects, width, height), out / "edges" / f"{name}.png")
+        (out / f"{name}.txt").write_text(text, encoding="utf-8")
+        records.append({
+            "image": f"{name}.png", "caption": text, "edge": f"edges/{name}.png",
+            "width": width, "height": height, "objects": [o.to_dict() for o in objects],
+        })
+    tmp = out / "metadata.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, out / "metadata.jsonl")
+    logger.info("wrote %d synthetic images (seed %d) to %s", num_images, seed, out)
+    return records
+
+
+def read_metadata(folder) -> list[dict]:
+    """Records of metadata.jsonl in folder, one dict per image."""
+    path = Path(folder) / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; create the data set with tools/make_synthetic_data.py")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
