@@ -16,10 +16,11 @@ import os
 import shutil
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -33,6 +34,7 @@ FORMAT_TAG = "pixart-delta"  # metadata["format"] of this project's safetensors 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 NULL_CAPTION_FILE = "null_caption.safetensors"
+NULL_CAPTION_KEY = "y_embedder.y_embedding"  # (caption_tokens, caption_channels) buffer; diffusers drops it
 
 
 class CheckpointError(ValueError):
@@ -241,8 +243,8 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
         out["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / out["hidden_size"]
     if "y_embedder.y_proj.fc1.weight" in sd:
         out["caption_channels"] = sd["y_embedder.y_proj.fc1.weight"].shape[1]
-    if "y_embedder.y_embedding" in sd:
-        out["caption_tokens"] = sd["y_embedder.y_embedding"].shape[0]
+    if NULL_CAPTION_KEY in sd:
+        out["caption_tokens"] = sd[NULL_CAPTION_KEY].shape[0]
     out["micro_conditions"] = "csize_embedder.mlp.0.weight" in sd
     if "pos_embed" in sd and "hidden_size" in out and "patch_size" in out:
         out.update(_infer_pos_embed(sd["pos_embed"], out["hidden_size"], out["patch_size"]))
@@ -370,7 +372,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(_read_safetensors(path), fmt, path, cfg, meta)
     if fmt == "official":
         sd = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
-        return Checkpoint(sd, fmt, path)
+        return Checkpoint(sd, fmt, path, _read_sidecar_config(path))
     if path.is_file():  # a bare diffusers-key safetensors file without config.json
         with safe_open(str(path), framework="pt") as f:
             return Checkpoint(diffusers_to_official(f.get_tensor, f.keys()), fmt, path)
@@ -397,12 +399,23 @@ def _read_diffusers_dir(folder: Path) -> Checkpoint:
             handles[shard] = stack.enter_context(safe_open(str(folder / shard), framework="pt"))
             where.update({k: shard for k in handles[shard].keys()})
         sd = diffusers_to_official(lambda k: handles[where[k]].get_tensor(k), where.keys())
-    tokens = 120
-    if (folder / NULL_CAPTION_FILE).is_file():
-        sd["y_embedder.y_embedding"] = _read_safetensors(folder / NULL_CAPTION_FILE)["y_embedding"]
-        tokens = sd["y_embedder.y_embedding"].shape[0]
-    cfg = config_from_diffusers(json.loads((folder / "config.json").read_text()), caption_tokens=tokens)
+    cfg = config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    if (folder / NULL_CAPTION_FILE).is_file():  # written by this project: the null caption and the arch name
+        sd[NULL_CAPTION_KEY] = _read_safetensors(folder / NULL_CAPTION_FILE)["y_embedding"]
+        arch = _safetensors_header(folder / NULL_CAPTION_FILE)[1].get("arch", cfg.arch)
+        cfg = replace(cfg, caption_tokens=sd[NULL_CAPTION_KEY].shape[0], arch=arch)
     return Checkpoint(sd, "diffusers", folder, cfg)
+
+
+def _read_sidecar_config(path: Path) -> PixArtConfig | None:
+    """The `model:` section of NAME.yaml beside an official NAME.pth (written by save_checkpoint), if any."""
+    side = path.with_suffix(".yaml")
+    if not side.is_file():
+        return None
+    data = yaml.safe_load(side.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return None
+    return _config_from_json(json.dumps(data["model"]), side)
 
 
 def _config_from_json(text: str, path: Path) -> PixArtConfig:
@@ -426,12 +439,13 @@ class LoadReport:
     null_caption: bool = True  # False when the file had no y_embedding (plain diffusers): null-caption CFG is off
 
 
-def load_state_dict_checked(model: PixArt, cfg: PixArtConfig, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Assign `sd` into `model` (possibly on meta); fail with every mismatch and a diagnosis if it does not fit."""
-    sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # derived buffer: recomputed for every grid
+def check_state_dict(
+    model: PixArt, cfg: PixArtConfig, sd: dict[str, torch.Tensor], source: str, optional=(NULL_CAPTION_KEY,)
+) -> None:
+    """Raise CheckpointError listing missing/unexpected keys and shape mismatches, with a diagnosis."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing = sorted(set(expected) - set(sd) - set(optional))
+    unexpected = sorted(set(sd) - set(expected) - {"pos_embed"})  # pos_embed: derived, recomputed per grid
     mismatched = [(k, tuple(sd[k].shape), tuple(expected[k].shape))
                   for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
@@ -440,7 +454,6 @@ def load_state_dict_checked(model: PixArt, cfg: PixArtConfig, sd: dict[str, torc
         lines += _listing("missing keys", missing) + _listing("unexpected keys", unexpected)
         lines += _listing("shape mismatches", [f"{k}: checkpoint {a}, model {b}" for k, a, b in mismatched])
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(sd, strict=True, assign=True)
 
 
 def _listing(title: str, items: list, limit: int = 12) -> list[str]:
@@ -465,15 +478,16 @@ def load_checkpoint(
     ckpt = read_checkpoint(path)
     sd = ckpt.state_dict
     cfg = cfg or ckpt.config or _config_from_official(sd, ckpt.path)
-    report = LoadReport(format=ckpt.format)
-    if "y_embedder.y_embedding" not in sd and "x_embedder.proj.weight" in sd:
+    report = LoadReport(format=ckpt.format, null_caption=NULL_CAPTION_KEY in sd)
+    model = build_pixart(cfg, device="meta")
+    check_state_dict(model, cfg, sd, str(path))
+    sd = {k: v for k, v in sd.items() if k != "pos_embed"}
+    if not report.null_caption:
         # Plain diffusers folders drop the null caption. Keep the weights usable, with CFG from a negative prompt.
         log.warning("%s has no null caption (y_embedding): classifier-free guidance must use an encoded negative "
                     "prompt; the null caption is set to zeros", path)
-        sd["y_embedder.y_embedding"] = torch.zeros(cfg.caption_tokens, cfg.caption_channels)
-        report.null_caption = False
-    model = build_pixart(cfg, device="meta")
-    load_state_dict_checked(model, cfg, sd, str(path))
+        sd[NULL_CAPTION_KEY] = torch.zeros(cfg.caption_tokens, cfg.caption_channels)
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval(), cfg, report
 
 
@@ -520,6 +534,8 @@ def save_checkpoint(
         pos = sincos_pos_embed_2d(cfg.hidden_size, grid, grid, grid, cfg.pe_interpolation)[None]
         with atomic_path(path) as tmp:
             torch.save({"state_dict": {**sd, "pos_embed": pos}}, tmp)
+        with atomic_path(path.with_suffix(".yaml")) as tmp:  # the config official files lack; also a --config
+            tmp.write_text(yaml.safe_dump({"model": asdict(cfg)}, sort_keys=False))
     else:
         _write_diffusers(sd, cfg, path, max_shard_bytes)
     return path
@@ -546,8 +562,8 @@ def _write_diffusers(sd, cfg: PixArtConfig, root: Path, max_shard_bytes: int | N
             total = sum(v.numel() * v.element_size() for v in weights.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2))
-        if "y_embedder.y_embedding" in sd:
-            save_file({"y_embedding": sd["y_embedder.y_embedding"]}, str(tmp / NULL_CAPTION_FILE))
+        if NULL_CAPTION_KEY in sd:
+            save_file({"y_embedding": sd[NULL_CAPTION_KEY]}, str(tmp / NULL_CAPTION_FILE), metadata={"arch": cfg.arch})
         (tmp / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
         os.replace(tmp, target)
     except BaseException:

@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 from train.synthetic import (
-    KINDS, PALETTE, SIZES, ShapeObject, caption, edge_width, read_metadata, render, render_edges, sample_scene,
+    KINDS,
+    PALETTE,
+    SIZES,
+    ShapeObject,
+    caption,
+    edge_width,
+    read_metadata,
+    render,
+    render_edges,
+    sample_scene,
     write_dataset,
 )
 

@@ -43,7 +43,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical files")
     parser.add_argument("--sizes", type=parse_sizes, default=[(256, 256)], help="WxH choices, comma separated")
     parser.add_argument("--max-objects", type=int, default=3, help="at most this many shapes per image")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR, replacing old samples")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUT_DIR, replacing old samples")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.num < 1:

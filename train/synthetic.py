@@ -6,9 +6,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,7 +48,8 @@ class ShapeObject:
 
     def __post_init__(self):
         """Reject unknown names and out-of-range centres."""
-        for field, value, valid in (("kind", self.kind, KINDS), ("color", self.color, PALETTE), ("size", self.size, SIZES)):
+        checks = (("kind", self.kind, KINDS), ("color", self.color, PALETTE), ("size", self.size, SIZES))
+        for field, value, valid in checks:
             if value not in valid:
                 raise ValueError(f"ShapeObject.{field}={value!r} is not one of {list(valid)}")
         if not (0.0 <= self.x <= 1.0 and 0.0 <= self.y <= 1.0):
@@ -109,7 +110,8 @@ def _outline(obj: ShapeObject, width: int, height: int) -> list[tuple[float, flo
         unit = [(0.0, -1.0), (0.75, 0.0), (0.0, 1.0), (-0.75, 0.0)]
     else:  # cross: a plus sign with arms a third of the radius wide on each side
         a, b = 1 / 3, 0.9
-        unit = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        unit = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a),
+                (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
     return [(cx + r * u, cy + r * v) for u, v in unit]
 
 

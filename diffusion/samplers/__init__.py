@@ -1,0 +1,42 @@
+"""Samplers: plain functions sharing one signature, so any of them swaps in.
+
+    sample_xxx(denoise, x, schedule, steps, *, generator=None, callback=None, **options) -> Tensor
+
+`denoise(x, t)` returns the epsilon prediction for latents x (N, C, H, W) at timesteps t (N,), a LongTensor;
+classifier-free guidance is a closure around the model. `callback` receives a StepInfo after each step.
+"""
+
+from collections.abc import Callable
+
+from diffusion.samplers.common import Denoise, StepInfo
+from diffusion.samplers.ddim import ddim_timesteps, sample_ddim
+from diffusion.samplers.dpm_solver import dpm_solver_timesteps, sample_dpm_solver
+from diffusion.samplers.lcm import lcm_boundary_scalings, lcm_timesteps, sample_lcm
+
+SAMPLERS: dict[str, Callable] = {
+    "ddim": sample_ddim,
+    "dpm": sample_dpm_solver,  # PixArt-alpha default: order 2, 20 steps
+    "lcm": sample_lcm,  # PixArt-LCM: 2 to 8 steps, no guidance
+}
+
+
+def get_sampler(name: str) -> Callable:
+    """The sampler function registered under name."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+__all__ = [
+    "SAMPLERS",
+    "Denoise",
+    "StepInfo",
+    "ddim_timesteps",
+    "dpm_solver_timesteps",
+    "get_sampler",
+    "lcm_boundary_scalings",
+    "lcm_timesteps",
+    "sample_ddim",
+    "sample_dpm_solver",
+    "sample_lcm",
+]

@@ -1,0 +1,37 @@
+"""Pieces every sampler shares: the callback record, step validation, timestep batches and noise draws."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Denoise = Callable[[Tensor, Tensor], Tensor]  # denoise(x (N, C, H, W), t (N,) long) -> eps (N, C, H, W)
+
+
+@dataclass(frozen=True, eq=False)
+class StepInfo:
+    """What a sampler reports to its callback after each denoiser call."""
+
+    index: int  # 0-based step number
+    total: int  # number of steps in this run
+    timestep: int  # discrete timestep the denoiser saw
+    x: Tensor  # (N, C, H, W) sample after the step
+    denoised: Tensor  # (N, C, H, W) the step's clean-sample estimate
+
+
+def check_steps(sampler: str, steps: int, high: int, why: str) -> None:
+    """Raise a ValueError naming the valid range when steps is outside 1..high."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= high:
+        raise ValueError(f"{sampler} steps must be an integer in 1..{high} ({why}), got {steps!r}")
+
+
+def timestep_batch(t: int, x: Tensor) -> Tensor:
+    """The timestep t repeated for each sample of x, as a LongTensor (N,) on x's device."""
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers does), then moved to x's."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
