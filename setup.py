@@ -8,7 +8,9 @@ setup(
     description="PixArt-delta: latent consistency distillation, ControlNet-Transformer and low-memory "
     "inference on the PixArt-alpha diffusion transformer",
     python_requires=">=3.10",
-    packages=find_packages(include=["models*", "diffusion*", "train*", "sample*", "configs*", "tools*"]),
+    # train/ and sample/ hold entry scripts (train/train.py, sample/sample.py), not packages: a package named
+    # like a script in its own folder would be shadowed by that script when it runs.
+    packages=find_packages(include=["models*", "diffusion*", "data*", "engine*", "configs*", "tools*"]),
     package_data={"configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         # These two pins take the wheels on this project's machines' disk; others download gigabytes.

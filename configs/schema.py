@@ -1,8 +1,12 @@
-"""The run config: one typed section per part of the system, each filled from YAML."""
+"""The run config: one typed section per part of the system, each defined beside the code it configures."""
 
 from dataclasses import dataclass, field
 
+from diffusion.pipeline import SampleConfig
+from diffusion.schedule import DiffusionConfig
+from models.autoencoder import AutoencoderConfig
 from models.pixart import PixArtConfig
+from models.text_encoder import TextEncoderConfig
 
 
 @dataclass
@@ -10,3 +14,7 @@ class Config:
     """Resolved options of a run; saved beside every checkpoint and into every run directory."""
 
     model: PixArtConfig = field(default_factory=PixArtConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

@@ -1,4 +1,4 @@
-"""Diffusion process and sampling: the discrete noise schedule and the DDIM, DPM-Solver++ and LCM samplers."""
+"""Diffusion process and sampling: the noise schedule, DDIM / DPM-Solver++ / LCM samplers, guidance."""
 
 from diffusion.samplers import (
     SAMPLERS,
@@ -11,11 +11,14 @@ from diffusion.samplers import (
     sample_ddim,
     sample_dpm_solver,
     sample_lcm,
+    sampler_timesteps,
 )
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import DiffusionConfig, NoiseSchedule
 
 __all__ = [
     "SAMPLERS",
+    "DiffusionConfig",
+    "sampler_timesteps",
     "NoiseSchedule",
     "StepInfo",
     "ddim_timesteps",

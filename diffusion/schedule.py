@@ -86,3 +86,16 @@ class NoiseSchedule:
         """Noise estimate from a clean-sample prediction."""
         alpha, sigma = self.alpha_sigma(t, x_t)
         return (x_t - alpha * x0) / sigma  # eps = (x_t - alpha_t x_0) / sigma_t
+
+
+@dataclass
+class DiffusionConfig:
+    """The training noise schedule; the `diffusion:` section of a run config."""
+
+    schedule: str = "linear"          # linear (PixArt: betas 1e-4 -> 0.02) | scaled_linear (Stable Diffusion)
+    num_steps: int = 1000             # training timesteps T
+    beta_start: float | None = None   # None: the schedule's default
+    beta_end: float | None = None     # None: the schedule's default
+
+    def build(self) -> NoiseSchedule:
+        return NoiseSchedule.from_name(self.schedule, self.num_steps, self.beta_start, self.beta_end)

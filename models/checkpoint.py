@@ -427,6 +427,20 @@ def _config_from_json(text: str, path: Path) -> PixArtConfig:
     return PixArtConfig(**data)
 
 
+def peek_config(path: str | os.PathLike) -> PixArtConfig | None:
+    """The architecture a checkpoint declares, reading no weights (None: an official file without a config).
+
+    For checks before heavy loading, e.g. the transformer's latent channels against the autoencoder's.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        return _config_from_json(_safetensors_header(path)[1]["model_config"], path)
+    if fmt == "diffusers" and path.is_dir():
+        return config_from_diffusers(json.loads((_diffusers_dir(path) / "config.json").read_text()))
+    return _read_sidecar_config(path) if fmt == "official" else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading into a model
 

@@ -1,9 +1,24 @@
 """Shared fixtures: tiny PixArt configs and models with every weight random (no zero-init shortcuts)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from fixtures import write_tiny_t5, write_tiny_vae
 
 from models.pixart import PixArtConfig, build_pixart
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """Import an entry script (sample/sample.py, train/train.py) as a module, to call its main() in-process."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**overrides) -> PixArtConfig:
@@ -42,3 +57,13 @@ def random_inputs(cfg: PixArtConfig, batch=2, height=16, width=16, seed=1, padde
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_path(tmp_path_factory):
+    return write_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_path(tmp_path_factory):
+    return write_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.synthetic import (
+from data.synthetic import (
     KINDS,
     PALETTE,
     SIZES,

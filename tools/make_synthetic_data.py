@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from train.synthetic import write_dataset
+from data.synthetic import write_dataset
 
 logger = logging.getLogger("make_synthetic_data")
 GENERATED = re.compile(r"^\d{6}\.(png|txt)$")  # names write_dataset produces at the top level

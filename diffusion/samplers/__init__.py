@@ -20,6 +20,9 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
+TIMESTEPS: dict[str, Callable] = {"ddim": ddim_timesteps, "dpm": dpm_solver_timesteps, "lcm": lcm_timesteps}
+
+
 def get_sampler(name: str) -> Callable:
     """The sampler function registered under name."""
     if name not in SAMPLERS:
@@ -27,8 +30,16 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
+def sampler_timesteps(name: str, steps: int, num_train: int = 1000):
+    """The timesteps sampler `name` visits in `steps` steps; raises (naming the valid range) before any sampling."""
+    get_sampler(name)
+    return TIMESTEPS[name](steps, num_train=num_train)
+
+
 __all__ = [
     "SAMPLERS",
+    "TIMESTEPS",
+    "sampler_timesteps",
     "Denoise",
     "StepInfo",
     "ddim_timesteps",

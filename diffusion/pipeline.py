@@ -1,0 +1,270 @@
+"""Text-to-image generation: prompts -> T5 features -> a sampler over the transformer -> VAE decoding.
+
+The stages run in the order of the low-memory recipe (encode every prompt, optionally free T5, then load the
+transformer), and every check that can fail runs in `plan()` before anything heavy is loaded.
+"""
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from diffusion import NoiseSchedule, get_sampler, sampler_timesteps
+from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
+from models.aspect_ratios import aspect_ratio_bins, closest_bin, resize_and_center_crop
+from models.autoencoder import latent_channels_of, load_autoencoder
+from models.checkpoint import CheckpointError, load_checkpoint, peek_config
+from models.pixart import PixArt, PixArtConfig
+from models.text_encoder import load_text_encoder, parse_dtype, resolve_text_encoder
+
+log = logging.getLogger(__name__)
+
+UNCOND_MODES = ("null", "negative")
+
+
+@dataclass
+class SampleConfig:
+    """How to generate; the `sample:` section of a run config (command-line flags override it)."""
+
+    checkpoint: str | None = None        # transformer weights: official .pth, diffusers folder or .safetensors
+    sampler: str = "dpm"                 # dpm | lcm | ddim
+    steps: int = 20                      # denoiser evaluations (LCM: 1-8 typical, at most 50)
+    guidance: float = 4.5                # CFG scale w: eps_u + w (eps_c - eps_u); w <= 1 turns guidance off
+    uncond: str = "null"                 # null: learned null caption (official) | negative: encoded negative_prompt
+    negative_prompt: str = ""            # the unconditional prompt when uncond is "negative"
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: 3} for dpm, {eta: 1.0} for ddim
+    seed: int = 0                        # image i of the run uses seed + i
+    images_per_prompt: int = 1
+    batch_size: int = 1                  # images per transformer batch
+    width: int | None = None             # output pixels; None: from aspect_ratio, else the model's base size
+    height: int | None = None
+    aspect_ratio: str | None = None      # "W:H" (e.g. "16:9") at about the base area, when width/height are unset
+    resolution_binning: bool = True      # generate at the closest aspect-ratio bin, then resize/crop to width x height
+    device: str = "cpu"                  # cpu | cuda | cuda:N
+    dtype: str = "fp32"                  # transformer dtype: fp32 | bf16 | fp16
+    low_memory: bool = False             # free T5 after encoding, before loading the transformer (the 8 GB recipe)
+    out_dir: str = "outputs"             # each run writes a numbered folder inside
+    grid: bool = True                    # also write grid.png
+
+
+@dataclass
+class Plan:
+    """A checked request: everything needed to generate, resolved before any weights are read."""
+
+    prompts: list[str]      # one entry per image (prompts repeated images_per_prompt times)
+    seeds: list[int]        # one per image
+    model_cfg: PixArtConfig
+    use_file_config: bool   # the checkpoint carries its own config (else the run config's model section is used)
+    gen_size: tuple[int, int]  # (height, width) the transformer generates at
+    out_size: tuple[int, int]  # (height, width) of the saved images
+
+
+def plan(cfg, prompts: list[str]) -> Plan:
+    """Validate a run config and prompts without loading weights; every error names the fix."""
+    s = cfg.sample
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE (one prompt per line)")
+    sampler_timesteps(s.sampler, s.steps, cfg.diffusion.num_steps)
+    check_sampler_options(s.sampler, s.sampler_options)
+    if s.uncond not in UNCOND_MODES:
+        raise ValueError(f"sample.uncond must be one of {', '.join(UNCOND_MODES)}, got {s.uncond!r}")
+    for name, value in (("images_per_prompt", s.images_per_prompt), ("batch_size", s.batch_size)):
+        if value < 1:
+            raise ValueError(f"sample.{name} must be >= 1, got {value}")
+    parse_dtype(s.dtype, "sample.dtype")
+    if s.checkpoint is None:
+        raise ValueError("no transformer checkpoint: pass --checkpoint PATH (or set sample.checkpoint)")
+    file_cfg = peek_config(s.checkpoint)
+    model_cfg = file_cfg or cfg.model
+    vae_channels = latent_channels_of(cfg.autoencoder)
+    if vae_channels != model_cfg.in_channels:
+        raise CheckpointError(f"the transformer {s.checkpoint} takes {model_cfg.in_channels}-channel latents but the "
+                              f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
+                              f"use the autoencoder the model was trained with")
+    resolve_text_encoder(cfg.text_encoder.path)
+    gen_size, out_size = resolve_size(s, model_cfg, downsample=1 if cfg.autoencoder.kind == "pixel" else 8)
+    prompts = [p for p in prompts for _ in range(s.images_per_prompt)]
+    return Plan(prompts, [s.seed + i for i in range(len(prompts))], model_cfg.resolved(), file_cfg is not None,
+                gen_size, out_size)
+
+
+def check_sampler_options(name: str, options: dict) -> None:
+    """Reject sampler_options the sampler does not take, naming the ones it does."""
+    params = inspect.signature(get_sampler(name)).parameters
+    valid = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in ("generator", "callback")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"sample.sampler_options {unknown} are not options of sampler {name!r}; "
+                         f"valid: {', '.join(valid) or 'none'}")
+
+
+def size_for_aspect_ratio(text: str, base: int) -> tuple[int, int]:
+    """'16:9' -> (width, height) with width / height = 16 / 9 and about base^2 pixels."""
+    try:
+        w, h = (float(v) for v in text.split(":"))
+        assert w > 0 and h > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"aspect ratio {text!r}: expected W:H with positive numbers, e.g. 16:9") from None
+    return round(base * math.sqrt(w / h)), round(base / math.sqrt(w / h))
+
+
+def resolve_size(s: SampleConfig, model_cfg: PixArtConfig, downsample: int) -> tuple[tuple, tuple]:
+    """(generation size, output size) as (height, width) pixels; an invalid size without binning is an error."""
+    base = model_cfg.latent_size * downsample
+    default_w, default_h = size_for_aspect_ratio(s.aspect_ratio, base) if s.aspect_ratio else (base, base)
+    height, width = s.height or default_h, s.width or default_w
+    multiple = downsample * model_cfg.patch_size
+    if s.resolution_binning:
+        _, gen = closest_bin(height, width, aspect_ratio_bins(base, multiple))
+        return gen, (height, width)
+    if height % multiple or width % multiple:
+        near = lambda v: sorted({max(multiple, v // multiple * multiple), -(-v // multiple) * multiple})  # noqa: E731
+        raise ValueError(f"image size {width}x{height} (width x height) is not a multiple of {multiple} "
+                         f"(autoencoder downsampling {downsample} x patch {model_cfg.patch_size}): nearest valid "
+                         f"widths {near(width)}, heights {near(height)}; or turn resolution_binning on")
+    return (height, width), (height, width)
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, and the time spent inside the transformer's own forwards."""
+
+    text_encoding: float = 0.0
+    loading: float = 0.0
+    denoising: float = 0.0
+    transformer_forwards: float = 0.0
+    vae_decoding: float = 0.0
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eps_model(model: PixArt, timings: Timings | None = None):
+    """The transformer as eps(x, t, **conditions): the noise channels of its output (learned sigma dropped)."""
+    device = next(model.parameters()).device
+
+    def eps(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if timings is None:
+            return model(x, t, **cond)[:, : model.in_channels]
+        _sync(device)
+        start = time.perf_counter()
+        out = model(x, t, **cond)[:, : model.in_channels]
+        _sync(device)
+        timings.transformer_forwards += time.perf_counter() - start
+        return out
+
+    return eps
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int], device, dtype) -> torch.Tensor:
+    """(N, C, h, w) standard normal latents, image i drawn from its own seed (so batching does not change it)."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return torch.stack(noise).to(device, dtype)
+
+
+def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, y, mask, negative, seeds, latent_hw,
+                  micro: dict, timings: Timings | None = None, on_step=None) -> torch.Tensor:
+    """Latents (N, C, h, w) for one batch: noise from the seeds, guidance as configured, the chosen sampler.
+
+    y (N, L, D) and mask (N, L) are the prompts' T5 features; negative = (features (1, L, D), mask (1, L)) of the
+    negative prompt, used when s.uncond is "negative".
+    """
+    dtype = next(model.parameters()).dtype
+    x = initial_noise(seeds, (model.in_channels, *latent_hw), y.device, dtype)  # (N, C, h, w)
+    cond = {"y": y.to(dtype), "mask": mask, **micro}
+    fn = eps_model(model, timings)
+    if s.guidance <= 1.0:
+        denoise = conditional_denoiser(fn, cond)
+    elif s.uncond == "null":
+        denoise = classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
+    else:
+        uncond = {**cond, "y": negative[0].to(dtype).expand_as(cond["y"]), "mask": negative[1].expand_as(mask)}
+        denoise = classifier_free_guidance(fn, cond, uncond, s.guidance)
+    generator = torch.Generator().manual_seed(seeds[0])  # fresh noise of stochastic samplers (LCM, DDIM eta > 0)
+    return get_sampler(s.sampler)(denoise, x, schedule, s.steps, generator=generator, callback=on_step,
+                                  **s.sampler_options)
+
+
+def micro_conditions(model_cfg: PixArtConfig, gen_size, n: int, device, dtype) -> dict:
+    """Image size (height, width) and aspect ratio (height / width) of the generation, for MS models."""
+    if not model_cfg.micro_conditions:
+        return {}
+    h, w = gen_size
+    return {"resolution": torch.tensor([[float(h), float(w)]] * n, device=device, dtype=dtype),
+            "aspect_ratio": torch.tensor([[h / w]] * n, device=device, dtype=dtype)}
+
+
+@dataclass
+class Generated:
+    """Images in [0, 1] (N, 3, H, W) on the CPU, with what made each of them."""
+
+    images: torch.Tensor
+    prompts: list[str]
+    seeds: list[int]
+    timings: Timings
+
+
+def generate(cfg, request: Plan, progress: bool = True) -> Generated:
+    """Run a planned request: encode prompts, (free T5,) load the transformer, sample, decode."""
+    s = cfg.sample
+    device = torch.device(s.device)
+    timings = Timings()
+
+    start = time.perf_counter()
+    text_encoder = load_text_encoder(cfg.text_encoder, device)
+    if text_encoder.feature_dim != request.model_cfg.caption_channels:
+        raise CheckpointError(f"the text encoder makes {text_encoder.feature_dim}-dim features but the transformer "
+                              f"expects caption_channels={request.model_cfg.caption_channels}: use the text encoder "
+                              f"the model was trained with")
+    unique = list(dict.fromkeys(request.prompts + ([s.negative_prompt] if s.uncond == "negative" else [])))
+    features, masks = text_encoder.encode(unique)
+    index = {p: i for i, p in enumerate(unique)}
+    negative = None
+    if s.uncond == "negative":
+        i = index[s.negative_prompt]
+        negative = features[i:i + 1], masks[i:i + 1]
+    _sync(device)
+    timings.text_encoding = time.perf_counter() - start
+    if s.low_memory:
+        text_encoder.unload()
+    del text_encoder
+
+    start = time.perf_counter()
+    model, _, report = load_checkpoint(s.checkpoint, None if request.use_file_config else cfg.model,
+                                       device=device, dtype=parse_dtype(s.dtype, "sample.dtype"))
+    if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption:
+        raise CheckpointError(f"{s.checkpoint} has no learned null caption (a plain diffusers folder), so guidance "
+                              f"with sample.uncond=null is impossible: use --set sample.uncond=negative")
+    vae = load_autoencoder(cfg.autoencoder, device)
+    schedule = cfg.diffusion.build()
+    timings.loading = time.perf_counter() - start
+
+    downsample = 1 if cfg.autoencoder.kind == "pixel" else 8
+    latent_hw = (request.gen_size[0] // downsample, request.gen_size[1] // downsample)
+    bar = tqdm(total=len(request.prompts) * s.steps, desc="denoising", unit="step", disable=not progress)
+    images = []
+    for b in range(0, len(request.prompts), s.batch_size):
+        prompts, seeds = request.prompts[b:b + s.batch_size], request.seeds[b:b + s.batch_size]
+        rows = torch.tensor([index[p] for p in prompts], device=device)
+        micro = micro_conditions(request.model_cfg, request.gen_size, len(prompts), device, torch.float32)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            latents = denoise_batch(model, schedule, s, features[rows], masks[rows], negative, seeds, latent_hw,
+                                    micro, timings, on_step=lambda info: bar.update(len(info.x)))
+            _sync(device)
+            timings.denoising += time.perf_counter() - start
+            start = time.perf_counter()
+            decoded = vae.decode(latents.to(vae.dtype) if hasattr(vae, "dtype") else latents).float()
+            decoded = resize_and_center_crop(decoded, *request.out_size)
+            _sync(device)
+            timings.vae_decoding += time.perf_counter() - start
+        images.append(((decoded + 1) / 2).clamp(0, 1).cpu())  # [-1, 1] -> [0, 1]
+    bar.close()
+    return Generated(torch.cat(images), request.prompts, request.seeds, timings)

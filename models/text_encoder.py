@@ -1,0 +1,243 @@
+"""The caption encoder: T5-v1.1-XXL's encoder (4096-dim features, 120 tokens), with an on-disk embedding cache.
+
+    encoder = load_text_encoder(cfg.text_encoder, device="cuda")
+    y, mask = encoder.encode(["a red circle on a blue square"])  # (N, 120, 4096) features, (N, 120) mask
+    encoder.unload()                                               # low-memory recipe: encode, free T5, then sample
+
+Weights are only read from disk (`local_files_only=True`): nothing here downloads.
+"""
+
+import gc
+import hashlib
+import html
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
+
+from models.checkpoint import atomic_path
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DOWNLOAD_HINT = ('hf download PixArt-alpha/PixArt-XL-2-1024-MS --include "text_encoder/*" "tokenizer/*" '
+                 "--local-dir <folder>  (then set text_encoder.path to <folder>)")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+class TextEncoderError(ValueError):
+    """A text encoder that cannot be found or loaded; the message names the path and how to get the weights."""
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which T5 encoder turns captions into features, and how; the `text_encoder:` section of a run config."""
+
+    path: str = "t5-v1_1-xxl"     # T5 + tokenizer folder, pipeline root (text_encoder/, tokenizer/), cached hub id
+    max_tokens: int = 120         # captions are padded / truncated to this many tokens (PixArt-alpha: 120)
+    clean_captions: bool = True   # lower-case and strip URLs, HTML, @mentions, junk punctuation before tokenizing
+    dtype: str = "bf16"           # fp32 | bf16 | fp16 (T5-v1.1 overflows in fp16: prefer bf16)
+    load_in_8bit: bool = False    # int8 Linear weights: bitsandbytes on CUDA, torch dynamic quantization on CPU
+    cache_dir: str | None = None  # folder of cached caption embeddings (one safetensors file per prompt)
+
+
+def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' -> torch dtype; anything else is an error naming the valid choices."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def local_snapshot(path: str) -> Path | None:
+    """An existing folder, or the local Hugging Face cache snapshot of hub id `path`; None when neither exists."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder.resolve()
+    if folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return None  # a file, or clearly meant as a filesystem path: never look it up as a hub id
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError, OSError):
+        return None
+
+
+def resolve_text_encoder(path: str) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) for a T5 folder, a pipeline root or a cached hub id; errors before loading."""
+    root = local_snapshot(path)
+    if root is None:
+        raise TextEncoderError(f"text encoder {path!r}: no such folder, and not a hub id in the local Hugging Face "
+                               f"cache (nothing is downloaded). Get the weights with:\n  {DOWNLOAD_HINT}")
+    if (root / "text_encoder" / "config.json").is_file():
+        model_dir, tok_dir = root / "text_encoder", root / "tokenizer"
+    elif (root / "config.json").is_file():
+        model_dir = tok_dir = root
+    else:
+        raise TextEncoderError(f"text encoder {str(root)!r} has neither config.json (a T5 encoder folder) nor "
+                               f"text_encoder/config.json (a pipeline root). Get the weights with:\n  {DOWNLOAD_HINT}")
+    if not any((tok_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise TextEncoderError(f"no tokenizer in {str(tok_dir)!r} (expected one of {', '.join(TOKENIZER_FILES)}). "
+                               f"Get it with:\n  {DOWNLOAD_HINT}")
+    return model_dir, tok_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption cleaning: a hand-written subset of PixArt-alpha's clean_caption (no bs4 / ftfy)
+
+_URL = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
+_TAG = re.compile(r"<[^<>]{1,200}>")
+_MENTION = re.compile(r"(?<!\w)@[\w.-]+")
+_JUNK = re.compile(r"[#®•©™|\\~*{}\[\]^<>]")
+_REPEATED = re.compile(r"([!?.,;:\-_'\"])\1+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([!?.,;:])")
+
+
+def clean_caption(text: str) -> str:
+    """Unescape HTML entities, lower-case, drop URLs / HTML tags / @mentions / junk symbols, squeeze punctuation."""
+    text = html.unescape(html.unescape(str(text))).strip().lower()
+    text = text.replace("<person>", "person")
+    text = _URL.sub(" ", text)
+    text = _TAG.sub(" ", text)
+    text = _MENTION.sub(" ", text)
+    text = _JUNK.sub(" ", text)
+    text = _REPEATED.sub(r"\1", text)  # "!!!" -> "!", "...." -> "."
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    text = " ".join(text.split())
+    return text.strip(" \"'-_,:;")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The encoder
+
+
+class T5TextEncoder:
+    """A T5 encoder and its tokenizer: prompts -> (features (N, L, D), mask (N, L)), with an optional disk cache."""
+
+    def __init__(self, model, tokenizer, cfg: TextEncoderConfig, identity: str, device: torch.device,
+                 dtype: torch.dtype):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.identity = identity  # what the features depend on besides the prompt; part of every cache key
+        self.device = device
+        self.dtype = dtype
+        self._feature_dim = model.config.d_model
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+
+    @property
+    def feature_dim(self) -> int:
+        """Width D of the features (4096 for T5-v1.1-XXL)."""
+        return self._feature_dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.cfg.max_tokens
+
+    def unload(self) -> None:
+        """Free the model (cached prompts still encode); for the encode-then-free low-memory recipe."""
+        del self.model
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def cache_path(self, prompt: str) -> Path:
+        """File of `prompt`'s cached embedding: sha256 of the encoder identity and the prompt."""
+        key = hashlib.sha256(json.dumps([self.identity, prompt]).encode()).hexdigest()
+        return self.cache_dir / f"{key}.safetensors"
+
+    def encode(self, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, max_tokens, D) in the encoder dtype and attention mask (N, max_tokens) long."""
+        if isinstance(prompts, str):
+            raise TypeError("encode() takes a list of prompts, not a single string")
+        if not prompts:
+            raise ValueError("encode() needs at least one prompt")
+        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(prompts)
+        if self.cache_dir is not None:
+            for i, prompt in enumerate(prompts):
+                path = self.cache_path(prompt)
+                if path.is_file():
+                    hit = load_file(path, device=str(self.device))
+                    results[i] = hit["features"], hit["mask"]
+        misses = [i for i, r in enumerate(results) if r is None]
+        for start in range(0, len(misses), batch_size):
+            chunk = misses[start:start + batch_size]
+            features, mask = self._encode_batch([prompts[i] for i in chunk])
+            for j, i in enumerate(chunk):
+                results[i] = features[j], mask[j]
+                if self.cache_dir is not None:
+                    self._store(prompts[i], features[j], mask[j])
+        if self.cache_dir is not None:
+            log.debug("caption cache: %d hits, %d misses", len(prompts) - len(misses), len(misses))
+        features = torch.stack([f for f, _ in results]).to(self.device)  # (N, L, D)
+        mask = torch.stack([m for _, m in results]).to(self.device)  # (N, L)
+        return features, mask
+
+    def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize (pad to max_tokens, truncate with a warning) and run the encoder on one batch."""
+        if self.model is None:
+            raise RuntimeError("the text encoder was unloaded; only prompts already in the cache can be encoded")
+        texts = [clean_caption(p) for p in prompts] if self.cfg.clean_captions else list(prompts)
+        L = self.cfg.max_tokens
+        for prompt, ids in zip(prompts, self.tokenizer(texts, truncation=False).input_ids):
+            if len(ids) > L:
+                log.warning("caption cut to %d tokens: dropped %d of %d tokens of %r", L, len(ids) - L, len(ids),
+                            prompt if len(prompt) <= 80 else prompt[:77] + "...")
+        tokens = self.tokenizer(texts, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)  # (N, L)
+        mask = tokens.attention_mask.to(self.device, torch.long)  # (N, L)
+        with torch.no_grad():  # not inference_mode: the features feed modules that are trained
+            features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, D)
+        return features.to(self.dtype), mask
+
+    def _store(self, prompt: str, features: torch.Tensor, mask: torch.Tensor) -> None:
+        """Write one prompt's (features (L, D), mask (L,)) atomically."""
+        with atomic_path(self.cache_path(prompt)) as tmp:
+            save_file({"features": features.contiguous().cpu(), "mask": mask.contiguous().cpu()}, tmp,
+                      metadata={"prompt": prompt, "encoder": self.identity})
+
+
+def _quantize_linear_int8_cpu(model):
+    """torch's dynamic int8 quantization of every nn.Linear (int8 weights, activations quantized per batch)."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:
+        raise TextEncoderError(f"text_encoder.load_in_8bit on CPU needs torch.ao.quantization.quantize_dynamic, "
+                               f"which torch {torch.__version__} does not have; set load_in_8bit: false") from e
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> T5TextEncoder:
+    """Load the T5 encoder and tokenizer named by cfg.path (local files only) onto `device`."""
+    device = torch.device(device)
+    dtype = parse_dtype(cfg.dtype, "text_encoder.dtype")
+    if cfg.max_tokens < 1:
+        raise ValueError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
+    model_dir, tok_dir = resolve_text_encoder(cfg.path)
+    kwargs = dict(local_files_only=True)
+    if cfg.load_in_8bit and device.type == "cuda":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TextEncoderError("text_encoder.load_in_8bit on CUDA needs bitsandbytes: pip install bitsandbytes")
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+    elif cfg.load_in_8bit:
+        dtype = torch.float32  # dynamic int8 quantization computes in fp32
+        if device.type != "cpu":
+            raise TextEncoderError(f"text_encoder.load_in_8bit works on cuda or cpu, not {device.type}")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, **kwargs).eval().requires_grad_(False)
+    if cfg.load_in_8bit and device.type == "cpu":
+        model = _quantize_linear_int8_cpu(model)
+    elif not cfg.load_in_8bit:
+        model = model.to(device)
+    identity = json.dumps(dict(path=str(model_dir), max_tokens=cfg.max_tokens, clean=cfg.clean_captions,
+                               dtype=cfg.dtype, int8=cfg.load_in_8bit), sort_keys=True)
+    log.info("text encoder %s: d_model %d, %d tokens, %s%s", model_dir, model.config.d_model, cfg.max_tokens,
+             cfg.dtype, ", int8" if cfg.load_in_8bit else "")
+    return T5TextEncoder(model, tokenizer, cfg, identity, device, dtype)

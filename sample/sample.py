@@ -1,0 +1,155 @@
+"""Generate images from text with a PixArt transformer.
+
+    python sample/sample.py --config pixart_alpha_1024 --pipeline weights/PixArt-XL-2-1024-MS --prompt "a red fox"
+    python sample/sample.py --config pixart_delta_lcm_1024 --pipeline weights/PixArt-LCM-XL-2-1024-MS \\
+        --prompts-file prompts.txt --steps 4 --seed 7 --out outputs
+
+Flags override the config file, which --set overrides first. Every check (sizes, sampler steps, files, latent
+channels) runs before weights are loaded. Each run writes a numbered folder in --out holding one PNG per image
+(prompt, seed, sampler and steps in the PNG text fields), grid.png, config.yaml, prompts.txt and log.txt.
+"""
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torchvision.utils import make_grid
+
+from configs import Config, ConfigError, add_config_arguments, load_config, save_config, to_yaml
+from diffusion.pipeline import Generated, Plan, generate, plan
+from models.autoencoder import AutoencoderError
+from models.checkpoint import CheckpointError
+from models.text_encoder import TextEncoderError
+
+log = logging.getLogger("sample")
+USER_ERRORS = (ConfigError, CheckpointError, TextEncoderError, AutoencoderError, ValueError, FileNotFoundError)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, default="pixart_alpha_1024")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", help="unconditional prompt (implies --set sample.uncond=negative)")
+    p.add_argument("--pipeline", help="a diffusers pipeline folder: transformer, text encoder and VAE all from it")
+    p.add_argument("--checkpoint", help="transformer weights: official .pth, diffusers folder or .safetensors")
+    p.add_argument("--sampler", choices=["dpm", "lcm", "ddim"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--images-per-prompt", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--aspect-ratio", help="W:H, e.g. 16:9; picks width and height of about the model's base area")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--low-memory", action="store_true", help="free T5 before loading the transformer")
+    p.add_argument("--out", help="output folder (a numbered run folder is made inside)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """Command-line flags win over the config file and --set."""
+    s = cfg.sample
+    if args.pipeline:
+        s.checkpoint = cfg.text_encoder.path = cfg.autoencoder.path = args.pipeline
+    flags = dict(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                 seed=args.seed, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+                 width=args.width, height=args.height, device=args.device, dtype=args.dtype, out_dir=args.out)
+    for name, value in flags.items():
+        if value is not None:
+            setattr(s, name, value)
+    if args.negative_prompt is not None:
+        s.negative_prompt, s.uncond = args.negative_prompt, "negative"
+    if args.low_memory:
+        s.low_memory = True
+    if args.aspect_ratio:
+        s.aspect_ratio = args.aspect_ratio
+    return cfg
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file} does not exist")
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def next_run_dir(out: Path) -> Path:
+    """out/00000, out/00001, ...: the next free number."""
+    out.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name) for p in out.iterdir() if p.is_dir() and p.name.isdigit()]
+    run = out / f"{max(taken, default=-1) + 1:05d}"
+    run.mkdir()
+    return run
+
+
+def save_outputs(run: Path, result: Generated, cfg: Config, request: Plan) -> list[Path]:
+    """One PNG per image with its provenance in text fields, plus grid.png, config.yaml and prompts.txt."""
+    s = cfg.sample
+    paths = []
+    for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+        info = PngInfo()
+        fields = dict(prompt=prompt, seed=seed, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
+                      uncond=s.uncond, negative_prompt=s.negative_prompt if s.uncond == "negative" else "",
+                      checkpoint=s.checkpoint, size=f"{image.shape[2]}x{image.shape[1]}",
+                      generated_at=f"{request.gen_size[1]}x{request.gen_size[0]}", dtype=s.dtype)
+        for key, value in fields.items():
+            info.add_text(key, str(value))
+        path = run / f"{i:04d}_seed{seed}.png"
+        to_pil(image).save(path, pnginfo=info)
+        paths.append(path)
+    if s.grid and len(result.images) > 1:
+        to_pil(make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))), padding=2)).save(
+            run / "grid.png")
+    save_config(cfg, run / "config.yaml")
+    (run / "prompts.txt").write_text("".join(f"{seed}\t{p}\n" for p, seed in zip(result.prompts, result.seeds)))
+    return paths
+
+
+def to_pil(image) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> 8-bit RGB."""
+    return Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        cfg = apply_flags(load_config(Config, args.config, args.overrides), args)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        request = plan(cfg, read_prompts(args))
+    except USER_ERRORS as e:
+        log.error("error: %s", e)
+        return 2
+    run = next_run_dir(Path(cfg.sample.out_dir))
+    handler = logging.FileHandler(run / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    h, w = request.gen_size
+    log.info("%d images, %s %d steps, guidance %s, generating at %dx%d (WxH) -> %s", len(request.prompts),
+             cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance, w, h, run)
+    try:
+        result = generate(cfg, request, progress=not args.no_progress)
+    except USER_ERRORS as e:
+        log.error("error: %s", e)
+        return 2
+    paths = save_outputs(run, result, cfg, request)
+    t = result.timings
+    log.info("wrote %d images to %s (text %.2fs, loading %.2fs, denoising %.2fs, VAE %.2fs)", len(paths), run,
+             t.text_encoding, t.loading, t.denoising, t.vae_decoding)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

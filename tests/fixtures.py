@@ -1,0 +1,106 @@
+"""Tiny but real pretrained folders, written offline: a T5 encoder + sentencepiece tokenizer, and an SD-style VAE.
+
+Each writer fills a folder once (a second call on the same folder returns at once), so a session fixture can
+share one copy between test files:
+
+    @pytest.fixture(scope="session")
+    def tiny_t5_path(tmp_path_factory):
+        return write_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+"""
+
+import functools
+import io
+import random
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+COLOURS = ("red green blue yellow orange purple black white pink brown grey golden silver cyan magenta violet "
+           "turquoise crimson beige navy olive maroon teal").split()
+SHAPES = ("circle square triangle star hexagon ring cross heart diamond oval rectangle pentagon cube sphere "
+          "cylinder cone pyramid spiral arrow crescent").split()
+WORDS = ("a an the on of in with and small large big tiny bright dark over under next to near photo painting "
+         "picture drawing background sky field sea forest city mountain river garden window table floor wall "
+         "light shadow morning evening night sunset cloud snow rain old new soft sharp smooth rough glowing "
+         "wooden metal glass paper stone made from standing sitting floating flying beside behind between "
+         "inside outside several many two three four five detailed realistic simple abstract colourful "
+         "portrait landscape close view high quality style render art scene quick brown fox jumps lazy dog zebra "
+         "jazz vivid calm quiet empty crowded street road bridge tower castle house boat train plane bird fish "
+         "cat horse tree flower leaf grass sand beach desert lake ocean moon sun planet space robot person woman "
+         "man child holding wearing looking toward against across above below around through").split()
+PUNCTUATION = (",", ".", "!", "?", ":", ";", "-", "'", "(", ")", "&", "@", "/", "0", "1", "2", "9")
+
+
+def _sentences(n: int = 400, seed: int = 0) -> list[str]:
+    """Captions like 'a small red circle beside two golden stars', deterministic."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = []
+        for _ in range(rng.randint(3, 6)):
+            words += [rng.choice(WORDS), rng.choice(COLOURS), rng.choice(SHAPES)]
+            if rng.random() < 0.5:
+                words.append(rng.choice(WORDS))
+            if rng.random() < 0.3:
+                words.append(rng.choice(PUNCTUATION))
+        out.append(" ".join(words))
+    return out
+
+
+@functools.cache
+def tiny_spiece_model(vocab_size: int = 256) -> bytes:
+    """A sentencepiece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos), trained in memory."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_sentences()), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def write_tiny_tokenizer(folder: str | Path) -> Path:
+    """A T5 tokenizer folder (spiece.model, tokenizer.json, tokenizer_config.json) that AutoTokenizer loads."""
+    from transformers import T5Tokenizer
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(tiny_spiece_model())
+        # transformers 5: T5Tokenizer(vocab_file=...) ignores the file; from_pretrained converts spiece.model
+        tokenizer = T5Tokenizer.from_pretrained(tmp, extra_ids=0)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0) -> Path:
+    """A real transformers T5 encoder folder (2 layers, 2 heads, d_ff 64, d_kv 16, random weights) + tokenizer."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    write_tiny_tokenizer(folder)
+    vocab_size = len(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    torch.manual_seed(seed)
+    T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: int = 0) -> Path:
+    """A real diffusers AutoencoderKL folder: 4 latent channels, 1/8 resolution like the SD VAE (4 levels)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(folder)
+    return folder

@@ -1,1 +1,0 @@
-"""Training: data, the shared loop and the trainers."""
