@@ -8,7 +8,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ class SampleConfig:
     resolution_binning: bool = True      # generate at the closest aspect-ratio bin, then resize/crop to width x height
     device: str = "cpu"                  # cpu | cuda | cuda:N
     dtype: str = "fp32"                  # transformer dtype: fp32 | bf16 | fp16
-    low_memory: bool = False             # free T5 after encoding, before loading the transformer (the 8 GB recipe)
+    low_memory: bool = False             # the 8 GB recipe: T5 in 8 bit, VAE decodes one image at a time
     out_dir: str = "outputs"             # each run writes a numbered folder inside
     grid: bool = True                    # also write grid.png
 
@@ -211,60 +211,93 @@ class Generated:
     timings: Timings
 
 
-def generate(cfg, request: Plan, progress: bool = True) -> Generated:
-    """Run a planned request: encode prompts, (free T5,) load the transformer, sample, decode."""
-    s = cfg.sample
-    device = torch.device(s.device)
-    timings = Timings()
+@dataclass
+class PromptFeatures:
+    """T5 features of every distinct prompt of a request (and of the negative prompt)."""
 
-    start = time.perf_counter()
-    text_encoder = load_text_encoder(cfg.text_encoder, device)
-    if text_encoder.feature_dim != request.model_cfg.caption_channels:
+    features: torch.Tensor                 # (P, L, D)
+    masks: torch.Tensor                    # (P, L)
+    index: dict[str, int]                  # prompt -> row
+    negative: tuple | None                 # (features (1, L, D), mask (1, L)) when uncond is "negative"
+
+    def rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor([self.index[p] for p in prompts], device=self.features.device)
+        return self.features[idx], self.masks[idx]
+
+
+def encode_prompts(text_encoder, s: SampleConfig, prompts: list[str], caption_channels: int) -> PromptFeatures:
+    """Encode each distinct prompt once (plus the negative prompt when it is the unconditional input)."""
+    if text_encoder.feature_dim != caption_channels:
         raise CheckpointError(f"the text encoder makes {text_encoder.feature_dim}-dim features but the transformer "
-                              f"expects caption_channels={request.model_cfg.caption_channels}: use the text encoder "
-                              f"the model was trained with")
-    unique = list(dict.fromkeys(request.prompts + ([s.negative_prompt] if s.uncond == "negative" else [])))
+                              f"expects caption_channels={caption_channels}: use the text encoder the model was "
+                              f"trained with")
+    unique = list(dict.fromkeys(prompts + ([s.negative_prompt] if s.uncond == "negative" else [])))
     features, masks = text_encoder.encode(unique)
     index = {p: i for i, p in enumerate(unique)}
     negative = None
     if s.uncond == "negative":
         i = index[s.negative_prompt]
         negative = features[i:i + 1], masks[i:i + 1]
-    _sync(device)
-    timings.text_encoding = time.perf_counter() - start
-    if s.low_memory:
-        text_encoder.unload()
-    del text_encoder
+    return PromptFeatures(features, masks, index, negative)
 
-    start = time.perf_counter()
+
+def load_denoiser(cfg, request: Plan) -> PixArt:
+    """The transformer of a request, on the sample device and dtype, checked against the guidance mode."""
+    s = cfg.sample
     model, _, report = load_checkpoint(s.checkpoint, None if request.use_file_config else cfg.model,
-                                       device=device, dtype=parse_dtype(s.dtype, "sample.dtype"))
+                                       device=s.device, dtype=parse_dtype(s.dtype, "sample.dtype"))
     if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption:
         raise CheckpointError(f"{s.checkpoint} has no learned null caption (a plain diffusers folder), so guidance "
                               f"with sample.uncond=null is impossible: use --set sample.uncond=negative")
-    vae = load_autoencoder(cfg.autoencoder, device)
-    schedule = cfg.diffusion.build()
-    timings.loading = time.perf_counter() - start
+    return model
 
-    downsample = 1 if cfg.autoencoder.kind == "pixel" else 8
-    latent_hw = (request.gen_size[0] // downsample, request.gen_size[1] // downsample)
+
+def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, request: Plan,
+                  prompts: PromptFeatures, timings: Timings, progress: bool = True) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches."""
+    device = torch.device(s.device)
+    latent_hw = (request.gen_size[0] // vae.downsample, request.gen_size[1] // vae.downsample)
     bar = tqdm(total=len(request.prompts) * s.steps, desc="denoising", unit="step", disable=not progress)
     images = []
     for b in range(0, len(request.prompts), s.batch_size):
-        prompts, seeds = request.prompts[b:b + s.batch_size], request.seeds[b:b + s.batch_size]
-        rows = torch.tensor([index[p] for p in prompts], device=device)
-        micro = micro_conditions(request.model_cfg, request.gen_size, len(prompts), device, torch.float32)
-        start = time.perf_counter()
+        batch, seeds = request.prompts[b:b + s.batch_size], request.seeds[b:b + s.batch_size]
+        y, mask = prompts.rows(batch)
+        micro = micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32)
         with torch.inference_mode():
-            latents = denoise_batch(model, schedule, s, features[rows], masks[rows], negative, seeds, latent_hw,
-                                    micro, timings, on_step=lambda info: bar.update(len(info.x)))
+            start = time.perf_counter()
+            latents = denoise_batch(model, schedule, s, y, mask, prompts.negative, seeds, latent_hw, micro,
+                                    timings, on_step=lambda info: bar.update(len(info.x)))
             _sync(device)
             timings.denoising += time.perf_counter() - start
             start = time.perf_counter()
-            decoded = vae.decode(latents.to(vae.dtype) if hasattr(vae, "dtype") else latents).float()
+            chunks = latents.split(1) if s.low_memory else [latents]  # VAE activations dominate memory at 1024 px
+            decoded = torch.cat([vae.decode(z).float() for z in chunks])  # (n, 3, H, W)
             decoded = resize_and_center_crop(decoded, *request.out_size)
             _sync(device)
             timings.vae_decoding += time.perf_counter() - start
         images.append(((decoded + 1) / 2).clamp(0, 1).cpu())  # [-1, 1] -> [0, 1]
     bar.close()
-    return Generated(torch.cat(images), request.prompts, request.seeds, timings)
+    return torch.cat(images)
+
+
+def generate(cfg, request: Plan, progress: bool = True) -> Generated:
+    """Run a planned request: encode every prompt, free T5, then load the transformer and VAE and sample.
+
+    T5-XXL (4.7B parameters) and the transformer are never in memory together.
+    """
+    s = cfg.sample
+    timings = Timings()
+    start = time.perf_counter()
+    t5_cfg = replace(cfg.text_encoder, load_in_8bit=True) if s.low_memory else cfg.text_encoder
+    text_encoder = load_text_encoder(t5_cfg, s.device)
+    prompts = encode_prompts(text_encoder, s, request.prompts, request.model_cfg.caption_channels)
+    _sync(torch.device(s.device))
+    timings.text_encoding = time.perf_counter() - start
+    text_encoder.unload()
+    del text_encoder
+    start = time.perf_counter()
+    model = load_denoiser(cfg, request)
+    vae = load_autoencoder(cfg.autoencoder, s.device)
+    timings.loading = time.perf_counter() - start
+    images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress)
+    return Generated(images, request.prompts, request.seeds, timings)

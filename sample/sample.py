@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--aspect-ratio", help="W:H, e.g. 16:9; picks width and height of about the model's base area")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--low-memory", action="store_true", help="free T5 before loading the transformer")
+    p.add_argument("--low-memory", action="store_true",
+                   help="T5 in 8 bit and one-image VAE decoding (T5 is always freed before the transformer loads)")
     p.add_argument("--out", help="output folder (a numbered run folder is made inside)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import write_tiny_t5, write_tiny_vae
 
 from models.pixart import PixArtConfig, build_pixart
+from tools.random_weights import write_tiny_t5, write_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,9 @@
-"""Tiny but real pretrained folders, written offline: a T5 encoder + sentencepiece tokenizer, and an SD-style VAE.
+"""Random-weight but real pretrained folders, written offline, for tests and benchmarks.
 
-Each writer fills a folder once (a second call on the same folder returns at once), so a session fixture can
-share one copy between test files:
-
-    @pytest.fixture(scope="session")
-    def tiny_t5_path(tmp_path_factory):
-        return write_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+A T5 encoder + sentencepiece tokenizer (transformers' folder layout), an SD-style VAE (diffusers'
+AutoencoderKL), and a whole diffusers PixArt pipeline folder (model_index.json, transformer/, text_encoder/,
+tokenizer/, vae/, scheduler/) that both this project and diffusers.PixArtAlphaPipeline load. Nothing is
+downloaded. Each writer fills a folder once (a second call on the same folder returns at once).
 """
 
 import functools
@@ -73,8 +71,9 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
-def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0) -> Path:
-    """A real transformers T5 encoder folder (2 layers, 2 heads, d_ff 64, d_kv 16, random weights) + tokenizer."""
+def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0, num_layers: int = 2, num_heads: int = 2,
+                  d_ff: int = 64, d_kv: int = 16) -> Path:
+    """A real transformers T5 encoder folder (random weights; default 2 layers, 2 heads, d_ff 64) + tokenizer."""
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -82,15 +81,20 @@ def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0) -> Path:
         return folder
     write_tiny_tokenizer(folder)
     vocab_size = len(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_layers=num_layers,
+                      num_heads=num_heads,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
     torch.manual_seed(seed)
     T5EncoderModel(config).save_pretrained(folder)
     return folder
 
 
-def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: int = 0) -> Path:
-    """A real diffusers AutoencoderKL folder: 4 latent channels, 1/8 resolution like the SD VAE (4 levels)."""
+def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: int = 0, layers_per_block: int = 1,
+                   norm_num_groups: int = 8) -> Path:
+    """A real diffusers AutoencoderKL folder: 4 latent channels, 1/8 resolution like the SD VAE (4 levels).
+
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32 is the SD VAE's size.
+    """
     from diffusers import AutoencoderKL
 
     folder = Path(folder)
@@ -99,8 +103,39 @@ def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
-        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
         up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-        norm_num_groups=8, sample_size=32)
+        norm_num_groups=norm_num_groups, sample_size=32, scaling_factor=0.18215)
     vae.save_pretrained(folder)
+    return folder
+
+
+def write_random_pipeline(folder: str | Path, transformer_sd: dict, transformer_cfg, t5: dict | None = None,
+                          vae: dict | None = None, scheduler: str = "dpm") -> Path:
+    """A diffusers PixArt pipeline folder around given transformer weights (official keys), with a random T5
+    (d_model = the transformer's caption_channels) and a random VAE; t5 / vae are keyword arguments of
+    write_tiny_t5 / write_tiny_vae. scheduler: "dpm" (PixArt-alpha) or "lcm" (PixArt-LCM)."""
+    import json
+
+    from models.checkpoint import save_checkpoint
+
+    folder = Path(folder)
+    save_checkpoint(transformer_sd, transformer_cfg, folder, "diffusers")
+    t5_dir = write_tiny_t5(folder / "text_encoder", d_model=transformer_cfg.caption_channels, **(t5 or {}))
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (t5_dir / name).is_file():
+            (t5_dir / name).rename(folder / "tokenizer" / name)
+    write_tiny_vae(folder / "vae", **(vae or {}))
+    schedulers = {"dpm": {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+                          "solver_order": 2, "timestep_spacing": "linspace"},
+                  "lcm": {"_class_name": "LCMScheduler", "original_inference_steps": 50, "timestep_scaling": 10.0}}
+    sched = {**schedulers[scheduler], "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+             "beta_end": 0.02, "prediction_type": "epsilon"}
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", sched["_class_name"]]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
