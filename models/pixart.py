@@ -22,7 +22,7 @@ PIXART_ARCHS = {
     "L": (24, 1024, 16),
     "B": (12, 768, 12),
     "S": (12, 384, 6),
-    "T": (6, 256, 4),  # tiny: trains on a laptop CPU
+    "T": (6, 288, 4),  # tiny (head width 72 like XL; divisible by 3 for micro-conditions): a laptop CPU trains it
 }
 
 

@@ -1,10 +1,17 @@
 """Benchmarks that compare side by side in one process (timings on shared machines are noisy otherwise).
 
     python tools/benchmark.py transformer --sizes 256 512 --dtypes fp32 bf16
+    python tools/benchmark.py pipeline --size 256 --dtype fp32
 
 transformer: one forward of this project's PixArt and of diffusers' PixArtTransformer2DModel on the same
 weights, batch 1, 120 caption tokens. Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
 and each one's fraction of the machine's measured matmul peak for that dtype.
+
+pipeline: one image, text encoding + denoising + VAE decoding, this project's pipeline against
+diffusers.PixArtAlphaPipeline on one random-weight pipeline folder (XL transformer, T5 with d_model 4096 and
+--t5-layers layers, SD-size VAE), for PixArt-delta (LCM, 4 steps, no guidance) and PixArt-alpha (DPM-Solver,
+14 and 20 steps, guidance 4.5 with the negative prompt ""). "overhead" is the share of our total spent outside
+the transformer's own forwards, text encoding and VAE decoding.
 """
 
 import argparse
@@ -51,11 +58,12 @@ def time_interleaved(fns, device: torch.device, reps: int, warmup: int = 1) -> l
     return times
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int | None = None, reps: int = 5) -> float:
     """Best FLOP/s of a large n x n x n linear layer (x @ W^T, the layout every nn.Linear uses) for dtype.
 
     The layout matters: on CPUs without native bf16, x @ W^T runs ~20x faster than x @ W in bf16.
     """
+    n = n or (8192 if device.type == "cuda" else 2048)
     x = torch.randn(n, n, device=device).to(dtype)
     w = torch.randn(n, n, device=device).to(dtype)
     fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
@@ -131,6 +139,110 @@ def bench_transformer(args) -> list[dict]:
     return rows
 
 
+PIPELINE_CASES = (("PixArt-delta LCM", "lcm", 4, 0.0), ("PixArt-alpha DPM", "dpm", 14, 4.5),
+                  ("PixArt-alpha DPM", "dpm", 20, 4.5))
+
+
+def bench_pipeline(args) -> list[dict]:
+    """Stage times of our pipeline and of diffusers' on the same folder, interleaved per case."""
+    import tempfile
+
+    from diffusers import DPMSolverMultistepScheduler, LCMScheduler, PixArtAlphaPipeline
+
+    from configs import Config, load_config
+    from diffusion.pipeline import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
+    from models.autoencoder import load_autoencoder
+    from models.text_encoder import load_text_encoder
+    from tools.random_weights import write_random_pipeline
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    latent, pe, micro = PIXART_PRESETS[1024]  # the MS model, run at --size
+    model_cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+    tmp = tempfile.TemporaryDirectory()
+    sd = {k: v for k, v in build_pixart(model_cfg).state_dict().items() if "y_embedding" not in k}
+    for v in sd.values():  # zero-initialised layers would make the denoiser trivially cheap to verify, not to run
+        v.normal_(0, 0.02)
+    folder = write_random_pipeline(
+        tmp.name, sd, model_cfg, t5=dict(num_layers=args.t5_layers, num_heads=64, d_ff=10240, d_kv=64),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32))
+    del sd
+    prompt = ["a photograph of an astronaut riding a horse on the moon, detailed, 8k"]
+    rows = []
+    base = load_config(Config, "pixart_alpha_1024", [
+        f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
+        f"text_encoder.dtype={args.dtype}", f"autoencoder.dtype={args.dtype}", "text_encoder.clean_captions=false",
+        f"sample.dtype={args.dtype}", f"sample.device={args.device}", "sample.uncond=negative",
+        "sample.resolution_binning=false", f"sample.width={args.size}", f"sample.height={args.size}"])
+    request = plan(base, prompt)
+    t5 = load_text_encoder(base.text_encoder, device)
+    model = load_denoiser(base, request)
+    vae = load_autoencoder(base.autoencoder, device)
+    pipe = PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    side = args.size // 8
+    for name, sampler, steps, guidance in PIPELINE_CASES:
+        s = base.sample
+        s.sampler, s.steps, s.guidance = sampler, steps, guidance
+        timings = Timings()
+
+        def run_ours(timings=timings, s=s):
+            start = time.perf_counter()
+            feats = encode_prompts(t5, s, request.prompts, model_cfg.caption_channels)
+            sync(device)
+            timings.text_encoding += time.perf_counter() - start
+            sample_images(model, vae, base.diffusion.build(), s, request, feats, timings, progress=False)
+
+        theirs = Timings()
+
+        def run_theirs(theirs=theirs, steps=steps, guidance=guidance):
+            start = time.perf_counter()
+            embeds = pipe.encode_prompt(prompt, guidance > 1, negative_prompt="", device=device,
+                                        clean_caption=False, max_sequence_length=120)
+            sync(device)
+            theirs.text_encoding += time.perf_counter() - start
+            start = time.perf_counter()
+            pe_, pm, ne, nm = embeds
+            latents = pipe(prompt_embeds=pe_, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                           negative_prompt_attention_mask=nm, negative_prompt=None, num_inference_steps=steps,
+                           guidance_scale=guidance, height=args.size, width=args.size, output_type="latent",
+                           latents=initial_noise([0], (4, side, side), device, dtype),
+                           use_resolution_binning=False).images
+            sync(device)
+            theirs.denoising += time.perf_counter() - start
+            start = time.perf_counter()
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            pipe.image_processor.postprocess(image, output_type="pt")
+            sync(device)
+            theirs.vae_decoding += time.perf_counter() - start
+
+        scheduler = LCMScheduler if sampler == "lcm" else DPMSolverMultistepScheduler
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        with torch.inference_mode():
+            run_ours()
+            run_theirs()  # warm-up
+            for t in (timings, theirs):
+                for f in vars(t):
+                    setattr(t, f, 0.0)
+            time_interleaved([run_ours, run_theirs], device, args.reps, warmup=0)
+        n = args.reps
+        ours_total = (timings.text_encoding + timings.denoising + timings.vae_decoding) / n
+        theirs_total = (theirs.text_encoding + theirs.denoising + theirs.vae_decoding) / n
+        rows.append(dict(case=f"{name} {steps} steps", ours=ours_total, diffusers=theirs_total,
+                         ours_text=timings.text_encoding / n, ours_denoise=timings.denoising / n,
+                         ours_vae=timings.vae_decoding / n, theirs_text=theirs.text_encoding / n,
+                         theirs_denoise=theirs.denoising / n, theirs_vae=theirs.vae_decoding / n,
+                         overhead=(timings.denoising - timings.transformer_forwards) / n / ours_total))
+        r = rows[-1]
+        log.info("| %s | %.2f / %.2f / %.2f | %.2f | %.2f / %.2f / %.2f | %.2f | %.2f | %.1f%% |", r["case"],
+                 r["ours_text"], r["ours_denoise"], r["ours_vae"], r["ours"], r["theirs_text"],
+                 r["theirs_denoise"], r["theirs_vae"], r["diffusers"], r["diffusers"] / r["ours"],
+                 100 * r["overhead"])
+    tmp.cleanup()
+    return rows
+
+
+PIPELINE_HEADER = ("| case | ours: text / denoise / VAE (s) | ours total (s) | diffusers: text / denoise / VAE (s) "
+                   "| diffusers total (s) | diffusers/ours | our overhead |\n|---|---|---|---|---|---|---|")
 HEADER = ("| image | dtype | TFLOP/forward | ours (s) | diffusers (s) | diffusers/ours | ours % of matmul peak "
           "| diffusers % of peak | matmul peak (TFLOP/s) |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -151,11 +263,23 @@ def main(argv=None) -> int:
     tr.add_argument("--batch", type=int, default=1)
     tr.add_argument("--reps", type=int, default=4, help="timed rounds; the best of each is reported")
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    pl = sub.add_parser("pipeline", help="one image end to end: ours vs diffusers.PixArtAlphaPipeline")
+    pl.add_argument("--size", type=int, default=1024 if torch.cuda.is_available() else 256)
+    pl.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    pl.add_argument("--arch", default="XL")
+    pl.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
+                    help="T5-v1.1-XXL has 24; fewer keep a CPU run short (text encoding then costs less)")
+    pl.add_argument("--reps", type=int, default=2)
+    pl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
-    log.info(HEADER)
-    bench_transformer(args)
+    if args.what == "transformer":
+        log.info(HEADER)
+        bench_transformer(args)
+    else:
+        log.info(PIPELINE_HEADER)
+        bench_pipeline(args)
     return 0
 
 
