@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from diffusion.pipeline import SampleConfig
 from diffusion.schedule import DiffusionConfig
+from engine.config import DataConfig, TrainConfig
 from models.autoencoder import AutoencoderConfig
 from models.pixart import PixArtConfig
 from models.text_encoder import TextEncoderConfig
@@ -18,3 +19,5 @@ class Config:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)

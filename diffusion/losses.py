@@ -1,0 +1,106 @@
+"""The PixArt-alpha training objective: epsilon MSE plus IDDPM's variational bound for the learned variance.
+
+Nichol & Dhariwal 2021 ("Improved DDPM"), section 3.1: L_hybrid = L_simple + L_vlb, where the network's second
+half of channels v in [-1, 1] interpolates the log variance between beta_t and the posterior variance beta~_t,
+and L_vlb trains only that interpolation (the mean's gradient is stopped inside L_vlb).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion.schedule import NoiseSchedule
+
+
+def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """values[t] (float64 table) as (N, 1, 1, 1) in like's dtype and device."""
+    return values.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    """Phi(x) by the tanh approximation used by IDDPM (and the official PixArt code)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log p(x) of data in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)), elementwise."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))  # edge bin below -0.999: the whole lower tail
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))  # edge bin above 0.999: the upper tail
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+@dataclass(frozen=True, eq=False)
+class PosteriorTables:
+    """float64 tables of q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t), as IDDPM computes them."""
+
+    betas: Tensor
+    posterior_variance: Tensor          # beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+    posterior_log_variance: Tensor      # log beta~_t, with t = 0 clipped to t = 1 (beta~_0 = 0)
+    coef1: Tensor                       # beta_t sqrt(abar_{t-1}) / (1 - abar_t)
+    coef2: Tensor                       # (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)
+
+    @classmethod
+    def from_schedule(cls, schedule: NoiseSchedule) -> "PosteriorTables":
+        betas = schedule.betas.double()
+        abar = torch.cumprod(1.0 - betas, dim=0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        return cls(betas=betas, posterior_variance=var,
+                   posterior_log_variance=torch.log(torch.cat([var[1:2], var[1:]])),
+                   coef1=betas * abar_prev.sqrt() / (1.0 - abar),
+                   coef2=(1.0 - abar_prev) * (1.0 - betas).sqrt() / (1.0 - abar))
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return _gather(self.coef1, t, x_t) * x0 + _gather(self.coef2, t, x_t) * x_t
+
+    def model_log_variance(self, v: Tensor, t: Tensor) -> Tensor:
+        """log variance interpolated by v in [-1, 1] between log beta~_t (v = -1) and log beta_t (v = 1)."""
+        frac = (v + 1) / 2
+        return frac * _gather(torch.log(self.betas), t, v) + (1 - frac) * _gather(self.posterior_log_variance, t, v)
+
+
+def vlb_terms(tables: PosteriorTables, schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor,
+              eps: Tensor, v: Tensor) -> Tensor:
+    """Per-sample variational-bound term in bits per dimension: KL at t > 0, decoder NLL at t = 0 (N,)."""
+    true_mean = tables.posterior_mean(x0, x_t, t)
+    true_log_var = _gather(tables.posterior_log_variance, t, x_t)
+    x0_pred = schedule.eps_to_x0(x_t, t, eps)  # eps is detached by the caller: only the variance learns here
+    model_mean = tables.posterior_mean(x0_pred, x_t, t)
+    model_log_var = tables.model_log_variance(v, t)
+    kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=(1, 2, 3))
+    return torch.where(t == 0, nll / math.log(2.0), kl)
+
+
+class DiffusionLoss:
+    """loss(net, x0, t, noise, **cond) -> per-sample PixArt-alpha loss (N,) and its terms."""
+
+    def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True):
+        self.schedule = schedule
+        self.learn_sigma = learn_sigma
+        self.tables = PosteriorTables.from_schedule(schedule)
+
+    def __call__(self, net, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> tuple[Tensor, dict[str, Tensor]]:
+        x_t = self.schedule.q_sample(x0, t, noise)  # (N, C, H, W)
+        out = net(x_t, t, **cond)  # (N, C or 2C, H, W)
+        c = x0.shape[1]
+        eps, v = out[:, :c], out[:, c:]
+        mse = (eps.float() - noise.float()).square().mean(dim=(1, 2, 3))  # L_simple (N,)
+        if not self.learn_sigma:
+            return mse, {"mse": mse}
+        # L_vlb with the mean's gradient stopped; x T / 1000 as IDDPM does for T-step schedules.
+        vb = vlb_terms(self.tables, self.schedule, x0.float(), x_t.float(), t, eps.detach().float(), v.float())
+        vb = vb * self.schedule.num_steps / 1000.0
+        return mse + vb, {"mse": mse, "vb": vb}

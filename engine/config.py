@@ -1,0 +1,40 @@
+"""The `train:` and `data:` sections of a run config."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise; the `train:` section of a run config."""
+
+    name: str = "pixart"                  # run folders are runs_dir/NNNNN-name
+    runs_dir: str = "runs"
+    init_from: str | None = None          # weights to start from (any checkpoint format); None: from scratch
+    steps: int = 1000                     # optimiser steps
+    batch_size: int = 8                   # samples per process per micro-batch
+    grad_accumulation: int = 1            # micro-batches per optimiser step
+    lr: float = 2e-5
+    weight_decay: float = 0.03
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 1000              # linear warm-up of the learning rate from 0
+    grad_clip: float = 0.01               # max global gradient norm; <= 0: no clipping (the norm is still logged)
+    ema_decay: float = 0.9999             # EMA of the weights (exported and sampled); 0: no EMA
+    mixed_precision: str = "no"           # no | bf16 (autocast, CPU and GPU) | fp16 (autocast + grad scaler, GPU)
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda
+    log_every: int = 10
+    sample_every: int = 500               # sample grid every N steps (0: never)
+    checkpoint_every: int = 500           # full training state every N steps, and at the end
+    keep_checkpoints: int = 3
+    class_dropout_prob: float = 0.1       # captions replaced by the null caption (CFG training)
+
+
+@dataclass
+class DataConfig:
+    """Where training reads from; the `data:` section of a run config."""
+
+    cache_dir: str = "cache/features"     # made by tools/extract_features.py
+    num_workers: int = 0                  # DataLoader worker processes
+    sample_captions: int = 8              # captions of the first cached samples drawn in sample grids

@@ -1,0 +1,107 @@
+"""Run folders and full training-state checkpoints (model, EMA, optimiser, scheduler, step, data position, RNG).
+
+Checkpoints are written to a temporary file and renamed, and `latest.txt` is updated only after the rename, so
+an interrupted write never replaces a good checkpoint.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import atomic_path
+
+FORMAT = "pixart-delta-train-state"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed; the message says why and what to do."""
+
+
+def new_run_dir(root: str | os.PathLike, name: str) -> Path:
+    """root/NNNNN-name with the next free number."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    run = root / f"{max(numbers, default=-1) + 1:05d}-{name}"
+    run.mkdir()
+    return run
+
+
+def _portable_rng(state: dict) -> dict:
+    """RNG states as tensors and lists, so the checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    out = dict(state, numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss])
+    version, internal, gauss_next = state["python"]
+    out["python"] = [version, list(internal), gauss_next]
+    return out
+
+
+def _native_rng(state: dict) -> dict:
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    return dict(state, numpy=(kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
+                python=(version, tuple(internal), gauss_next))
+
+
+def save_state(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Write checkpoints/step_NNNNNNNN.pt atomically, point latest.txt at it, keep the newest `keep`."""
+    folder = run_dir / "checkpoints"
+    path = folder / f"step_{step:08d}.pt"
+    state = {**state, "format": FORMAT, "step": step, "rng": _portable_rng(state["rng"])}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    with atomic_path(folder / "latest.txt") as tmp:
+        tmp.write_text(path.name + "\n")
+    for old in sorted(folder.glob("step_*.pt"))[:-keep] if keep > 0 else []:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint latest.txt names, if any."""
+    pointer = run_dir / "checkpoints" / "latest.txt"
+    if not pointer.is_file():
+        return None
+    return run_dir / "checkpoints" / pointer.read_text().strip()
+
+
+def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path]:
+    """(run folder, checkpoint file) from a run folder or a checkpoint path."""
+    target = Path(target)
+    if target.is_dir():
+        ckpt = latest_checkpoint(target)
+        if ckpt is None:
+            raise ResumeError(f"{target} holds no checkpoints/latest.txt: nothing to resume (is it a run folder?)")
+        return target, ckpt
+    if target.is_file():
+        return target.parent.parent, target
+    raise ResumeError(f"--resume {target}: no such run folder or checkpoint file")
+
+
+def load_state(path: Path, device: torch.device) -> dict:
+    """Read a training-state checkpoint, with a clear error for a corrupt file or another kind of file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise ResumeError(f"cannot read training checkpoint {path}: {type(e).__name__}: {str(e)[:200]} "
+                          f"(corrupt or truncated? resume from an older checkpoints/step_*.pt)") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ResumeError(f"{path} is not a training-state checkpoint of this project (weights-only files "
+                          f"fine-tune through train.init_from instead)")
+    state["rng"] = _native_rng(state["rng"])
+    return state
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key: saved -> current' for every differing leaf of two nested config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

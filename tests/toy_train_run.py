@@ -1,0 +1,39 @@
+"""Runs the training loop on the toy set in a fresh process (for torchrun and signal tests).
+
+    PYTHONPATH=tests python tests/toy_train_run.py RUNS_DIR [--resume RUN] [KEY=VALUE ...]
+"""
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from toy_training import toy_config, toy_data
+
+from engine.loop import Interrupted, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs_dir")
+    parser.add_argument("--resume")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    try:
+        run = train(toy_config(args.runs_dir, *args.overrides), script.PixArtAlphaTask, toy_data, args.resume)
+    except Interrupted as e:
+        print(e, flush=True)
+        return 128 + e.signum
+    print(f"RUN {run}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Train PixArt-alpha (from scratch or fine-tuning) on a feature cache made by tools/extract_features.py.
+
+    python tools/extract_features.py data/shapes cache/shapes --config shapes_tiny
+    python train/train.py --config shapes_tiny
+    torchrun --nproc-per-node 2 train/train.py --config shapes_tiny --set train.batch_size=4
+    python train/train.py --resume runs/00000-shapes-tiny
+
+The objective is PixArt-alpha's: epsilon MSE plus IDDPM's variational bound for the learned variance, with
+captions dropped to the learned null caption at train.class_dropout_prob. Everything else (optimiser, EMA,
+mixed precision, DDP, logging, checkpoints, resume) is the shared loop in engine/loop.py.
+"""
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from configs import Config, ConfigError, add_config_arguments, load_config, to_yaml
+from diffusion.losses import DiffusionLoss
+from diffusion.pipeline import denoise_batch
+from engine.loop import Interrupted, TrainingError, train
+from engine.randomness import SampleRandomness
+from engine.state import ResumeError
+from models.autoencoder import AutoencoderError, load_autoencoder
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.pixart import build_pixart
+
+log = logging.getLogger("train")
+
+
+def micro_conditions(model, batch: dict) -> dict:
+    """Image size and aspect ratio of the batch, for multi-scale (MS) models only."""
+    if not model.micro_conditions:
+        return {}
+    return {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
+
+
+class PixArtAlphaTask:
+    """The PixArt-alpha trainer: the whole transformer is trainable, the loss is DiffusionLoss."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        if cfg.train.init_from:
+            self.model, _, _ = load_checkpoint(cfg.train.init_from, cfg.model, device=device)
+            log.info("fine-tuning from %s", cfg.train.init_from)
+        else:
+            self.model = build_pixart(cfg.model, device)
+        self.model.train().requires_grad_(True)
+        self.schedule = cfg.diffusion.build()
+        self.criterion = DiffusionLoss(self.schedule, learn_sigma=cfg.model.learn_sigma)
+        self.vae = None  # loaded at the first sample grid
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def loss(self, model, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
+        x0 = batch["latent"]  # (N, C, h, w)
+        t = rng.randint(self.schedule.num_steps, x0.device)  # (N,)
+        noise = rng.randn(x0.shape[1:], x0.device)  # (N, C, h, w)
+        drop = rng.rand(x0.device) < self.cfg.train.class_dropout_prob  # (N,) captions -> null caption
+        cond = dict(y=batch["y"], mask=batch["mask"], drop_caption=drop, **micro_conditions(self.model, batch))
+        per_sample, terms = self.criterion(model, x0, t, noise, **cond)
+        return per_sample.mean(), {k: v.mean().item() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def sample(self, model, batch: dict, step: int) -> torch.Tensor:
+        """The cached captions drawn with the sample config (DPM-Solver, CFG with the null caption)."""
+        if self.vae is None:
+            self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
+        s = replace(self.cfg.sample, uncond="null")
+        n = len(batch["latent"])
+        latents = denoise_batch(model.eval(), self.schedule, s, batch["y"], batch["mask"], None,
+                                [s.seed + i for i in range(n)], tuple(batch["latent"].shape[-2:]),
+                                micro_conditions(self.model, batch))
+        return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
+
+    def export(self, model, path: Path, metadata: dict) -> None:
+        save_checkpoint(model.state_dict(), self.cfg.model, path, "safetensors", metadata=metadata)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoints/step_*.pt file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    try:
+        config = args.config
+        if args.resume and not config:  # a resumed run keeps its own config unless another is given
+            config = str(Path(args.resume if Path(args.resume).is_dir() else Path(args.resume).parent.parent)
+                         / "config.yaml")
+        cfg = load_config(Config, config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        train(cfg, PixArtAlphaTask, resume=args.resume)
+    except Interrupted as e:
+        log.warning("%s", e)
+        return 128 + e.signum
+    except (ConfigError, CheckpointError, AutoencoderError, ResumeError, TrainingError, ValueError,
+            FileNotFoundError) as e:
+        log.error("error: %s", e)
+        return 2 if not isinstance(e, TrainingError) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
