@@ -37,6 +37,7 @@ def test_overrides_are_typed_and_win_over_files(tmp_path):
     assert (m.depth, m.hidden_size, m.latent_size) == (6, 384, 64)
     assert m.pe_interpolation == 2.0 and isinstance(m.pe_interpolation, float) and m.micro_conditions is True
     assert load_config(Config, child, ["model.depth=null"]).model.depth is None
+    assert load_config(Config, child, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
 @pytest.mark.parametrize("override,message", [

@@ -1,0 +1,88 @@
+"""The PixArt-alpha objective (epsilon MSE + IDDPM variational bound) against independent formulas."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusion.losses import (
+    DiffusionLoss,
+    PosteriorTables,
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
+from diffusion.schedule import NoiseSchedule
+
+SCHEDULE = NoiseSchedule.linear()
+TABLES = PosteriorTables.from_schedule(SCHEDULE)
+
+
+@pytest.mark.parametrize("t", [1, 10, 500, 999])
+def test_posterior_and_learned_variance_match_diffusers_ddpm(t):
+    """diffusers' DDPMScheduler (variance_type learned_range) computes the same posterior mean and variance."""
+    sched = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, variance_type="learned_range",
+                          clip_sample=False)
+    sched.set_timesteps(1000)
+    gen = torch.Generator().manual_seed(t)
+    x_t, eps, v = (torch.randn(1, 4, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    v = v.clamp(-1, 1)
+    ts = torch.tensor([t])
+    x0 = SCHEDULE.eps_to_x0(x_t, ts, eps)
+    ours_mean = TABLES.posterior_mean(x0, x_t, ts)
+    out = sched.step(torch.cat([eps, v], dim=1).float(), t, x_t.float(), generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))  # the noise step() drew
+    ours_sample = ours_mean + torch.exp(0.5 * TABLES.model_log_variance(v, ts)) * noise.double()
+    torch.testing.assert_close(ours_sample.float(), out.prev_sample, rtol=1e-4, atol=1e-4)
+
+
+def test_normal_kl_matches_torch_distributions():
+    gen = torch.Generator().manual_seed(0)
+    m1, m2, l1, l2 = (torch.randn(64, generator=gen, dtype=torch.float64) for _ in range(4))
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * l1).exp()),
+                                            torch.distributions.Normal(m2, (0.5 * l2).exp()))
+    torch.testing.assert_close(normal_kl(m1, l1, m2, l2), ref)
+
+
+def test_discretized_likelihood_integrates_the_gaussian_over_each_bin():
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0], dtype=torch.float64)
+    means = torch.tensor([-0.9, -0.4, 0.1, 0.2, 0.8], dtype=torch.float64)
+    log_scales = torch.log(torch.tensor([0.05, 0.1, 0.2, 0.05, 0.3], dtype=torch.float64))
+    normal = torch.distributions.Normal(means, log_scales.exp())
+    upper = torch.where(x > 0.999, torch.ones_like(x), normal.cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), normal.cdf(x - 1 / 255))
+    exact = torch.log(upper - lower)
+    ours = discretized_gaussian_log_likelihood(x, means, log_scales)
+    torch.testing.assert_close(ours, exact, rtol=5e-3, atol=1e-4)  # tanh approximation of Phi
+    assert (approx_standard_normal_cdf(torch.linspace(-4, 4, 81)) - torch.distributions.Normal(0, 1).cdf(
+        torch.linspace(-4, 4, 81))).abs().max() < 1e-3
+
+
+def test_loss_terms_and_gradient_routing():
+    """L_simple trains the eps channels only; L_vlb trains the variance channels only (stop-gradient on the mean)."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 4, 4, generator=gen).clamp(-1, 1)
+    noise = torch.randn(3, 4, 4, 4, generator=gen)
+    t = torch.tensor([0, 17, 900])
+    out = torch.randn(3, 8, 4, 4, generator=gen, requires_grad=True)
+    loss, terms = DiffusionLoss(SCHEDULE)(lambda x, tt: out, x0, t, noise)
+    torch.testing.assert_close(terms["mse"], (out[:, :4] - noise).square().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(loss, terms["mse"] + terms["vb"])
+    terms["vb"].sum().backward()
+    assert out.grad[:, :4].abs().max() == 0 and out.grad[:, 4:].abs().max() > 0
+    mse_only, _ = DiffusionLoss(SCHEDULE, learn_sigma=False)(lambda x, tt: out[:, :4], x0, t, noise)
+    torch.testing.assert_close(mse_only, terms["mse"])
+
+
+def test_vlb_is_zero_for_the_true_posterior():
+    """With the exact eps and the variance set to the posterior's, KL(q || p) vanishes at t > 0."""
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor([5, 700])
+    v = -torch.ones_like(x0)  # v = -1: log variance = log posterior variance
+    loss = DiffusionLoss(SCHEDULE)
+    _, terms = loss(lambda x, tt: torch.cat([noise, v], dim=1), x0, t, noise)
+    assert terms["vb"].abs().max() < 1e-6
+    assert math.isclose(TABLES.posterior_log_variance[0].item(), TABLES.posterior_log_variance[1].item())
