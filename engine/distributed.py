@@ -1,5 +1,11 @@
-"""Processes under torchrun: process-group set-up (gloo on CPU, nccl on GPU), DDP wrapping, small collectives."""
+"""Processes under torchrun: process-group set-up (gloo on CPU, nccl on GPU), DDP or FSDP, small collectives.
 
+FSDP is PyTorch's fully_shard (FSDP2): each transformer block's parameters, gradients and optimiser state are
+sharded across processes; state dicts are gathered to full tensors for checkpoints and exports (a resume keeps
+the strategy: FSDP's optimiser state is keyed by parameter name, DDP's by position).
+"""
+
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -48,11 +54,92 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist) -> nn.Module:
-    """DDP around the module when there are several processes; the module itself otherwise."""
+STRATEGIES = ("ddp", "fsdp")
+
+
+def uses_fsdp(strategy: str, d: Dist) -> bool:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.distributed must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    return strategy == "fsdp" and d.enabled
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """fully_shard every block of model.blocks (if any), then the root; in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str = "ddp") -> nn.Module:
+    """The module the loss calls: DDP around it, FSDP-sharded in place, or itself with one process."""
     if not d.enabled:
         return model
+    if uses_fsdp(strategy, d):
+        return shard(model)
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(dmodel: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce of the first micro-batches of an accumulated step (DDP or FSDP)."""
+    if enabled:
+        yield
+    elif isinstance(dmodel, DistributedDataParallel):
+        with dmodel.no_sync():
+            yield
+    elif hasattr(dmodel, "set_requires_gradient_sync"):
+        dmodel.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            dmodel.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state(model: nn.Module, fsdp: bool) -> dict:
+    """Full (unsharded) CPU state dict; under FSDP a collective whose result only rank 0 receives."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, state: dict, fsdp: bool) -> None:
+    """Load a full state dict (every rank holds it) into a plain or FSDP-sharded module."""
+    if not fsdp:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options())
+
+
+def optimizer_state(model: nn.Module, optimizer, fsdp: bool) -> dict:
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
 def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:

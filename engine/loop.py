@@ -47,8 +47,8 @@ class Task(Protocol):
     def sample(self, model: nn.Module, batch: dict, step: int) -> torch.Tensor | None:
         """Images (N, 3, H, W) in [0, 1] for the sample grid (batch: cached samples for their captions)."""
 
-    def export(self, model: nn.Module, path: Path, metadata: dict) -> None:
-        """Write the weights of `model` (the EMA copy when there is one) for sampling."""
+    def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
+        """Write weights (the EMA's when there is an EMA) for sampling, e.g. as this project's safetensors."""
 
 
 class TrainingError(RuntimeError):
@@ -152,33 +152,36 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         log.info("run %s (%s), %d process(es) on %s\n%s", run_dir, "resumed" if state else "new", d.world_size,
                  d.device, to_yaml(cfg))
-    seed_everything(tc.seed + d.rank)
     autocast = _autocast(tc.mixed_precision, d.device)
-
+    seed_everything(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     task = make_task(cfg, d.device)
+    seed_everything(tc.seed + d.rank)
     model = task.model
     if tc.gradient_checkpointing:
         for module in model.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
-    params = task.trainable_parameters()
-    dmodel = distributed.wrap(model, d)
+    fsdp = distributed.uses_fsdp(tc.distributed, d)
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    dmodel = distributed.wrap(model, d, tc.distributed)
+    if fsdp and ema is not None:
+        distributed.shard(ema.model)  # sharded like the model: the EMA update stays local to each shard
+    params = task.trainable_parameters()  # after sharding, which replaces the parameters by sharded ones
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
                                   weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(tc.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
 
     dataset, sampler_cls = dataset_factory(cfg)
     sampler = sampler_cls(dataset.buckets, tc.batch_size, tc.seed, d.rank, d.world_size)
     step, consumed = 0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(model, state["model"], fsdp)
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            distributed.load_model_state(ema.model, state["ema"], fsdp)
         step, consumed = state["step"], state["batches_consumed"]
         set_rng_state(state["rng"])
         log.info("resumed from step %d (%d batches consumed)", step, consumed)
@@ -194,13 +197,17 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     def checkpoint(at_step: int) -> Path | None:
         nonlocal last_good
         distributed.barrier(d)
+        # Gathering full state dicts is collective under FSDP: every rank takes part, rank 0 writes.
+        weights = distributed.model_state(model, fsdp)
+        ema_weights = distributed.model_state(ema.model, fsdp) if ema else None
+        optim = distributed.optimizer_state(model, optimizer, fsdp)
         if d.is_main:
             last_good = save_state(run_dir, at_step, dict(
-                model=model.state_dict(), ema=ema.state_dict() if ema else None, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), batches_consumed=consumed,
-                rng=rng_state(), config=to_dict(cfg)), tc.keep_checkpoints)
-            task.export(ema.model if ema else model, run_dir / "ema.safetensors" if ema else
-                        run_dir / "weights.safetensors", {"step": str(at_step), "config": to_yaml(cfg)})
+                model=weights, ema=ema_weights, optimizer=optim, scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), batches_consumed=consumed, rng=rng_state(), config=to_dict(cfg)),
+                tc.keep_checkpoints)
+            task.export(ema_weights if ema else weights, run_dir / ("ema.safetensors" if ema else
+                        "weights.safetensors"), {"step": str(at_step), "config": to_yaml(cfg)})
             log.info("checkpoint %s", last_good)
         distributed.barrier(d)
         return last_good
@@ -216,8 +223,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                 batch = _to_device(next(batches), d.device)
                 consumed += 1
                 rng = SampleRandomness(tc.seed, step * tc.grad_accumulation + micro, batch["index"])
-                sync = dmodel.no_sync() if d.enabled and micro < tc.grad_accumulation - 1 else contextlib.nullcontext()
-                with sync:
+                with distributed.gradient_sync(dmodel, micro == tc.grad_accumulation - 1):
                     with autocast:
                         loss, terms = task.loss(dmodel, batch, rng)
                     scaler.scale(loss / tc.grad_accumulation).backward()
@@ -231,6 +237,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                                     f"a lower train.lr or train.mixed_precision=no)")
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scaler.step(optimizer)
             scaler.update()
@@ -253,9 +260,9 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                     "train/peak_memory_mb": peak_memory_mb(d.device),
                     **{f"train/{k}": v / n for k, v in window["terms"].items()}})
                 window = {"loss": 0.0, "time": time.perf_counter(), "steps": 0, "terms": {}}
-            if tc.sample_every and step % tc.sample_every == 0 and d.is_main:
+            if tc.sample_every and step % tc.sample_every == 0 and (d.is_main or fsdp):  # FSDP: all ranks run it
                 images = task.sample(ema.model if ema else model, _to_device(preview, d.device), step)
-                if images is not None:
+                if images is not None and d.is_main:
                     log.info("samples: %s", monitor.images(step, images))
             interrupted = distributed.any_across(stop.signal is not None, d)
             if step % tc.checkpoint_every == 0 or step == tc.steps or interrupted:

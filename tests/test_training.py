@@ -69,15 +69,19 @@ def run_toy(args, env_extra=None, **kw):
     return subprocess.run(args, env=env, capture_output=True, text=True, **kw)
 
 
-def test_ddp_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    one = train(toy_config(tmp_path / "one", "train.batch_size=4", "train.steps=4", "train.checkpoint_every=4"),
-                Task, toy_data)
-    out = run_toy([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                   str(TESTS / "toy_train_run.py"), str(tmp_path / "two"), "train.batch_size=2", "train.steps=4",
-                   "train.checkpoint_every=4"], timeout=300)
+@pytest.mark.parametrize("strategy,port", [("ddp", 29517), ("fsdp", 29518)])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, strategy, port):
+    common = ("train.steps=4", "train.checkpoint_every=4", "train.grad_accumulation=2")
+    one = train(toy_config(tmp_path / "one", "train.batch_size=4", *common), Task, toy_data)
+    out = run_toy([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                   str(TESTS / "toy_train_run.py"), str(tmp_path / "two"), "train.batch_size=2", *common,
+                   f"train.distributed={strategy}"], timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (two,) = (tmp_path / "two").iterdir()
     assert_same_weights(final_weights(one), final_weights(two), 1e-5)
+    ema_one = load_checkpoint(one / "ema.safetensors")[0].state_dict()
+    ema_two = load_checkpoint(two / "ema.safetensors")[0].state_dict()
+    assert_same_weights(ema_one, ema_two, 1e-5)
 
 
 def test_tensorboard_log_and_exports(tmp_path):

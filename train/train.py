@@ -77,8 +77,8 @@ class PixArtAlphaTask:
                                 micro_conditions(self.model, batch))
         return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
 
-    def export(self, model, path: Path, metadata: dict) -> None:
-        save_checkpoint(model.state_dict(), self.cfg.model, path, "safetensors", metadata=metadata)
+    def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
+        save_checkpoint(state_dict, self.cfg.model, path, "safetensors", metadata=metadata)
 
 
 def main(argv=None) -> int:
