@@ -2,6 +2,7 @@
 
     python tools/benchmark.py transformer --sizes 256 512 --dtypes fp32 bf16
     python tools/benchmark.py pipeline --size 256 --dtype fp32
+    python tools/benchmark.py train --archs XL S --size 256 --batch 2
 
 transformer: one forward of this project's PixArt and of diffusers' PixArtTransformer2DModel on the same
 weights, batch 1, 120 caption tokens. Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
@@ -12,9 +13,14 @@ diffusers.PixArtAlphaPipeline on one random-weight pipeline folder (XL transform
 --t5-layers layers, SD-size VAE), for PixArt-delta (LCM, 4 steps, no guidance) and PixArt-alpha (DPM-Solver,
 14 and 20 steps, guidance 4.5 with the negative prompt ""). "overhead" is the share of our total spent outside
 the transformer's own forwards, text encoding and VAE decoding.
+
+train: the PixArt-alpha training step (forward, IDDPM loss, backward, AdamW) on random latents and captions,
+with and without gradient checkpointing, fp32 and bf16 autocast: samples/s, peak memory, and the fraction of
+the matmul peak counting 6 x parameters x tokens FLOPs per sample (attention not counted).
 """
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -22,6 +28,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.monitor import peak_memory_mb
 from models.checkpoint import diffusers_config, official_to_diffusers
 from models.pixart import PixArtConfig, build_pixart
 
@@ -241,6 +248,57 @@ def bench_pipeline(args) -> list[dict]:
     return rows
 
 
+def train_step_row(cfg: PixArtConfig, checkpointing: bool, dtype_name: str, args, device) -> dict:
+    """Time the training step of one configuration and read its peak memory."""
+    from diffusion.losses import DiffusionLoss
+    from diffusion.schedule import NoiseSchedule
+
+    model = build_pixart(cfg, device).train()
+    model.gradient_checkpointing = checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    loss_fn = DiffusionLoss(NoiseSchedule.linear())
+    x, _, y, mask, kw = pixart_inputs(cfg, args.size, device, torch.float32, args.batch)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    noise = torch.randn_like(x)
+    dtype = DTYPES[dtype_name]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype_name != "fp32" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss = loss_fn(model, x, t, noise, y=y, mask=mask, **kw)[0].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timeit(step, device, args.reps)
+    tokens = (args.size // 8 // cfg.patch_size) ** 2
+    flops = 6 * sum(p.numel() for p in model.parameters()) * tokens * args.batch
+    return dict(samples_s=args.batch / seconds, mem=peak_memory_mb(device), mfu=flops / seconds /
+                matmul_peak(dtype, device))
+
+
+def bench_train(args) -> list[dict]:
+    """Training-step throughput and peak memory for each (arch, checkpointing, dtype)."""
+    device = torch.device(args.device)
+    latent, pe, micro = PIXART_PRESETS[args.size if args.size in PIXART_PRESETS else 256]
+    rows = []
+    for arch in args.archs:
+        cfg = PixArtConfig(arch=arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+        for ckpt in args.checkpointing:
+            for name in args.dtypes:
+                r = dict(arch=arch, ckpt=ckpt, dtype=name, **train_step_row(cfg, ckpt, name, args, device))
+                rows.append(r)
+                log.info("| %s/2 | %dpx | %d | %s | %s | %.2f | %.0f | %.0f%% |", arch, args.size, args.batch,
+                         "yes" if ckpt else "no", name, r["samples_s"], r["mem"], 100 * r["mfu"])
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+TRAIN_HEADER = ("| model | image | batch | grad. checkpointing | dtype | samples/s | peak memory (MB) "
+                "| % of matmul peak |\n|---|---|---|---|---|---|---|---|")
 PIPELINE_HEADER = ("| case | ours: text / denoise / VAE (s) | ours total (s) | diffusers: text / denoise / VAE (s) "
                    "| diffusers total (s) | diffusers/ours | our overhead |\n|---|---|---|---|---|---|---|")
 HEADER = ("| image | dtype | TFLOP/forward | ours (s) | diffusers (s) | diffusers/ours | ours % of matmul peak "
@@ -271,12 +329,24 @@ def main(argv=None) -> int:
                     help="T5-v1.1-XXL has 24; fewer keep a CPU run short (text encoding then costs less)")
     pl.add_argument("--reps", type=int, default=2)
     pl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tn = sub.add_parser("train", help="training-step throughput and peak memory")
+    tn.add_argument("--archs", nargs="+", default=["XL", "S"])
+    tn.add_argument("--size", type=int, default=256)
+    tn.add_argument("--batch", type=int, default=2)
+    tn.add_argument("--checkpointing", type=lambda v: v == "on", nargs="+", default=[False, True],
+                    metavar="on|off")
+    tn.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    tn.add_argument("--reps", type=int, default=3)
+    tn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
     if args.what == "transformer":
         log.info(HEADER)
         bench_transformer(args)
+    elif args.what == "train":
+        log.info(TRAIN_HEADER)
+        bench_train(args)
     else:
         log.info(PIPELINE_HEADER)
         bench_pipeline(args)
