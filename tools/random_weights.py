@@ -139,3 +139,30 @@ def write_random_pipeline(folder: str | Path, transformer_sd: dict, transformer_
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", sched["_class_name"]]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def main(argv=None) -> int:
+    """Command line: write a random T5 (+ tokenizer) or VAE folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write random-weight model folders in their real formats.")
+    sub = parser.add_subparsers(dest="what", required=True)
+    t5 = sub.add_parser("t5", help="a T5 encoder + sentencepiece tokenizer (a frozen random text encoder)")
+    t5.add_argument("out")
+    t5.add_argument("--d-model", type=int, default=64)
+    t5.add_argument("--layers", type=int, default=2)
+    t5.add_argument("--seed", type=int, default=0)
+    vae = sub.add_parser("vae", help="an AutoencoderKL with 4 latent channels and 1/8 resolution")
+    vae.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.what == "t5":
+        path = write_tiny_t5(args.out, d_model=args.d_model, num_layers=args.layers, seed=args.seed,
+                             d_ff=4 * args.d_model, d_kv=max(8, args.d_model // 2))
+    else:
+        path = write_tiny_vae(args.out)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
