@@ -1,7 +1,8 @@
 """Data: image-caption folders, aspect-ratio buckets, cached features, and the synthetic shapes set."""
 
 from data.buckets import BucketBatchSampler, assign_buckets, group_by_bucket
-from data.features import FeatureDataset, canny, collate, prepare_image, read_index
+from data.edges import canny
+from data.features import FeatureDataset, collate, prepare_image, read_index
 from data.folder import DataError, ImageCaptionFolder, Problem, Record, load_image
 
 __all__ = [

@@ -108,15 +108,15 @@ def _autocast(mode: str, device: torch.device):
 def feature_data(cfg):
     """The feature cache of cfg.data.cache_dir and its bucketed batch sampler."""
     from data.buckets import BucketBatchSampler
-    from data.features import FeatureDataset
+    from data.features import FeatureDataset, collate
 
-    return FeatureDataset(cfg.data.cache_dir), BucketBatchSampler
+    return FeatureDataset(cfg.data.cache_dir), collate, BucketBatchSampler
 
 
 def train(cfg, make_task, dataset_factory=feature_data, resume: str | None = None) -> Path:
     """Run (or resume) training of the task `make_task(cfg, device)`; returns the run folder.
 
-    dataset_factory(cfg) returns (dataset with .buckets and .collate, batch-sampler class); tests inject
+    dataset_factory(cfg) returns (dataset with .buckets, collate function, batch-sampler class); tests inject
     in-memory data through it.
     """
     d = distributed.setup(cfg.train.device)
@@ -172,7 +172,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(tc.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
 
-    dataset, sampler_cls = dataset_factory(cfg)
+    dataset, collate, sampler_cls = dataset_factory(cfg)
     sampler = sampler_cls(dataset.buckets, tc.batch_size, tc.seed, d.rank, d.world_size)
     step, consumed = 0, 0
     if state is not None:
@@ -182,14 +182,15 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
             distributed.load_model_state(ema.model, state["ema"], fsdp)
+            ema.updates = state["ema_updates"]
         step, consumed = state["step"], state["batches_consumed"]
         set_rng_state(state["rng"])
         log.info("resumed from step %d (%d batches consumed)", step, consumed)
     sampler.load_state_dict(sampler.state_at(consumed))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
     batches = iter(loader)
-    preview = dataset.collate([dataset[i] for i in range(min(cfg.data.sample_captions, len(dataset)))])
+    preview = collate([dataset[i] for i in range(min(cfg.data.sample_captions, len(dataset)))])
 
     monitor = Monitor(run_dir, d.is_main)
     last_good = latest_checkpoint(run_dir)
@@ -203,9 +204,9 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
         optim = distributed.optimizer_state(model, optimizer, fsdp)
         if d.is_main:
             last_good = save_state(run_dir, at_step, dict(
-                model=weights, ema=ema_weights, optimizer=optim, scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), batches_consumed=consumed, rng=rng_state(), config=to_dict(cfg)),
-                tc.keep_checkpoints)
+                model=weights, ema=ema_weights, ema_updates=ema.updates if ema else 0, optimizer=optim,
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), batches_consumed=consumed,
+                rng=rng_state(), config=to_dict(cfg)), tc.keep_checkpoints)
             task.export(ema_weights if ema else weights, run_dir / ("ema.safetensors" if ema else
                         "weights.safetensors"), {"step": str(at_step), "config": to_yaml(cfg)})
             log.info("checkpoint %s", last_good)

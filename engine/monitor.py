@@ -18,8 +18,8 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     """INFO to stdout and run_dir/log.txt on the main process; warnings only elsewhere."""
     root = logging.getLogger()
     root.setLevel(logging.INFO if is_main else logging.WARNING)
-    for handler in list(root.handlers):
-        if getattr(handler, "_pixart", False):
+    for handler in list(root.handlers):  # replaces the entry script's basicConfig and any earlier run's handlers
+        if getattr(handler, "_pixart", False) or type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
     handlers = [logging.StreamHandler(sys.stdout)]
     if run_dir is not None and is_main:

@@ -177,3 +177,21 @@ def test_mixed_precision_and_gradient_checkpointing(tmp_path):
     assert all(torch.isfinite(v).all() for v in final_weights(run).values())
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         train(toy_config(tmp_path, "train.mixed_precision=fp16"), Task, toy_data)
+
+
+def test_ema_warms_up_then_follows_the_configured_decay():
+    from engine.ema import EMA
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.999)
+    decays = []
+    for _ in range(9500):  # (1 + n) / (10 + n) passes 0.999 at n = 8991
+        decays.append(ema.current_decay())
+        ema.update(model)
+    assert decays[0] == pytest.approx(0.1) and decays[10] == pytest.approx(11 / 20)
+    assert decays[-1] == 0.999 and all(a <= b for a, b in zip(decays, decays[1:]))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, before + 0.001 * (model.weight - before))

@@ -30,7 +30,7 @@ class ToyLatents(torch.utils.data.Dataset):
 
 
 def toy_data(cfg):
-    return ToyLatents(), BucketBatchSampler
+    return ToyLatents(), ToyLatents.collate, BucketBatchSampler
 
 
 def toy_config(runs_dir, *overrides) -> Config:

@@ -30,10 +30,9 @@ import yaml
 from tqdm import tqdm
 
 from configs import Config, ConfigError, add_config_arguments, load_config
+from data.edges import canny, edges_to_control
 from data.features import (
     REPORT_NAME,
-    canny,
-    edges_to_control,
     prepare_image,
     read_sample_metadata,
     sample_file,

@@ -1,0 +1,112 @@
+"""The documented chain on real files: synthetic data -> extract_features -> train/train.py -> sample/sample.py."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_script
+from PIL import Image
+
+from data.synthetic import write_dataset
+from tools.extract_features import main as extract
+
+ROOT = Path(__file__).resolve().parents[1]
+train_main = load_script("train/train.py").main
+sample_main = load_script("sample/sample.py").main
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_t5_path):
+    root = tmp_path_factory.mktemp("chain")
+    write_dataset(root / "shapes", 12, seed=0, sizes=((32, 32), (32, 48)), progress=False)
+    sets = ["--set", f"text_encoder.path={tiny_t5_path}", "--set", f"data.cache_dir={root / 'cache'}",
+            "--set", "model.caption_channels=32", "--set", "model.depth=2", "--set", "model.hidden_size=48",
+            "--set", f"train.runs_dir={root / 'runs'}", "--set", "train.steps=4", "--set", "train.batch_size=4",
+            "--set", "train.checkpoint_every=2", "--set", "train.sample_every=4", "--set", "train.log_every=1",
+            "--set", "sample.steps=2", "--set", "data.sample_captions=4"]
+    code = extract([str(root / "shapes"), str(root / "cache"), "--config", "shapes_tiny", "--base-size", "32",
+                    "--no-progress", *sets])
+    assert code == 0
+    return root, sets
+
+
+def test_extract_train_sample(chain, caplog):
+    root, sets = chain
+    assert train_main(["--config", "shapes_tiny", *sets]) == 0
+    (run,) = (root / "runs").iterdir()
+    assert (run / "samples" / "step_00000004.png").is_file() and (run / "ema.safetensors").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+    assert "step 4: loss" in (run / "log.txt").read_text()
+    code = sample_main(["--config", "shapes_tiny", "--checkpoint", str(run / "ema.safetensors"), *sets,
+                        "--prompt", "a large red circle at the center", "--out", str(root / "out"), "--no-progress"])
+    assert code == 0
+    (image,) = (root / "out").glob("*/*.png")
+    assert Image.open(image).size == (32, 32) and np.asarray(Image.open(image)).std() > 0
+
+
+def test_resume_from_the_command_line(chain):
+    root, sets = chain
+    assert train_main(["--config", "shapes_tiny", *sets, "--set", "train.steps=2", "--set", "train.name=resume"]) == 0
+    run = next(p for p in (root / "runs").iterdir() if p.name.endswith("resume"))
+    assert train_main(["--resume", str(run), "--set", "train.steps=4"]) == 0  # the run's own config.yaml
+    assert (run / "checkpoints" / "step_00000004.pt").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.stepz=3"], "did you mean 'train.steps'"),
+    (["--set", "data.cache_dir=/nonexistent"], "tools/extract_features.py"),
+    (["--resume", "/nonexistent/run"], "no such run folder"),
+])
+def test_bad_training_requests(chain, caplog, args, message):
+    root, sets = chain
+    assert train_main(["--config", "shapes_tiny", *sets, *args]) == 2
+    assert message in caplog.text
+
+
+def synthetic_config(root, sets, *more):
+    from configs import Config, load_config
+
+    overrides = [v for flag, v in zip(sets[::2], sets[1::2])]
+    return load_config(Config, "shapes_tiny", [*overrides, "train.log_every=10", "train.sample_every=0", *more])
+
+
+def test_a_few_steps_on_the_synthetic_data_lower_the_loss(chain):
+    import torch
+
+    from data.features import FeatureDataset, collate
+    from engine.loop import feature_data, train
+    from engine.randomness import SampleRandomness
+
+    root, sets = chain
+    cfg = synthetic_config(root, sets, "train.steps=40", "train.checkpoint_every=40", "train.lr=2e-3",
+                           "train.warmup_steps=1", "train.class_dropout_prob=0.0", "train.name=learn")
+    task = load_script("train/train.py").PixArtAlphaTask(cfg, torch.device("cpu"))
+    data = FeatureDataset(cfg.data.cache_dir)
+    bucket = max(data.buckets.values(), key=len)
+    batch = collate([data[i] for i in bucket])
+
+    def fixed_loss():
+        with torch.no_grad():
+            return task.loss(task.model.eval(), batch, SampleRandomness(7, 0, batch["index"]))[0].item()
+
+    before = fixed_loss()
+    run = train(cfg, load_script("train/train.py").PixArtAlphaTask, feature_data)
+    task.model.load_state_dict(torch.load(run / "checkpoints" / "step_00000040.pt", weights_only=True)["model"])
+    assert fixed_loss() < 0.5 * before
+
+
+def test_fine_tuning_starts_from_the_given_weights(chain):
+    import torch
+
+    from engine.loop import feature_data, train
+    from models.checkpoint import load_checkpoint
+
+    root, sets = chain
+    base = train(synthetic_config(root, sets, "train.steps=2", "train.name=base"),
+                 load_script("train/train.py").PixArtAlphaTask, feature_data)
+    tuned = train(synthetic_config(root, sets, "train.steps=1", "train.lr=0.0", "train.ema_decay=0.0",
+                                   f"train.init_from={base / 'ema.safetensors'}", "train.name=tuned"),
+                  load_script("train/train.py").PixArtAlphaTask, feature_data)
+    start = load_checkpoint(base / "ema.safetensors")[0].state_dict()
+    end = load_checkpoint(tuned / "weights.safetensors")[0].state_dict()
+    assert all(torch.equal(start[k], end[k]) for k in start)
