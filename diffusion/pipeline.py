@@ -187,8 +187,9 @@ def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, y, ma
     else:
         uncond = {**cond, "y": negative[0].to(dtype).expand_as(cond["y"]), "mask": negative[1].expand_as(mask)}
         denoise = classifier_free_guidance(fn, cond, uncond, s.guidance)
-    generator = torch.Generator().manual_seed(seeds[0])  # fresh noise of stochastic samplers (LCM, DDIM eta > 0)
-    return get_sampler(s.sampler)(denoise, x, schedule, s.steps, generator=generator, callback=on_step,
+    # Fresh noise of stochastic samplers (LCM, DDIM eta > 0): one generator per image, so batching changes nothing.
+    generators = [torch.Generator().manual_seed(seed + 1_000_003) for seed in seeds]
+    return get_sampler(s.sampler)(denoise, x, schedule, s.steps, generator=generators, callback=on_step,
                                   **s.sampler_options)
 
 

@@ -44,7 +44,7 @@ def test_images_match_diffusers_pipeline(folder):
     images, request = ours(path, sampler, steps, guidance)
     pipe = PixArtAlphaPipeline.from_pretrained(path)
     latents = initial_noise(request.seeds, (4, 6, 8), "cpu", torch.float32)  # the noise our seeds give
-    generator = torch.Generator().manual_seed(request.seeds[0])  # our stochastic-sampler generator
+    generator = [torch.Generator().manual_seed(seed + 1_000_003) for seed in request.seeds]  # ours, per image
     theirs = pipe(PROMPTS, negative_prompt="", num_inference_steps=steps, guidance_scale=guidance, height=48,
                   width=64, latents=latents, generator=generator, output_type="pt", clean_caption=False,
                   use_resolution_binning=False, max_sequence_length=120).images

@@ -31,7 +31,13 @@ def timestep_batch(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers does), then moved to x's."""
+def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers does), then moved to x's.
+
+    A list of generators draws row i of the batch from generator i, so a sample's noise does not depend on which
+    other samples share its batch.
+    """
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([randn_like(x[i], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
