@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from models.checkpoint import atomic_path
+
 PRESET_DIR = Path(__file__).resolve().parent
 
 
@@ -156,12 +158,9 @@ def to_yaml(cfg) -> str:
 
 def save_config(cfg, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(to_yaml(cfg))
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

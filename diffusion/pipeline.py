@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from diffusion import NoiseSchedule, get_sampler, sampler_timesteps
 from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
-from models.aspect_ratios import aspect_ratio_bins, closest_bin, resize_and_center_crop
+from models.aspect_ratios import aspect_ratio_bins, closest_bin, nearest_multiples, resize_and_center_crop
 from models.autoencoder import latent_channels_of, load_autoencoder
 from models.checkpoint import CheckpointError, load_checkpoint, peek_config
 from models.pixart import PixArt, PixArtConfig
@@ -123,10 +123,10 @@ def resolve_size(s: SampleConfig, model_cfg: PixArtConfig, downsample: int) -> t
         _, gen = closest_bin(height, width, aspect_ratio_bins(base, multiple))
         return gen, (height, width)
     if height % multiple or width % multiple:
-        near = lambda v: sorted({max(multiple, v // multiple * multiple), -(-v // multiple) * multiple})  # noqa: E731
         raise ValueError(f"image size {width}x{height} (width x height) is not a multiple of {multiple} "
                          f"(autoencoder downsampling {downsample} x patch {model_cfg.patch_size}): nearest valid "
-                         f"widths {near(width)}, heights {near(height)}; or turn resolution_binning on")
+                         f"widths {nearest_multiples(width, multiple)}, heights {nearest_multiples(height, multiple)}; "
+                         f"or turn resolution_binning on")
     return (height, width), (height, width)
 
 

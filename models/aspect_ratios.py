@@ -26,6 +26,11 @@ def aspect_ratio_bins(base_size: int, multiple: int = 16) -> dict[str, tuple[int
     return {key: (snap(h), snap(w)) for key, (h, w) in _BINS_IN_SIXTEENTHS.items()}
 
 
+def nearest_multiples(value: int, multiple: int) -> list[int]:
+    """The multiples of `multiple` just below and above `value` (at least `multiple`), for error messages."""
+    return sorted({max(multiple, value // multiple * multiple), max(multiple, -(-value // multiple) * multiple)})
+
+
 def closest_bin(height: int, width: int, bins: dict[str, tuple[int, int]]) -> tuple[str, tuple[int, int]]:
     """The bin whose ratio key is closest to height / width (PixArt's resolution binning)."""
     ratio = height / width

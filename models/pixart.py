@@ -13,6 +13,7 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.aspect_ratios import nearest_multiples
 from models.attention import CrossAttention, SelfAttention
 from models.embeddings import CaptionEmbedder, SizeEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 
@@ -183,10 +184,9 @@ class PixArt(nn.Module):
         """Raise if a latent H x W cannot be cut into patches, naming the nearest valid sizes."""
         p = self.patch_size
         if height % p or width % p or height < p or width < p:
-            near = lambda s: sorted({max(p, s // p * p), max(p, -(-s // p) * p)})  # noqa: E731
             raise ValueError(
                 f"latent size {height}x{width} is not a multiple of the patch size {p}; "
-                f"nearest valid heights {near(height)}, widths {near(width)} "
+                f"nearest valid heights {nearest_multiples(height, p)}, widths {nearest_multiples(width, p)} "
                 f"(images: multiples of {8 * p} pixels with the SD VAE)"
             )
 
