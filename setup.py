@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     # train/ and sample/ hold entry scripts (train/train.py, sample/sample.py), not packages: a package named
     # like a script in its own folder would be shadowed by that script when it runs.
-    packages=find_packages(include=["models*", "diffusion*", "data*", "engine*", "configs*", "tools*"]),
+    packages=find_packages(include=["models*", "diffusion*", "data*", "engine*", "configs*", "evaluation*", "tools*"]),
     package_data={"configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         # These two pins take the wheels on this project's machines' disk; others download gigabytes.
@@ -27,6 +27,7 @@ setup(
         "diffusers>=0.32",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "scipy>=1.11",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={"test": ["pytest>=8.0", "pytorch-fid>=0.3", "torchmetrics>=1.4"]},
 )

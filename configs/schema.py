@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from diffusion.pipeline import SampleConfig
 from diffusion.schedule import DiffusionConfig
 from engine.config import DataConfig, TrainConfig
+from evaluation.config import EvaluationConfig
 from models.autoencoder import AutoencoderConfig
 from models.pixart import PixArtConfig
 from models.text_encoder import TextEncoderConfig
@@ -21,3 +22,4 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

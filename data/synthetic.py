@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,20 +71,55 @@ class ShapeObject:
         return cls(d["kind"], d["color"], d["size"], float(d["x"]), float(d["y"]))
 
 
-def sample_scene(rng: np.random.Generator, max_objects: int = 3) -> list[ShapeObject]:
-    """Draw 1..max_objects shapes whose circumscribed circles do not overlap at any aspect ratio."""
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+@dataclass(frozen=True)
+class SceneSpec:
+    """How scenes are drawn: how many shapes, how far apart, how far from the 3x3 grid's cell borders."""
+
+    max_objects: int = 3                           # 1..max_objects shapes per image
+    object_weights: tuple[float, ...] | None = None  # P(k shapes) ~ object_weights[k - 1]; None: uniform
+    min_gap: float = MIN_GAP                       # clearance between circumscribed circles (fraction of short side)
+    cell_margin: float = 0.0                       # centres at least this far from the cell borders 1/3, 2/3
+
+    def __post_init__(self):
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+        if self.object_weights is not None:
+            w = np.asarray(self.object_weights, dtype=np.float64)
+            if len(w) != self.max_objects or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"object_weights needs {self.max_objects} non-negative weights (for 1.."
+                                 f"{self.max_objects} shapes) with a positive sum, got {list(self.object_weights)}")
+        if not 0 <= self.min_gap < 0.5 or not 0 <= self.cell_margin < 1 / 6:
+            raise ValueError(f"min_gap must be in [0, 0.5) and cell_margin in [0, 1/6), got {self.min_gap} and "
+                             f"{self.cell_margin}")
+
+
+def _clear_of_borders(v: float, margin: float) -> bool:
+    return margin == 0 or min(abs(v - 1 / 3), abs(v - 2 / 3)) >= margin
+
+
+def sample_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec()) -> list[ShapeObject]:
+    """Draw shapes whose circumscribed circles keep spec.min_gap apart at any aspect ratio.
+
+    The number of shapes is uniform in 1..max_objects, or k with probability object_weights[k - 1] / sum; a shape
+    that finds no free place in 50 tries is left out.
+    """
+    if spec.object_weights is None:
+        count = int(rng.integers(1, spec.max_objects + 1))
+    else:
+        weights = np.asarray(spec.object_weights, dtype=np.float64)
+        count = int(rng.choice(spec.max_objects, p=weights / weights.sum())) + 1
     objects: list[ShapeObject] = []
-    for _ in range(int(rng.integers(1, max_objects + 1))):
+    for _ in range(count):
         kind = KINDS[int(rng.integers(len(KINDS)))]
         color = list(PALETTE)[int(rng.integers(len(PALETTE)))]
         size = list(SIZES)[int(rng.integers(len(SIZES)))]
         half = SIZES[size] / 2  # the extent is relative to the shorter side, so this margin fits any aspect
         for _attempt in range(50):
             x, y = (round(float(v), 3) for v in rng.uniform(half, 1 - half, size=2))
+            if not (_clear_of_borders(x, spec.cell_margin) and _clear_of_borders(y, spec.cell_margin)):
+                continue
             # Distances in fractions lower-bound pixel distances over the shorter side, so this is aspect-safe.
-            if all(math.hypot(x - o.x, y - o.y) >= half + SIZES[o.size] / 2 + MIN_GAP for o in objects):
+            if all(math.hypot(x - o.x, y - o.y) >= half + SIZES[o.size] / 2 + spec.min_gap for o in objects):
                 objects.append(ShapeObject(kind, color, size, x, y))
                 break
     return objects
@@ -95,6 +131,34 @@ def caption(objects: Sequence[ShapeObject]) -> str:
         raise ValueError("caption needs at least one object")
     parts = [f"a {o.size} {o.color} {o.kind} at the {o.position}" for o in objects]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+_CAPTION_PART = re.compile(
+    rf"a ({'|'.join(SIZES)}) ({'|'.join(PALETTE)}) ({'|'.join(KINDS)}) at the "
+    rf"({'|'.join(name for row in POSITIONS for name in row)})")
+
+
+class CaptionError(ValueError):
+    """A caption that is not a shapes caption."""
+
+
+def parse_caption(text: str) -> list[ShapeObject]:
+    """Inverse of caption(): the objects a caption names, each centred in its named cell of the 3x3 grid.
+
+    Raises CaptionError naming the first part that is not "a SIZE COLOUR KIND at the POSITION".
+    """
+    parts = re.split(r", | and ", text.strip().lower())
+    objects = []
+    for part in parts:
+        match = _CAPTION_PART.fullmatch(part.strip())
+        if match is None:
+            raise CaptionError(f"{part!r} in caption {text!r} is not 'a SIZE COLOUR KIND at the POSITION' "
+                             f"(sizes {', '.join(SIZES)}; colours {', '.join(PALETTE)}; kinds {', '.join(KINDS)})")
+        size, color, kind, position = match.groups()
+        row, col = next((r, c) for r, names in enumerate(POSITIONS) for c, name in enumerate(names)
+                        if name == position)
+        objects.append(ShapeObject(kind, color, size, (col + 0.5) / 3, (row + 0.5) / 3))
+    return objects
 
 
 def _outline(obj: ShapeObject, width: int, height: int) -> list[tuple[float, float]] | None:
@@ -123,6 +187,13 @@ def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, width: int, height: int, 
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline, width=line)
     else:
         draw.polygon(points, fill=fill, outline=outline, width=line)
+
+
+def shape_mask(obj: ShapeObject, width: int, height: int) -> np.ndarray:
+    """(height, width) bool mask of the pixels render() paints for obj (the same rasterisation)."""
+    image = Image.new("1", (width, height), 0)
+    _draw(ImageDraw.Draw(image), obj, width, height, fill=1)
+    return np.asarray(image, dtype=bool)
 
 
 def render(objects: Sequence[ShapeObject], width: int, height: int, background=(255, 255, 255)) -> Image.Image:
@@ -160,12 +231,20 @@ def _save_png(image: Image.Image, path: Path):
     os.replace(tmp, path)
 
 
+def scene_at(seed: int, index: int, sizes: Sequence[tuple[int, int]], scene: SceneSpec = SceneSpec()
+             ) -> tuple[int, int, list[ShapeObject]]:
+    """(width, height, objects) of image `index` of the data set with this seed: what write_dataset draws."""
+    rng = _image_rng(seed, index)
+    width, height = sizes[int(rng.integers(len(sizes)))]
+    return width, height, sample_scene(rng, scene)
+
+
 def write_dataset(
     out_dir,
     num_images: int,
     seed: int,
     sizes: Sequence[tuple[int, int]] = ((256, 256),),
-    max_objects: int = 3,
+    scene: SceneSpec = SceneSpec(),
     progress: bool = True,
 ) -> list[dict]:
     """Write images, captions, edge maps and metadata.jsonl to out_dir; returns the metadata records."""
@@ -178,9 +257,7 @@ def write_dataset(
     (out / "edges").mkdir(parents=True, exist_ok=True)
     records = []
     for i in tqdm(range(num_images), desc="synthetic data", disable=not progress):
-        rng = _image_rng(seed, i)
-        width, height = sizes[int(rng.integers(len(sizes)))]
-        objects = sample_scene(rng, max_objects)
+        width, height, objects = scene_at(seed, i, sizes, scene)
         text = caption(objects)
         name = f"{i:06d}"
         _save_png(render(objects, width, height), out / f"{name}.png")

@@ -26,7 +26,7 @@ from data import (
     load_image,
 )
 from data.features import pil_to_tensor, sample_file
-from data.synthetic import ShapeObject, render, render_edges, sample_scene, write_dataset
+from data.synthetic import SceneSpec, ShapeObject, render, render_edges, sample_scene, write_dataset
 from models.autoencoder import AutoencoderConfig, load_autoencoder
 from models.text_encoder import TextEncoderConfig, load_text_encoder
 from tools.extract_features import SampleError, extract, main
@@ -399,7 +399,7 @@ def test_cli_script_with_config_and_overrides(shapes_dir, tiny_t5_path, tmp_path
 
 def test_canny_finds_the_shape_boundaries():
     for seed in range(4):
-        objects = sample_scene(np.random.default_rng(seed), max_objects=3)
+        objects = sample_scene(np.random.default_rng(seed), SceneSpec(max_objects=3))
         image, truth = render(objects, 128, 96), np.asarray(render_edges(objects, 128, 96))[..., 0] > 127
         edges = canny(pil_to_tensor(image)).numpy()  # (96, 128) bool
         assert edges.sum() > 0.5 * truth.sum()

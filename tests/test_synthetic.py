@@ -19,6 +19,7 @@ from data.synthetic import (
     read_metadata,
     render,
     render_edges,
+    SceneSpec,
     sample_scene,
     write_dataset,
 )
@@ -98,7 +99,7 @@ def test_image_i_does_not_depend_on_how_many_are_written(tmp_path):
 
 
 def test_captions_images_and_metadata_agree(tmp_path):
-    records = write_dataset(tmp_path, 12, seed=3, sizes=((64, 64), (48, 80)), max_objects=3, progress=False)
+    records = write_dataset(tmp_path, 12, seed=3, sizes=((64, 64), (48, 80)), scene=SceneSpec(max_objects=3), progress=False)
     assert read_metadata(tmp_path) == records and len(records) == 12
     assert not list(tmp_path.rglob("*.tmp"))
     for r in records:
@@ -136,7 +137,7 @@ def test_caption_wording_and_positions():
 def test_sample_scene_counts_bounds_and_no_overlap():
     seen_counts, seen_kinds = set(), set()
     for seed in range(200):
-        objects = sample_scene(np.random.default_rng(seed), max_objects=3)
+        objects = sample_scene(np.random.default_rng(seed), SceneSpec(max_objects=3))
         seen_counts.add(len(objects))
         seen_kinds.update(o.kind for o in objects)
         for i, o in enumerate(objects):
@@ -145,7 +146,7 @@ def test_sample_scene_counts_bounds_and_no_overlap():
             for p in objects[:i]:
                 assert math.hypot(o.x - p.x, o.y - p.y) >= half + SIZES[p.size] / 2
     assert seen_counts == {1, 2, 3} and seen_kinds == set(KINDS)
-    assert all(len(sample_scene(np.random.default_rng(s), max_objects=1)) == 1 for s in range(20))
+    assert all(len(sample_scene(np.random.default_rng(s), SceneSpec(max_objects=1))) == 1 for s in range(20))
 
 
 def test_edge_maps_trace_shape_boundaries(tmp_path):

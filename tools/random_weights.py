@@ -110,6 +110,77 @@ def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: 
     return folder
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: printable bytes stand for themselves, the rest map to U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A transformers CLIP folder (CLIPModel + CLIPProcessor: vocab.json, merges.txt, preprocessor config) with
+    random weights: 2-layer text and vision towers of width 32, a byte-level BPE vocabulary with a few merges."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "a t</w>", "t h", "th e</w>"]
+    for pair in merges:
+        vocab.setdefault(pair.replace(" ", ""), len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                   pad_token_id=vocab["<|endoftext|>"])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, **special),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def write_fid_inception(path: str | Path, seed: int = 0) -> Path:
+    """A random-weight file in the layout of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (a bare state
+    dict with torchvision's Inception-v3 names, a 1008-class fc, no num_batches_tracked)."""
+    from evaluation.inception import FIDInception
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in FIDInception().state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.endswith("running_var"):
+            state[name] = torch.rand(value.shape, generator=gen) + 0.5
+        elif name.endswith("running_mean"):
+            state[name] = torch.randn(value.shape, generator=gen) * 0.1
+        elif value.ndim == 1:
+            state[name] = torch.randn(value.shape, generator=gen) * 0.5
+        else:  # He-scaled conv kernels keep activations in range through 90 layers
+            state[name] = torch.randn(value.shape, generator=gen) * (2.0 / value[0].numel()) ** 0.5
+    state["fc.weight"] = torch.randn(1008, 2048, generator=gen) * 0.01
+    state["fc.bias"] = torch.zeros(1008)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
 def write_random_pipeline(folder: str | Path, transformer_sd: dict, transformer_cfg, t5: dict | None = None,
                           vae: dict | None = None, scheduler: str = "dpm") -> Path:
     """A diffusers PixArt pipeline folder around given transformer weights (official keys), with a random T5

@@ -1,0 +1,273 @@
+"""Measure generated images: caption accuracy and Frechet distance on the synthetic shapes set; FID; CLIP score.
+
+    python tools/evaluate.py model --config shapes_teacher                      # held-out captions -> images -> score
+    python tools/evaluate.py model --config shapes_teacher --set sample.steps=4 --set sample.guidance=1
+    python tools/evaluate.py folder outputs/shapes/00003 --real data/shapes-eval  # score a folder of images
+    python tools/evaluate.py fid GEN_DIR REAL_DIR --weights pt_inception-2015-12-05-6726825d.pth
+    python tools/evaluate.py clip GEN_DIR --clip weights/clip-vit-large-patch14
+
+`model` draws the held-out scenes of the config's `evaluation:` section (their captions and real renders; a seed
+no training set uses), generates one image per caption with the config's sampler, and scores them. `folder`
+scores images whose captions come from metadata.jsonl, the PNG's "prompt" text field (sample/sample.py writes it)
+or a .txt beside each image. Each writes results.json, results.md (a Markdown table) and worst.png (the images
+furthest from their captions) into a numbered folder of --out.
+
+The shapes reader is exact image analysis (evaluation/shapes.py), not a learned model; FID and CLIP score use
+standard weights files the user provides (nothing is downloaded).
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+log = logging.getLogger("evaluate")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class EvalError(ValueError):
+    """A bad evaluation input; the message names it and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folders of images
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise EvalError(f"cannot read image {str(path)!r}: {e}") from e
+
+
+def image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise EvalError(f"{str(folder)!r} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png"
+                   and p.name != "worst.png")
+    if not files:
+        raise EvalError(f"{str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def captioned_images(folder: Path, partial: bool) -> tuple[list[Path], list[str]]:
+    """(image paths, captions) of a folder: metadata.jsonl, else each PNG's "prompt" field, else NAME.txt.
+
+    Images without a caption ("extra") and captions whose image is missing are errors, unless `partial`, which
+    scores the images that have both and says how many were left out.
+    """
+    files = image_files(folder)
+    captions: dict[str, str] = {}
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        for n, line in enumerate(metadata.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                    captions[item["image"]] = item["caption"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise EvalError(f"{metadata}:{n} is not a {{\"image\", \"caption\"}} JSON line ({e})") from e
+    else:
+        for path in files:
+            text = None
+            if path.suffix.lower() == ".png":
+                with Image.open(path) as image:
+                    text = image.text.get("prompt") if hasattr(image, "text") else None
+            if text is None and path.with_suffix(".txt").is_file():
+                text = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            if text is not None:
+                captions[path.name] = text
+    names = {p.name for p in files}
+    extra = sorted(names - set(captions))
+    missing = sorted(set(captions) - names)
+    if (extra or missing) and not partial:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} captioned images are missing ({', '.join(missing[:5])}"
+                            f"{', ...' if len(missing) > 5 else ''})")
+        if extra:
+            problems.append(f"{len(extra)} images have no caption ({', '.join(extra[:5])}"
+                            f"{', ...' if len(extra) > 5 else ''}; captions come from metadata.jsonl, the PNG "
+                            f"'prompt' field or NAME.txt)")
+        raise EvalError(f"{folder}: " + "; ".join(problems) + ". Fix the folder, or pass --partial to score only "
+                        f"the images that have captions")
+    if extra or missing:
+        log.warning("--partial: scoring %d images; left out %d without caption and %d missing", len(names) - len(extra),
+                    len(extra), len(missing))
+    kept = [p for p in files if p.name in captions]
+    if not kept:
+        raise EvalError(f"{folder}: no image has a caption")
+    return kept, [captions[p.name] for p in kept]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def run_folder(args) -> dict:
+    from evaluation.report import evaluate_images, write_report
+
+    paths, captions = captioned_images(args.folder, args.partial)
+    images = [load_rgb(p) for p in paths]
+    real = [load_rgb(p) for p in image_files(args.real)] if args.real else None
+    results, scores = evaluate_images(images, captions, real, progress=not args.no_progress)
+    out = output_dir(args.out, "folder")
+    return out, write_report(out, results, scores, images, captions, real, {"folder": str(args.folder)})
+
+
+def run_model(args) -> dict:
+    import torch
+
+    from configs import Config, load_config
+    from data.synthetic import caption, render, scene_at
+    from diffusion.pipeline import generate, plan
+    from evaluation.report import evaluate_images, write_report
+
+    cfg = load_config(Config, args.config, args.overrides)
+    ec, s = cfg.evaluation, cfg.sample
+    if ec.num_images < 2:
+        raise EvalError(f"evaluation.num_images must be >= 2 (a Frechet distance needs a covariance), got "
+                        f"{ec.num_images}")
+    s.width, s.height, s.images_per_prompt = ec.width, ec.height, 1
+    scenes = [scene_at(ec.seed, i, [(ec.width, ec.height)], ec.scene()) for i in range(ec.num_images)]
+    captions = [caption(objects) for _, _, objects in scenes]
+    real = [np.asarray(render(objects, w, h)) for w, h, objects in scenes]
+    request = plan(cfg, captions)
+    out = output_dir(args.out, Path(args.config).stem)
+    start = time.perf_counter()
+    generated = generate(cfg, request, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    images = [img.mul(255).round().byte().permute(1, 2, 0).numpy() for img in generated.images]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for i, (image, text) in enumerate(zip(images, captions)):
+        info = PngInfo()
+        info.add_text("prompt", text)
+        Image.fromarray(image).save(out / "images" / f"{i:05d}.png", pnginfo=info)
+    results, scores = evaluate_images(images, captions, real, progress=not args.no_progress)
+    t = generated.timings
+    extra = {
+        "config": args.config, "overrides": list(args.overrides), "checkpoint": s.checkpoint, "sampler": s.sampler,
+        "steps": s.steps, "guidance": s.guidance, "seed": s.seed, "held_out_seed": ec.seed,
+        "size": f"{ec.width}x{ec.height}", "device": s.device, "dtype": s.dtype, "threads": torch.get_num_threads(),
+        "seconds_per_image": round((t.denoising + t.vae_decoding) / len(images), 5),
+        "seconds_total": round(elapsed, 2),
+    }
+    return out, write_report(out, results, scores, images, captions, real, extra)
+
+
+def run_fid(args) -> dict:
+    import torch
+
+    from evaluation.frechet import frechet_distance_of
+    from evaluation.inception import load_fid_inception
+
+    net = load_fid_inception(args.weights, args.device)
+    feats = []
+    for folder in (args.generated, args.real):
+        images = [load_rgb(p) for p in image_files(folder)]
+        if len(images) < 2:
+            raise EvalError(f"{folder}: FID needs at least 2 images, found {len(images)}")
+        rows = []
+        for start in range(0, len(images), args.batch_size):
+            chunk = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images[start:start + args.batch_size]]
+            rows.append(torch.cat([net(c[None].to(args.device)) for c in chunk]).cpu().double().numpy())
+        feats.append(np.concatenate(rows))
+    fid = frechet_distance_of(feats[0], feats[1])
+    out = output_dir(args.out, "fid")
+    record = {"generated": str(args.generated), "real": str(args.real), "weights": str(args.weights),
+              "generated_images": len(feats[0]), "real_images": len(feats[1]), "fid": fid}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "results.md").write_text(f"| generated | real | FID |\n|---|---|---|\n| {len(feats[0])} | {len(feats[1])} "
+                                    f"| {fid:.3f} |\n")
+    return out, record
+
+
+def run_clip(args) -> dict:
+    import torch
+
+    from evaluation.clip_score import ClipScorer
+
+    paths, captions = captioned_images(args.folder, args.partial)
+    scorer = ClipScorer(args.clip, args.device)
+    scores = []
+    for start in range(0, len(paths), args.batch_size):
+        batch = [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255 for p in paths[start:start + args.batch_size]]
+        # images of one folder may differ in size: the processor resizes each, so score them one by one
+        scores += [float(scorer(img[None], [text])[0]) for img, text in zip(batch, captions[start:start + len(batch)])]
+    out = output_dir(args.out, "clip")
+    record = {"folder": str(args.folder), "clip": str(args.clip), "images": len(scores),
+              "clip_score": float(np.mean(scores)), "per_image": dict(zip((p.name for p in paths), scores))}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "results.md").write_text(f"| images | CLIP score |\n|---|---|\n| {len(scores)} | {record['clip_score']:.2f} |\n")
+    return out, record
+
+
+def output_dir(root: Path, name: str) -> Path:
+    from engine.state import new_run_dir
+
+    return new_run_dir(root, name)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from configs.loader import add_config_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, default=Path("outputs/eval"), help="results go to a numbered folder here")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    model = sub.add_parser("model", parents=[common], help="generate the held-out captions with a config, score them")
+    add_config_arguments(model, default="shapes_teacher")
+
+    folder = sub.add_parser("folder", parents=[common], help="score a folder of shapes images against their captions")
+    folder.add_argument("folder", type=Path)
+    folder.add_argument("--real", type=Path, help="a folder of real images for the Frechet distance")
+    folder.add_argument("--partial", action="store_true", help="score only images that have a caption")
+
+    fid = sub.add_parser("fid", parents=[common], help="FID between two image folders (Inception-v3 pool features)")
+    fid.add_argument("generated", type=Path)
+    fid.add_argument("real", type=Path)
+    fid.add_argument("--weights", type=Path, required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    fid.add_argument("--device", default="cpu")
+    fid.add_argument("--batch-size", type=int, default=32)
+
+    clip = sub.add_parser("clip", parents=[common], help="CLIP score of a folder of images against their captions")
+    clip.add_argument("folder", type=Path)
+    clip.add_argument("--clip", type=Path, required=True, help="a transformers CLIP folder")
+    clip.add_argument("--device", default="cpu")
+    clip.add_argument("--batch-size", type=int, default=32)
+    clip.add_argument("--partial", action="store_true", help="score only images that have a caption")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    from configs import ConfigError
+    from data.synthetic import CaptionError
+    from evaluation.inception import WeightsError
+    from models.checkpoint import CheckpointError
+    from models.text_encoder import TextEncoderError
+
+    commands = {"model": run_model, "folder": run_folder, "fid": run_fid, "clip": run_clip}
+    try:
+        out, record = commands[args.command](args)
+    except (EvalError, CaptionError, ConfigError, WeightsError, CheckpointError, TextEncoderError) as e:
+        log.error("error: %s", e)
+        return 2
+    log.info("results in %s", out)
+    md = out / "results.md"
+    print(md.read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
