@@ -85,22 +85,29 @@ def vlb_terms(tables: PosteriorTables, schedule: NoiseSchedule, x0: Tensor, x_t:
 
 
 class DiffusionLoss:
-    """loss(net, x0, t, noise, **cond) -> per-sample PixArt-alpha loss (N,) and its terms."""
+    """loss(net, x0, t, noise, **cond) -> per-sample PixArt-alpha loss (N,) and its terms.
 
-    def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True):
+    The MSE term compares the network's first C channels with the target of its prediction type (PixArt: eps;
+    "v" weighs high-noise steps like x_0 errors, which small models trained briefly in pixel space need).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True, prediction: str = "eps"):
         self.schedule = schedule
         self.learn_sigma = learn_sigma
+        self.prediction = prediction
         self.tables = PosteriorTables.from_schedule(schedule)
 
     def __call__(self, net, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> tuple[Tensor, dict[str, Tensor]]:
         x_t = self.schedule.q_sample(x0, t, noise)  # (N, C, H, W)
         out = net(x_t, t, **cond)  # (N, C or 2C, H, W)
         c = x0.shape[1]
-        eps, v = out[:, :c], out[:, c:]
-        mse = (eps.float() - noise.float()).square().mean(dim=(1, 2, 3))  # L_simple (N,)
+        pred, v = out[:, :c].float(), out[:, c:]
+        target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
+        mse = (pred - target).square().mean(dim=(1, 2, 3))  # L_simple (N,)
         if not self.learn_sigma:
             return mse, {"mse": mse}
         # L_vlb with the mean's gradient stopped; x T / 1000 as IDDPM does for T-step schedules.
-        vb = vlb_terms(self.tables, self.schedule, x0.float(), x_t.float(), t, eps.detach().float(), v.float())
+        eps = self.schedule.to_eps(self.prediction, pred.detach(), x_t.float(), t)
+        vb = vlb_terms(self.tables, self.schedule, x0.float(), x_t.float(), t, eps, v.float())
         vb = vb * self.schedule.num_steps / 1000.0
         return mse + vb, {"mse": mse, "vb": vb}

@@ -146,11 +146,11 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def eps_model(model: PixArt, timings: Timings | None = None):
-    """The transformer as eps(x, t, **conditions): the noise channels of its output (learned sigma dropped)."""
+def eps_model(model: PixArt, schedule: NoiseSchedule, prediction: str = "eps", timings: Timings | None = None):
+    """The transformer as eps(x, t, **conditions): its first C channels (learned sigma dropped) as a noise estimate."""
     device = next(model.parameters()).device
 
-    def eps(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if timings is None:
             return model(x, t, **cond)[:, : model.in_channels]
         _sync(device)
@@ -160,7 +160,9 @@ def eps_model(model: PixArt, timings: Timings | None = None):
         timings.transformer_forwards += time.perf_counter() - start
         return out
 
-    return eps
+    if prediction == "eps":
+        return forward
+    return lambda x, t, **cond: schedule.to_eps(prediction, forward(x, t, **cond), x, t)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], device, dtype) -> torch.Tensor:
@@ -170,16 +172,16 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device, dtype) 
 
 
 def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, y, mask, negative, seeds, latent_hw,
-                  micro: dict, timings: Timings | None = None, on_step=None) -> torch.Tensor:
+                  micro: dict, timings: Timings | None = None, on_step=None, prediction: str = "eps") -> torch.Tensor:
     """Latents (N, C, h, w) for one batch: noise from the seeds, guidance as configured, the chosen sampler.
 
     y (N, L, D) and mask (N, L) are the prompts' T5 features; negative = (features (1, L, D), mask (1, L)) of the
-    negative prompt, used when s.uncond is "negative".
+    negative prompt, used when s.uncond is "negative"; prediction is what the network outputs (eps, v or x0).
     """
     dtype = next(model.parameters()).dtype
     x = initial_noise(seeds, (model.in_channels, *latent_hw), y.device, dtype)  # (N, C, h, w)
     cond = {"y": y.to(dtype), "mask": mask, **micro}
-    fn = eps_model(model, timings)
+    fn = eps_model(model, schedule, prediction, timings)
     if s.guidance <= 1.0:
         denoise = conditional_denoiser(fn, cond)
     elif s.uncond == "null":
@@ -254,7 +256,8 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
 
 
 def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, request: Plan,
-                  prompts: PromptFeatures, timings: Timings, progress: bool = True) -> torch.Tensor:
+                  prompts: PromptFeatures, timings: Timings, progress: bool = True,
+                  prediction: str = "eps") -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches."""
     device = torch.device(s.device)
     latent_hw = (request.gen_size[0] // vae.downsample, request.gen_size[1] // vae.downsample)
@@ -267,7 +270,7 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
         with torch.inference_mode():
             start = time.perf_counter()
             latents = denoise_batch(model, schedule, s, y, mask, prompts.negative, seeds, latent_hw, micro,
-                                    timings, on_step=lambda info: bar.update(len(info.x)))
+                                    timings, on_step=lambda info: bar.update(len(info.x)), prediction=prediction)
             _sync(device)
             timings.denoising += time.perf_counter() - start
             start = time.perf_counter()
@@ -300,5 +303,6 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
     model = load_denoiser(cfg, request)
     vae = load_autoencoder(cfg.autoencoder, s.device)
     timings.loading = time.perf_counter() - start
-    images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress)
+    images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress,
+                           cfg.diffusion.prediction)
     return Generated(images, request.prompts, request.seeds, timings)

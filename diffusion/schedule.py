@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 SCHEDULE_NAMES = ("linear", "scaled_linear")
+PREDICTIONS = ("eps", "v", "x0")  # what a network's first C output channels predict
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # (beta_start, beta_end)
 
 
@@ -87,6 +88,24 @@ class NoiseSchedule:
         alpha, sigma = self.alpha_sigma(t, x_t)
         return (x_t - alpha * x0) / sigma  # eps = (x_t - alpha_t x_0) / sigma_t
 
+    def target(self, prediction: str, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What a network of this prediction type should output for x_t = q_sample(x0, t, noise)."""
+        if prediction == "eps":
+            return noise
+        if prediction == "x0":
+            return x0
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * noise - sigma * x0  # v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022)
+
+    def to_eps(self, prediction: str, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The noise estimate of a network output of this prediction type (the samplers' currency)."""
+        if prediction == "eps":
+            return out
+        if prediction == "x0":
+            return self.x0_to_eps(x_t, t, out)
+        alpha, sigma = self.alpha_sigma(t, x_t)
+        return sigma * x_t + alpha * out  # eps = sigma_t x_t + alpha_t v
+
 
 @dataclass
 class DiffusionConfig:
@@ -96,6 +115,11 @@ class DiffusionConfig:
     num_steps: int = 1000             # training timesteps T
     beta_start: float | None = None   # None: the schedule's default
     beta_end: float | None = None     # None: the schedule's default
+    prediction: str = "eps"           # the network predicts eps (PixArt) | v (alpha eps - sigma x0) | x0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
 
     def build(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_steps, self.beta_start, self.beta_end)

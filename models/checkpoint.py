@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from models.embeddings import sincos_pos_embed_2d
 from models.pixart import PIXART_ARCHS, PixArt, PixArtConfig, build_pixart
+from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,10 @@ def describe_mismatch(cfg: PixArtConfig, sd: dict[str, torch.Tensor]) -> list[st
 def detect_format(path: str | os.PathLike) -> str:
     """'official', 'diffusers' or 'safetensors', from the path and the file's keys/metadata."""
     path = Path(path)
+    try:
+        verify_shipped(path)  # weights that live in the repository: present and unchanged
+    except ShippedWeightsError as e:
+        raise CheckpointError(str(e)) from e
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():

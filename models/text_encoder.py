@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
 from models.checkpoint import atomic_path
+from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DOWNLOAD_HINT = ('hf download PixArt-alpha/PixArt-XL-2-1024-MS --include "text_encoder/*" "tokenizer/*" '
                  "--local-dir <folder>  (then set text_encoder.path to <folder>)")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+KNOWN_WORDS_FILE = "known_words.txt"  # optional, beside config.json: the words of the captions a model was trained on
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def words_of(text: str) -> set[str]:
+    """The lower-case words (letters only) of a text."""
+    return set(_WORD.findall(text.lower()))
 
 
 class TextEncoderError(ValueError):
@@ -71,6 +79,10 @@ def local_snapshot(path: str) -> Path | None:
 
 def resolve_text_encoder(path: str) -> tuple[Path, Path]:
     """(model folder, tokenizer folder) for a T5 folder, a pipeline root or a cached hub id; errors before loading."""
+    try:
+        verify_shipped(path)  # an encoder that lives in the repository: present and unchanged
+    except ShippedWeightsError as e:
+        raise TextEncoderError(str(e)) from e
     root = local_snapshot(path)
     if root is None:
         raise TextEncoderError(f"text encoder {path!r}: no such folder, and not a hub id in the local Hugging Face "
@@ -121,7 +133,7 @@ class T5TextEncoder:
     """A T5 encoder and its tokenizer: prompts -> (features (N, L, D), mask (N, L)), with an optional disk cache."""
 
     def __init__(self, model, tokenizer, cfg: TextEncoderConfig, identity: str, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, known_words: frozenset[str] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -130,6 +142,7 @@ class T5TextEncoder:
         self.dtype = dtype
         self._feature_dim = model.config.d_model
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        self.known_words = known_words  # None: no vocabulary to check prompts against
 
     @property
     def feature_dim(self) -> int:
@@ -185,6 +198,13 @@ class T5TextEncoder:
         if self.model is None:
             raise RuntimeError("the text encoder was unloaded; only prompts already in the cache can be encoded")
         texts = [clean_caption(p) for p in prompts] if self.cfg.clean_captions else list(prompts)
+        if self.known_words is not None:
+            for prompt, text in zip(prompts, texts):
+                unseen = sorted(words_of(text) - self.known_words)
+                if unseen:
+                    log.warning("prompt %r has words this text encoder's model never saw in training: %s (they "
+                                "will not steer the image; known words are listed in %s)", prompt,
+                                ", ".join(unseen), KNOWN_WORDS_FILE)
         L = self.cfg.max_tokens
         for prompt, ids in zip(prompts, self.tokenizer(texts, truncation=False).input_ids):
             if len(ids) > L:
@@ -240,4 +260,6 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
                                dtype=cfg.dtype, int8=cfg.load_in_8bit), sort_keys=True)
     log.info("text encoder %s: d_model %d, %d tokens, %s%s", model_dir, model.config.d_model, cfg.max_tokens,
              cfg.dtype, ", int8" if cfg.load_in_8bit else "")
-    return T5TextEncoder(model, tokenizer, cfg, identity, device, dtype)
+    known = model_dir / KNOWN_WORDS_FILE
+    known_words = frozenset(known.read_text(encoding="utf-8").split()) if known.is_file() else None
+    return T5TextEncoder(model, tokenizer, cfg, identity, device, dtype, known_words)

@@ -86,3 +86,27 @@ def test_vlb_is_zero_for_the_true_posterior():
     _, terms = loss(lambda x, tt: torch.cat([noise, v], dim=1), x0, t, noise)
     assert terms["vb"].abs().max() < 1e-6
     assert math.isclose(TABLES.posterior_log_variance[0].item(), TABLES.posterior_log_variance[1].item())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_prediction_types_round_trip_and_v_matches_diffusers(prediction):
+    """The target of each prediction type converts back to the exact noise; v equals diffusers' get_velocity."""
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 3, 8, 8, generator=gen)
+    t = torch.tensor([0, 19, 500, 999])
+    x_t = SCHEDULE.q_sample(x0, t, noise)
+    target = SCHEDULE.target(prediction, x0, t, noise)
+    torch.testing.assert_close(SCHEDULE.to_eps(prediction, target, x_t, t), noise, rtol=1e-4, atol=2e-4)
+    if prediction == "v":
+        sched = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+        torch.testing.assert_close(target, sched.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5)
+
+
+def test_v_loss_is_zero_for_a_perfect_v_network():
+    """DiffusionLoss with prediction v: a network that outputs the true v (and v-channel 0) has MSE 0."""
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, torch.randn(2, 3, 8, 8, generator=gen)
+    t = torch.tensor([3, 700])
+    oracle = lambda x_t, t_, **_: torch.cat([SCHEDULE.target("v", x0, t_, noise), torch.zeros_like(x0)], dim=1)
+    per_sample, terms = DiffusionLoss(SCHEDULE, learn_sigma=True, prediction="v")(oracle, x0, t, noise)
+    assert terms["mse"].abs().max() < 1e-10 and torch.isfinite(terms["vb"]).all()

@@ -1,9 +1,14 @@
 """Random-weight but real pretrained folders, written offline, for tests and benchmarks.
 
 A T5 encoder + sentencepiece tokenizer (transformers' folder layout), an SD-style VAE (diffusers'
-AutoencoderKL), and a whole diffusers PixArt pipeline folder (model_index.json, transformer/, text_encoder/,
-tokenizer/, vae/, scheduler/) that both this project and diffusers.PixArtAlphaPipeline load. Nothing is
-downloaded. Each writer fills a folder once (a second call on the same folder returns at once).
+AutoencoderKL), a whole diffusers PixArt pipeline folder (model_index.json, transformer/, text_encoder/,
+tokenizer/, vae/, scheduler/) that both this project and diffusers.PixArtAlphaPipeline load, a CLIP folder and
+pytorch-fid's Inception weights layout. Nothing is downloaded. Each folder writer fills a folder once (a second
+call on the same folder returns at once).
+
+    python tools/random_weights.py t5 weights/tiny-t5
+    python tools/random_weights.py t5 work/t5 --d-model 64 --vocab-size 400 --corpus data/shapes
+    python tools/random_weights.py vae weights/tiny-vae
 """
 
 import functools
@@ -47,24 +52,35 @@ def _sentences(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
+def caption_words(captions) -> list[str]:
+    """The distinct lower-case words of some captions, sorted."""
+    from models.text_encoder import words_of
+
+    return sorted(set().union(*map(words_of, captions)))
+
+
 @functools.cache
-def tiny_spiece_model(vocab_size: int = 256) -> bytes:
-    """A sentencepiece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos), trained in memory."""
+def tiny_spiece_model(vocab_size: int = 256, corpus: tuple[str, ...] = ()) -> bytes:
+    """A sentencepiece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos), trained in memory on
+    generic captions plus `corpus`; every word of `corpus` is one piece (a user-defined symbol "▁word")."""
     model = io.BytesIO()
+    whole_words = ["\u2581" + w for w in caption_words(corpus)]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences()), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+        sentence_iterator=iter(_sentences() + list(corpus)), model_writer=model, model_type="unigram",
+        user_defined_symbols=whole_words,
+        vocab_size=vocab_size,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2)
     return model.getvalue()
 
 
-def write_tiny_tokenizer(folder: str | Path) -> Path:
+def write_tiny_tokenizer(folder: str | Path, vocab_size: int = 256, corpus: tuple[str, ...] = ()) -> Path:
     """A T5 tokenizer folder (spiece.model, tokenizer.json, tokenizer_config.json) that AutoTokenizer loads."""
     from transformers import T5Tokenizer
 
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spiece.model").write_bytes(tiny_spiece_model())
+        (Path(tmp) / "spiece.model").write_bytes(tiny_spiece_model(vocab_size, tuple(corpus)))
         # transformers 5: T5Tokenizer(vocab_file=...) ignores the file; from_pretrained converts spiece.model
         tokenizer = T5Tokenizer.from_pretrained(tmp, extra_ids=0)
         tokenizer.save_pretrained(folder)
@@ -72,14 +88,15 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
 
 
 def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0, num_layers: int = 2, num_heads: int = 2,
-                  d_ff: int = 64, d_kv: int = 16) -> Path:
-    """A real transformers T5 encoder folder (random weights; default 2 layers, 2 heads, d_ff 64) + tokenizer."""
+                  d_ff: int = 64, d_kv: int = 16, vocab_size: int = 256, corpus: tuple[str, ...] = ()) -> Path:
+    """A real transformers T5 encoder folder (random weights; default 2 layers, 2 heads, d_ff 64) + tokenizer
+    (sentencepiece of `vocab_size` pieces trained on generic captions plus `corpus`)."""
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     folder = Path(folder)
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return folder
-    write_tiny_tokenizer(folder)
+    write_tiny_tokenizer(folder, vocab_size, tuple(corpus))
     vocab_size = len(AutoTokenizer.from_pretrained(folder, local_files_only=True))
     config = T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_layers=num_layers,
                       num_heads=num_heads,
@@ -212,23 +229,55 @@ def write_random_pipeline(folder: str | Path, transformer_sd: dict, transformer_
     return folder
 
 
+def corpus_of(data_dir: str | Path) -> list[str]:
+    """The captions of a data folder: metadata.jsonl lines, else the .txt files."""
+    import json
+
+    folder = Path(data_dir)
+    if (folder / "metadata.jsonl").is_file():
+        lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["caption"] for line in lines if line.strip()]
+    captions = [p.read_text(encoding="utf-8").strip() for p in sorted(folder.rglob("*.txt"))]
+    if not captions:
+        raise SystemExit(f"error: {folder} has no metadata.jsonl and no .txt captions to train a tokenizer on")
+    return captions
+
+
+def write_known_words(folder: str | Path, captions: list[str]) -> Path:
+    """known_words.txt: the words of the captions a model is trained on (the text encoder warns about others)."""
+    from models.text_encoder import KNOWN_WORDS_FILE
+
+    path = Path(folder) / KNOWN_WORDS_FILE
+    path.write_text("\n".join(caption_words(captions)) + "\n", encoding="utf-8")
+    return path
+
+
 def main(argv=None) -> int:
     """Command line: write a random T5 (+ tokenizer) or VAE folder."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write random-weight model folders in their real formats.")
+    parser = argparse.ArgumentParser(description="Write random-weight model folders in their real formats (nothing "
+                                                 "is downloaded).")
     sub = parser.add_subparsers(dest="what", required=True)
     t5 = sub.add_parser("t5", help="a T5 encoder + sentencepiece tokenizer (a frozen random text encoder)")
-    t5.add_argument("out")
-    t5.add_argument("--d-model", type=int, default=64)
-    t5.add_argument("--layers", type=int, default=2)
-    t5.add_argument("--seed", type=int, default=0)
+    t5.add_argument("out", help="folder to write (left as is when it already holds a T5)")
+    t5.add_argument("--d-model", type=int, default=64, help="feature width (the transformer's caption_channels)")
+    t5.add_argument("--layers", type=int, default=2, help="encoder layers")
+    t5.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    t5.add_argument("--vocab-size", type=int, default=256, help="sentencepiece unigram pieces (an upper bound)")
+    t5.add_argument("--corpus", metavar="DATA_DIR",
+                    help="also train the tokenizer on this data folder's captions, each of their words one piece, "
+                         "and write known_words.txt (prompts with other words get a warning)")
     vae = sub.add_parser("vae", help="an AutoencoderKL with 4 latent channels and 1/8 resolution")
-    vae.add_argument("out")
+    vae.add_argument("out", help="folder to write")
     args = parser.parse_args(argv)
     if args.what == "t5":
+        corpus = corpus_of(args.corpus) if args.corpus else []
         path = write_tiny_t5(args.out, d_model=args.d_model, num_layers=args.layers, seed=args.seed,
-                             d_ff=4 * args.d_model, d_kv=max(8, args.d_model // 2))
+                             d_ff=4 * args.d_model, d_kv=max(8, args.d_model // 2), vocab_size=args.vocab_size,
+                             corpus=tuple(corpus))
+        if corpus:
+            write_known_words(path, corpus)
     else:
         path = write_tiny_vae(args.out)
     print(path)

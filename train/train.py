@@ -50,7 +50,7 @@ class PixArtAlphaTask:
             self.model = build_pixart(cfg.model, device)
         self.model.train().requires_grad_(True)
         self.schedule = cfg.diffusion.build()
-        self.criterion = DiffusionLoss(self.schedule, learn_sigma=cfg.model.learn_sigma)
+        self.criterion = DiffusionLoss(self.schedule, cfg.model.learn_sigma, cfg.diffusion.prediction)
         self.vae = None  # loaded at the first sample grid
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -74,7 +74,7 @@ class PixArtAlphaTask:
         n = len(batch["latent"])
         latents = denoise_batch(model.eval(), self.schedule, s, batch["y"], batch["mask"], None,
                                 [s.seed + i for i in range(n)], tuple(batch["latent"].shape[-2:]),
-                                micro_conditions(self.model, batch))
+                                micro_conditions(self.model, batch), prediction=self.cfg.diffusion.prediction)
         return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
 
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:

@@ -1,0 +1,77 @@
+"""Shipped weights: the manifest check before loading (missing or changed files), the shapes text encoder's
+tokenizer and its warning for words it never saw."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from data.synthetic import SceneSpec, caption, scene_at
+from models.checkpoint import CheckpointError, save_checkpoint
+from models.shipped import MANIFEST_NAME, ShippedWeightsError, verify_shipped, write_manifest
+from models.text_encoder import TextEncoderConfig, TextEncoderError, load_text_encoder
+from tests.conftest import random_model, tiny_config
+from tools.random_weights import main as random_weights_main
+
+
+@pytest.fixture
+def shipped(tmp_path):
+    """A weights folder like weights/shapes: a checkpoint and a T5 folder listed in MANIFEST.json."""
+    root = tmp_path / "weights" / "shapes"
+    cfg = tiny_config(caption_channels=16)
+    save_checkpoint(random_model(cfg).state_dict(), cfg, root / "teacher.safetensors", "safetensors")
+    data = tmp_path / "data"
+    data.mkdir()
+    captions = [caption(scene_at(0, i, [(32, 32)], SceneSpec())[2]) for i in range(400)]
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": c}) + "\n"
+                                                 for i, c in enumerate(captions)))
+    assert random_weights_main(["t5", str(root / "t5"), "--d-model", "16",
+                                "--vocab-size", "400", "--corpus", str(data)]) == 0
+    files = sorted(p.relative_to(root).as_posix() for p in (root / "t5").rglob("*") if p.is_file())
+    write_manifest(root, {"teacher": {"files": ["teacher.safetensors"], "command": "python make_it.py"},
+                          "t5": {"files": files, "command": "python make_it.py"}})
+    return root
+
+
+def test_intact_files_load(shipped):
+    from models.checkpoint import load_checkpoint
+
+    verify_shipped(shipped / "teacher.safetensors")
+    load_checkpoint(shipped / "teacher.safetensors")
+    load_text_encoder(TextEncoderConfig(path=str(shipped / "t5"), max_tokens=16, dtype="fp32"))
+
+
+def test_missing_file_says_clone_without_weights(shipped):
+    from models.checkpoint import load_checkpoint
+
+    (shipped / "teacher.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="teacher.safetensors is missing.*clone without the weights.*git checkout"):
+        load_checkpoint(shipped / "teacher.safetensors")
+
+
+def test_changed_file_names_the_recipe(shipped):
+    model = shipped / "t5" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(TextEncoderError, match="model.safetensors differs from the one recorded.*python make_it.py"):
+        load_text_encoder(TextEncoderConfig(path=str(shipped / "t5"), max_tokens=16, dtype="fp32"))
+    with pytest.raises(ShippedWeightsError, match="differs"):
+        verify_shipped(shipped)
+
+
+def test_files_outside_a_manifest_are_not_checked(tmp_path):
+    verify_shipped(tmp_path / "anything.safetensors")  # no manifest anywhere above: nothing to check
+    (tmp_path / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(ShippedWeightsError, match="not a shipped-weights manifest"):
+        verify_shipped(tmp_path / "x.safetensors")
+
+
+def test_corpus_tokenizer_has_one_piece_per_caption_word_and_warns_on_unseen(shipped, caplog):
+    encoder = load_text_encoder(TextEncoderConfig(path=str(shipped / "t5"), max_tokens=16, dtype="fp32"))
+    pieces = encoder.tokenizer.tokenize("a small red circle at the top left")
+    assert pieces == ["▁a", "▁small", "▁red", "▁circle", "▁at", "▁the", "▁top", "▁left"]
+    with caplog.at_level(logging.WARNING):
+        features, _ = encoder.encode(["a small red circle at the top left", "a small zebra at the top"])
+    assert torch.isfinite(features).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'a small zebra at the top'" in warnings[0] and ": zebra (" in warnings[0]
