@@ -18,6 +18,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     warmup_steps: int = 1000              # linear warm-up of the learning rate from 0
+    lr_schedule: str = "constant"         # after warm-up: constant | cosine (to 0 at the last step)
     grad_clip: float = 0.01               # max global gradient norm; <= 0: no clipping (the norm is still logged)
     ema_decay: float = 0.9999             # EMA of the weights (exported and sampled); 0: no EMA
     mixed_precision: str = "no"           # no | bf16 (autocast, CPU and GPU) | fp16 (autocast + grad scaler, GPU)

@@ -115,14 +115,14 @@ def model_state(model: nn.Module, fsdp: bool) -> dict:
     return get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
-def load_model_state(model: nn.Module, state: dict, fsdp: bool) -> None:
+def load_model_state(model: nn.Module, state: dict, fsdp: bool, strict: bool = True) -> None:
     """Load a full state dict (every rank holds it) into a plain or FSDP-sharded module."""
     if not fsdp:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, state, options=_options())
+    set_model_state_dict(model, state, options=_options(strict=strict))
 
 
 def optimizer_state(model: nn.Module, optimizer, fsdp: bool) -> dict:

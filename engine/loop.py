@@ -10,10 +10,10 @@ the full training state, exact resume, NaN/inf detection and Ctrl-C / SIGTERM ha
 """
 
 import contextlib
+import math
 import signal
 import time
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,18 +34,43 @@ from engine.state import (
 )
 
 
-class Task(Protocol):
-    """What a trainer supplies; everything else is the loop's."""
+class Task:
+    """What a trainer supplies; everything else is the loop's. Subclasses set `model` and implement `loss`.
 
-    model: nn.Module  # holds the trainable parameters; DDP wraps it, the EMA copies it
+    A task may own more networks than `model`: frozen ones (a teacher, a ControlNet's base) it loads from files and
+    names in `references()` (recorded in every checkpoint; a resume whose references changed is refused), and
+    state that follows training (an EMA target) it returns from `state_dict()` and updates in `after_step()`.
+    Frozen parameters inside `model` (requires_grad False, e.g. under LoRA adapters) are never copied into the EMA
+    or written into training checkpoints.
+    """
 
-    def trainable_parameters(self) -> list[nn.Parameter]: ...
+    model: nn.Module  # holds the trainable parameters; DDP wraps it, the EMA follows its trainable parameters
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW parameter groups: {"params": [...], optional "lr_scale": multiplier of train.lr, ...}."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def loss(self, model: nn.Module, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
         """Scalar loss of one micro-batch (mean over its samples) and per-term scalars to log."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (e.g. to update an EMA target)."""
+
+    def state_dict(self) -> dict:
+        """Task-owned state to checkpoint for an exact resume (tensors, numbers, strings)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+
+    def references(self) -> dict[str, dict]:
+        """Frozen networks read from files, e.g. {"teacher": {"path": ..., "sha256": ...}}."""
+        return {}
 
     def sample(self, model: nn.Module, batch: dict, step: int) -> torch.Tensor | None:
         """Images (N, 3, H, W) in [0, 1] for the sample grid (batch: cached samples for their captions)."""
+        return None
 
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
         """Write weights (the EMA's when there is an EMA) for sampling, e.g. as this project's safetensors."""
@@ -87,8 +112,49 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _warmup(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_multiplier(warmup_steps: int, schedule: str, total_steps: int):
+    """step -> factor of train.lr: linear warm-up from 0, then constant or a cosine decay to 0 at total_steps."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def frozen_prefixes(model: nn.Module) -> list[str]:
+    """Names of the largest submodules whose parameters are all frozen (their weights come from elsewhere)."""
+    out = []
+
+    def visit(module: nn.Module, prefix: str):
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(prefix)
+            return
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    if "" in out:
+        raise ValueError("the task's model has no trainable parameter")
+    return out
+
+
+def frozen_keys(model: nn.Module) -> set[str]:
+    """State-dict keys a training checkpoint leaves out: frozen parameters, and the buffers of wholly frozen
+    submodules (a teacher's or base model's null caption). They come back from the task's references on resume."""
+    prefixes = tuple(frozen_prefixes(model))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return frozen | {k for k in model.state_dict() if prefixes and k.startswith(prefixes)}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -103,6 +169,12 @@ def _autocast(mode: str, device: torch.device):
     if mode == "fp16" and device.type != "cuda":
         raise ValueError("train.mixed_precision=fp16 needs a GPU (its gradient scaler); use bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def preview_indices(buckets: dict[str, list[int]], count: int) -> list[int]:
+    """The first `count` samples of the largest aspect-ratio bucket: the sample grid is one batch of one shape."""
+    largest = max(buckets.values(), key=len)
+    return sorted(largest)[:count]
 
 
 def feature_data(cfg):
@@ -126,63 +198,90 @@ def train(cfg, make_task, dataset_factory=feature_data, resume: str | None = Non
         distributed.teardown()
 
 
-def _prepare_run(cfg, resume, d) -> tuple[Path, dict | None]:
-    """The run folder (new, or the resumed one) and the state to resume from."""
-    state = None
-    if resume:
-        run_dir, ckpt = resolve_resume(resume)
-        state = load_state(ckpt, torch.device("cpu"))
-        differences = config_differences(state["config"]["model"], to_dict(cfg)["model"], "model.")
-        if differences:
-            raise ResumeError(f"cannot resume {ckpt}: the model config differs from the checkpoint's:\n  "
-                              + "\n  ".join(differences) + "\nresume with the run's own config.yaml, or start a "
-                              "new run with train.init_from to fine-tune from those weights")
-        return run_dir, state
+def _resume_state(cfg, resume) -> tuple[Path, dict]:
+    """The run folder and training state to resume from, checked against the config."""
+    run_dir, ckpt = resolve_resume(resume)
+    state = load_state(ckpt, torch.device("cpu"))
+    differences = config_differences(state["config"]["model"], to_dict(cfg)["model"], "model.")
+    if differences:
+        raise ResumeError(f"cannot resume {ckpt}: the model config differs from the checkpoint's:\n  "
+                          + "\n  ".join(differences) + "\nresume with the run's own config.yaml, or start a "
+                          "new run with train.init_from to fine-tune from those weights")
+    return run_dir, state
+
+
+def _new_run_dir(cfg, d) -> Path:
     names = [str(new_run_dir(cfg.train.runs_dir, cfg.train.name)) if d.is_main else None]
     if d.enabled:
         torch.distributed.broadcast_object_list(names, src=0)
-    return Path(names[0]), None
+    return Path(names[0])
+
+
+def _check_references(saved: dict, current: dict, ckpt_step: int) -> None:
+    """A resume must see the same frozen networks (by content hash) that the run was trained against."""
+    changed = [f"{name}: {saved.get(name, {}).get('path')} (sha256 {saved.get(name, {}).get('sha256', '?')[:12]}) "
+               f"-> {current.get(name, {}).get('path')} (sha256 {current.get(name, {}).get('sha256', '?')[:12]})"
+               for name in sorted(set(saved) | set(current))
+               if saved.get(name, {}).get("sha256") != current.get(name, {}).get("sha256")]
+    if changed:
+        raise ResumeError(f"cannot resume at step {ckpt_step}: the frozen networks it was trained against changed:"
+                          f"\n  " + "\n  ".join(changed) + "\nresume with the original files, or start a new run")
+
+
+def _load_model(model: nn.Module, weights: dict, frozen: set[str], fsdp: bool) -> None:
+    """Load a checkpoint's model entries; the frozen ones must be the only ones it lacks."""
+    missing = sorted(set(model.state_dict()) - set(weights) - frozen)
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ResumeError(f"the checkpoint's model does not fit the task's: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}")
+    distributed.load_model_state(model, weights, fsdp, strict=False)
 
 
 def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     tc = cfg.train
-    run_dir, state = _prepare_run(cfg, resume, d)
-    setup_logging(run_dir, d.is_main)
-    if d.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        log.info("run %s (%s), %d process(es) on %s\n%s", run_dir, "resumed" if state else "new", d.world_size,
-                 d.device, to_yaml(cfg))
+    run_dir, state = _resume_state(cfg, resume) if resume else (None, None)
     autocast = _autocast(tc.mixed_precision, d.device)
+    schedule = lr_multiplier(tc.warmup_steps, tc.lr_schedule, tc.steps)
     seed_everything(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     task = make_task(cfg, d.device)
     seed_everything(tc.seed + d.rank)
+    if state is not None:
+        _check_references(state.get("references", {}), task.references(), state["step"])
+    run_dir = run_dir or _new_run_dir(cfg, d)  # only once the task is built: a failed start leaves no folder
+    setup_logging(run_dir, d.is_main)
+    if d.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("run %s (%s), %d process(es) on %s; resolved config in %s", run_dir,
+                 "resumed" if state else "new", d.world_size, d.device, run_dir / "config.yaml")
     model = task.model
+    frozen = frozen_keys(model)
     if tc.gradient_checkpointing:
         for module in model.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
     fsdp = distributed.uses_fsdp(tc.distributed, d)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     dmodel = distributed.wrap(model, d, tc.distributed)
-    if fsdp and ema is not None:
-        distributed.shard(ema.model)  # sharded like the model: the EMA update stays local to each shard
-    params = task.trainable_parameters()  # after sharding, which replaces the parameters by sharded ones
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
-                                  weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(tc.warmup_steps))
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None  # after sharding: the shadows are sharded too
+    groups = task.parameter_groups()  # after sharding, which replaces the parameters by sharded ones
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "lr_scale"},
+                                    "lr": tc.lr * g.get("lr_scale", 1.0)} for g in groups],
+                                  lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
 
     dataset, collate, sampler_cls = dataset_factory(cfg)
     sampler = sampler_cls(dataset.buckets, tc.batch_size, tc.seed, d.rank, d.world_size)
     step, consumed = 0, 0
     if state is not None:
-        distributed.load_model_state(model, state["model"], fsdp)
+        _load_model(model, state["model"], frozen, fsdp)
         distributed.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
-            distributed.load_model_state(ema.model, state["ema"], fsdp)
-            ema.updates = state["ema_updates"]
+            ema.load_state_dict(state["ema"])
+        task.load_state_dict(state.get("task", {}))
         step, consumed = state["step"], state["batches_consumed"]
         set_rng_state(state["rng"])
         log.info("resumed from step %d (%d batches consumed)", step, consumed)
@@ -190,25 +289,33 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
     batches = iter(loader)
-    preview = collate([dataset[i] for i in range(min(cfg.data.sample_captions, len(dataset)))])
+    preview = collate([dataset[i] for i in preview_indices(dataset.buckets, cfg.data.sample_captions)])
 
     monitor = Monitor(run_dir, d.is_main)
     last_good = latest_checkpoint(run_dir)
+
+    def exported_weights() -> dict:
+        """The full model state with the EMA's values in place (collective under FSDP), copied to the CPU before
+        the training values come back (a plain state_dict() shares the parameters' storage)."""
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            return {k: v.detach().to("cpu", copy=True) for k, v in distributed.model_state(model, fsdp).items()}
 
     def checkpoint(at_step: int) -> Path | None:
         nonlocal last_good
         distributed.barrier(d)
         # Gathering full state dicts is collective under FSDP: every rank takes part, rank 0 writes.
-        weights = distributed.model_state(model, fsdp)
-        ema_weights = distributed.model_state(ema.model, fsdp) if ema else None
+        weights = {k: v for k, v in distributed.model_state(model, fsdp).items() if k not in frozen}
+        ema_state = ema.state_dict() if ema is not None else None
         optim = distributed.optimizer_state(model, optimizer, fsdp)
+        task_state = task.state_dict()
+        export = exported_weights()
         if d.is_main:
             last_good = save_state(run_dir, at_step, dict(
-                model=weights, ema=ema_weights, ema_updates=ema.updates if ema else 0, optimizer=optim,
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), batches_consumed=consumed,
-                rng=rng_state(), config=to_dict(cfg)), tc.keep_checkpoints)
-            task.export(ema_weights if ema else weights, run_dir / ("ema.safetensors" if ema else
-                        "weights.safetensors"), {"step": str(at_step), "config": to_yaml(cfg)})
+                model=weights, ema=ema_state, optimizer=optim, scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), batches_consumed=consumed, rng=rng_state(), config=to_dict(cfg),
+                task=task_state, references=task.references()), tc.keep_checkpoints)
+            task.export(export, run_dir / ("ema.safetensors" if ema else "weights.safetensors"),
+                        {"step": str(at_step), "config": to_yaml(cfg)})
             log.info("checkpoint %s", last_good)
         distributed.barrier(d)
         return last_good
@@ -246,6 +353,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(model)
+            task.after_step(model)
             step += 1
 
             window["loss"] += loss_value.item()
@@ -262,7 +370,8 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                     **{f"train/{k}": v / n for k, v in window["terms"].items()}})
                 window = {"loss": 0.0, "time": time.perf_counter(), "steps": 0, "terms": {}}
             if tc.sample_every and step % tc.sample_every == 0 and (d.is_main or fsdp):  # FSDP: all ranks run it
-                images = task.sample(ema.model if ema else model, _to_device(preview, d.device), step)
+                with ema.applied(model) if ema is not None else contextlib.nullcontext():
+                    images = task.sample(model, _to_device(preview, d.device), step)
                 if images is not None and d.is_main:
                     log.info("samples: %s", monitor.images(step, images))
             interrupted = distributed.any_across(stop.signal is not None, d)

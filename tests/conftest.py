@@ -1,6 +1,7 @@
 """Shared fixtures: tiny PixArt configs and models with every weight random (no zero-init shortcuts)."""
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ from models.pixart import PixArtConfig, build_pixart
 from tools.random_weights import write_tiny_t5, write_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a torchrun rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def load_script(relative_path: str):

@@ -21,7 +21,7 @@ import torch
 from configs import Config, ConfigError, add_config_arguments, load_config, to_yaml
 from diffusion.losses import DiffusionLoss
 from diffusion.pipeline import denoise_batch
-from engine.loop import Interrupted, TrainingError, train
+from engine.loop import Interrupted, Task, TrainingError, train
 from engine.randomness import SampleRandomness
 from engine.state import ResumeError
 from models.autoencoder import AutoencoderError, load_autoencoder
@@ -38,7 +38,7 @@ def micro_conditions(model, batch: dict) -> dict:
     return {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
 
 
-class PixArtAlphaTask:
+class PixArtAlphaTask(Task):
     """The PixArt-alpha trainer: the whole transformer is trainable, the loss is DiffusionLoss."""
 
     def __init__(self, cfg: Config, device: torch.device):
@@ -52,9 +52,6 @@ class PixArtAlphaTask:
         self.schedule = cfg.diffusion.build()
         self.criterion = DiffusionLoss(self.schedule, cfg.model.learn_sigma, cfg.diffusion.prediction)
         self.vae = None  # loaded at the first sample grid
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.model.parameters())
 
     def loss(self, model, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
         x0 = batch["latent"]  # (N, C, h, w)
