@@ -1,18 +1,27 @@
-"""Config system (typed dataclasses from YAML) and the YAML presets that live beside it."""
+"""Config system (typed dataclasses from YAML) and the YAML presets that live beside it.
 
-from configs.loader import (
-    ConfigError,
-    add_config_arguments,
-    from_dict,
-    load_config,
-    resolve_config_path,
-    save_config,
-    to_dict,
-    to_yaml,
-)
-from configs.schema import Config
+Names are imported on first use (PEP 562), so that `configs.errors`, which every package imports, pulls in
+nothing else.
+"""
 
-__all__ = [
-    "Config", "ConfigError", "add_config_arguments", "from_dict", "load_config", "resolve_config_path",
-    "save_config", "to_dict", "to_yaml",
-]
+import importlib
+
+_EXPORTS = {
+    "Config": "configs.schema",
+    "ConfigError": "configs.loader",
+    "add_config_arguments": "configs.loader",
+    "from_dict": "configs.loader",
+    "load_config": "configs.loader",
+    "resolve_config_path": "configs.loader",
+    "save_config": "configs.loader",
+    "to_dict": "configs.loader",
+    "to_yaml": "configs.loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'configs' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from configs.errors import UserError
 from models.checkpoint import atomic_path
 
 PRESET_DIR = Path(__file__).resolve().parent
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value that is wrong; the message names it and what would be right."""
 
 

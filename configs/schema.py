@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from diffusion.consistency import DistillConfig
 from diffusion.pipeline import SampleConfig
 from diffusion.schedule import DiffusionConfig
 from engine.config import DataConfig, TrainConfig
@@ -23,3 +24,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

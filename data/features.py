@@ -148,6 +148,13 @@ class FeatureDataset(torch.utils.data.Dataset):
         return sample
 
 
+def micro_conditions(model, batch: dict) -> dict:
+    """The batch's image size and aspect ratio as model conditions, for multi-scale (MS) models only."""
+    if not model.micro_conditions:
+        return {}
+    return {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack a list of FeatureDataset samples: latent (N, C, h, w), y (N, L, D), mask (N, L), index (N,), ..."""
     if not samples:

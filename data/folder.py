@@ -16,13 +16,15 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from configs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_MODES = ("auto", "txt", "jsonl")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set, file or cache that cannot be used; the message names it and what would be right."""
 
 

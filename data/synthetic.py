@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from configs.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("circle", "square", "triangle", "diamond", "cross")
@@ -138,7 +140,7 @@ _CAPTION_PART = re.compile(
     rf"({'|'.join(name for row in POSITIONS for name in row)})")
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError):
     """A caption that is not a shapes caption."""
 
 

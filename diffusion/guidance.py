@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion.samplers.common import Denoise
+from diffusion.samplers.common import Denoise, per_sample
 
 EpsModel = Callable[..., Tensor]  # eps_model(x, t, **conditions) -> eps (N, C, H, W)
 
@@ -19,12 +19,14 @@ def conditional_denoiser(eps_model: EpsModel, cond: dict) -> Denoise:
     return lambda x, t: eps_model(x, t, **cond)
 
 
-def classifier_free_guidance(eps_model: EpsModel, cond: dict, uncond: dict, scale: float) -> Denoise:
+def classifier_free_guidance(eps_model: EpsModel, cond: dict, uncond: dict, scale: float | Tensor) -> Denoise:
     """denoise(x, t) = eps_u + scale (eps_c - eps_u), both halves in one batched network call.
 
     cond / uncond are keyword conditions of eps_model with the same keys (tensors batched like x). For PixArt's
     official behaviour uncond is cond with drop_caption set (the learned null caption); for diffusers' it holds
-    an encoded negative prompt. scale = 1 is the conditional model; scale 4.5 is PixArt-alpha's default.
+    an encoded negative prompt. scale = 1 is the conditional model; scale 4.5 is PixArt-alpha's default; a tensor
+    (N,) guides each sample with its own scale (consistency distillation's w ~ U[w_min, w_max]).
+    The LCM papers write guidance as eps_c + w (eps_c - eps_u): that is scale = 1 + w.
     """
     if set(cond) != set(uncond):
         raise ValueError(f"cond and uncond must hold the same conditions, got {sorted(cond)} and {sorted(uncond)}")
@@ -32,7 +34,7 @@ def classifier_free_guidance(eps_model: EpsModel, cond: dict, uncond: dict, scal
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         eps_c, eps_u = eps_model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)  # (N, C, H, W) each
-        return eps_u + scale * (eps_c - eps_u)
+        return eps_u + per_sample(scale, eps_c).to(eps_c.dtype) * (eps_c - eps_u)
 
     return denoise
 

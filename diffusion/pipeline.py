@@ -34,7 +34,8 @@ class SampleConfig:
     checkpoint: str | None = None        # transformer weights: official .pth, diffusers folder or .safetensors
     sampler: str = "dpm"                 # dpm | lcm | ddim
     steps: int = 20                      # denoiser evaluations (LCM: 1-8 typical, at most 50)
-    guidance: float = 4.5                # CFG scale w: eps_u + w (eps_c - eps_u); w <= 1 turns guidance off
+    guidance: float = 4.5                # CFG scale w: eps_u + w (eps_c - eps_u); w <= 1 turns guidance off (for a
+                                         # student with a guidance embedding: its input w, no CFG)
     uncond: str = "null"                 # null: learned null caption (official) | negative: encoded negative_prompt
     negative_prompt: str = ""            # the unconditional prompt when uncond is "negative"
     sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: 3} for dpm, {eta: 1.0} for ddim
@@ -182,7 +183,10 @@ def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, y, ma
     x = initial_noise(seeds, (model.in_channels, *latent_hw), y.device, dtype)  # (N, C, h, w)
     cond = {"y": y.to(dtype), "mask": mask, **micro}
     fn = eps_model(model, schedule, prediction, timings)
-    if s.guidance <= 1.0:
+    if getattr(model, "guidance_embedding", False):  # an LCM student that takes w as input: no CFG
+        cond["guidance"] = torch.full((len(seeds),), max(float(s.guidance), 0.0), device=y.device)
+        denoise = conditional_denoiser(fn, cond)
+    elif s.guidance <= 1.0:
         denoise = conditional_denoiser(fn, cond)
     elif s.uncond == "null":
         denoise = classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)

@@ -97,6 +97,15 @@ class NoiseSchedule:
         alpha, sigma = self.alpha_sigma(t, x0)
         return alpha * noise - sigma * x0  # v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022)
 
+    def to_x0(self, prediction: str, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The clean-sample estimate of a network output of this prediction type."""
+        if prediction == "x0":
+            return out
+        if prediction == "eps":
+            return self.eps_to_x0(x_t, t, out)
+        alpha, sigma = self.alpha_sigma(t, x_t)
+        return alpha * x_t - sigma * out  # x_0 = alpha_t x_t - sigma_t v
+
     def to_eps(self, prediction: str, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The noise estimate of a network output of this prediction type (the samplers' currency)."""
         if prediction == "eps":

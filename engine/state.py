@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configs.errors import UserError
 from models.checkpoint import atomic_path
 
 FORMAT = "pixart-delta-train-state"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that cannot be resumed; the message says why and what to do."""
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.errors import UserError
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -173,7 +175,7 @@ class FIDInception(nn.Module):
         return x.mean(dim=(2, 3))  # (N, 2048)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A metric network's weights file that is missing or does not fit; the message says what to get."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from configs.errors import UserError
 from models.text_encoder import local_snapshot, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ DOWNLOAD_HINT = ('hf download PixArt-alpha/PixArt-XL-2-1024-MS --include "vae/*"
                  "(or: hf download stabilityai/sd-vae-ft-ema --local-dir <folder>; then set autoencoder.path)")
 
 
-class AutoencoderError(ValueError):
+class AutoencoderError(UserError):
     """An autoencoder that cannot be found or is not a VAE; the message names the path and what would be right."""
 
 

@@ -24,6 +24,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from configs.errors import UserError
 from models.embeddings import sincos_pos_embed_2d
 from models.pixart import PIXART_ARCHS, PixArt, PixArtConfig, build_pixart
 from models.shipped import ShippedWeightsError, verify_shipped
@@ -38,7 +39,7 @@ NULL_CAPTION_FILE = "null_caption.safetensors"
 NULL_CAPTION_KEY = "y_embedder.y_embedding"  # (caption_tokens, caption_channels) buffer; diffusers drops it
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says why and what to do."""
 
 
@@ -169,6 +170,9 @@ def diffusers_config(cfg: PixArtConfig) -> dict:
     cfg = cfg.resolved()
     if cfg.mlp_ratio != 4.0:
         raise CheckpointError(f"diffusers' PixArt block has an MLP ratio of 4; this model has {cfg.mlp_ratio}")
+    if cfg.guidance_embedding:
+        raise CheckpointError("diffusers' PixArtTransformer2DModel has no guidance embedding (w input): keep this "
+                              "student as safetensors or an official .pth")
     return {
         "_class_name": "PixArtTransformer2DModel",
         "num_attention_heads": cfg.num_heads,
@@ -249,6 +253,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     if NULL_CAPTION_KEY in sd:
         out["caption_tokens"] = sd[NULL_CAPTION_KEY].shape[0]
     out["micro_conditions"] = "csize_embedder.mlp.0.weight" in sd
+    out["guidance_embedding"] = "w_embedder.proj.weight" in sd
     if "pos_embed" in sd and "hidden_size" in out and "patch_size" in out:
         out.update(_infer_pos_embed(sd["pos_embed"], out["hidden_size"], out["patch_size"]))
     return out

@@ -57,6 +57,20 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats)  # (N, D)
 
 
+class GuidanceEmbedder(nn.Module):
+    """LCM's guidance-scale condition: sin-cos features of 1000 w -> a linear map (no bias) initialised to zero,
+    added to the timestep embedding, so a student made from its teacher starts as exactly the teacher."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.proj = nn.Linear(frequency_dim, hidden_size, bias=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        feats = timestep_features(w.float() * 1000.0, self.frequency_dim).to(self.proj.weight.dtype)  # (N, 256)
+        return self.proj(feats)  # (N, D)
+
+
 class SizeEmbedder(TimestepEmbedder):
     """Embeds each of k scalar micro-conditions separately and concatenates: (N, k) -> (N, k * D)."""
 

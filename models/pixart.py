@@ -15,7 +15,13 @@ from torch.utils.checkpoint import checkpoint
 
 from models.aspect_ratios import nearest_multiples
 from models.attention import CrossAttention, SelfAttention
-from models.embeddings import CaptionEmbedder, SizeEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+from models.embeddings import (
+    CaptionEmbedder,
+    GuidanceEmbedder,
+    SizeEmbedder,
+    TimestepEmbedder,
+    sincos_pos_embed_2d,
+)
 
 # Size presets: (depth, hidden_size, num_heads). Patch size is a separate field of PixArtConfig.
 PIXART_ARCHS = {
@@ -44,6 +50,7 @@ class PixArtConfig:
     latent_size: int = 32            # latent side the positional grid is defined for (image side / 8)
     pe_interpolation: float = 0.5    # positional-embedding scale: 0.5 at 256px, 1 at 512px, 2 at 1024px
     micro_conditions: bool = False   # image-size and aspect-ratio embedders (the 1024-MS model)
+    guidance_embedding: bool = False # LCM-style guidance-scale input w (a distilled student; not in diffusers)
 
     def dims(self) -> tuple[int, int, int]:
         """(depth, hidden_size, num_heads) after applying overrides to the preset."""
@@ -137,6 +144,7 @@ class PixArt(nn.Module):
         self.base_grid = cfg.latent_size // cfg.patch_size  # token grid the positional embedding is defined on
         self.pe_interpolation = cfg.pe_interpolation
         self.micro_conditions = cfg.micro_conditions
+        self.guidance_embedding = cfg.guidance_embedding
         self.gradient_checkpointing = False  # set by trainers; recomputes block activations in backward
 
         self.x_embedder = PatchEmbed(
@@ -150,6 +158,8 @@ class PixArt(nn.Module):
                 raise ValueError(f"micro-conditions split hidden_size into thirds; {hidden} is not divisible by 3")
             self.csize_embedder = SizeEmbedder(hidden // 3)  # (h, w) -> 2/3 of D
             self.ar_embedder = SizeEmbedder(hidden // 3)  # aspect ratio -> 1/3 of D
+        if cfg.guidance_embedding:
+            self.w_embedder = GuidanceEmbedder(hidden)  # w -> added to the timestep embedding
         self.blocks = nn.ModuleList(PixArtBlock(hidden, heads, cfg.mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, cfg.patch_size, self.out_channels)
         self.initialize_weights()
@@ -159,7 +169,8 @@ class PixArt(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         # Patch embedding: xavier on the flattened conv kernel, like a linear layer.
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -179,6 +190,9 @@ class PixArt(nn.Module):
         # Output projection is zero, so the untrained model predicts zero noise.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        # The guidance embedding starts at zero: a student built from its teacher is the teacher until it learns w.
+        if self.guidance_embedding:
+            nn.init.zeros_(self.w_embedder.proj.weight)
 
     def check_latent_size(self, height: int, width: int):
         """Raise if a latent H x W cannot be cut into patches, naming the nearest valid sizes."""
@@ -209,11 +223,20 @@ class PixArt(nn.Module):
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
         drop_caption: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> Conditioning:
-        """Timestep, micro-condition and caption embeddings shared by all blocks (and by ControlNet copies)."""
+        """Timestep, micro-condition, guidance and caption embeddings shared by all blocks (and ControlNet copies)."""
         n = y.shape[0]
         t = t.expand(n) if t.ndim == 0 or t.shape[0] == 1 else t
         c = self.t_embedder(t)  # (N, D)
+        if self.guidance_embedding:
+            if guidance is None:
+                raise ValueError("this model has a guidance embedding (an LCM student distilled with w as input): "
+                                 "pass guidance (N,), the w it should follow (sample.guidance)")
+            c = c + self.w_embedder(guidance.reshape(-1).expand(n))  # (N, D)
+        elif guidance is not None:
+            raise ValueError("guidance was given but this model has no guidance embedding: use classifier-free "
+                             "guidance instead")
         if self.micro_conditions:
             if resolution is None or aspect_ratio is None:
                 raise ValueError("this is a multi-scale (MS) model: pass resolution (N, 2) as (height, width) "
@@ -249,17 +272,19 @@ class PixArt(nn.Module):
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
         drop_caption: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict noise (and variance interpolation) for latents x (N, C, H, W) at timesteps t (N,).
 
         y (N, L, caption_channels) T5 features; mask (N, L) 1 = real token, 0 = padding;
         resolution (N, 2) and aspect_ratio (N, 1) only for micro-conditioned (MS) models;
-        drop_caption (N,) bool replaces those captions by the learned null caption (CFG training/sampling).
+        drop_caption (N,) bool replaces those captions by the learned null caption (CFG training/sampling);
+        guidance (N,) the guidance scale w, only for models with a guidance embedding.
         Returns (N, out_channels, H, W).
         """
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.embed_image(x)  # (N, T, D)
-        cond = self.condition(t, y, mask, resolution, aspect_ratio, drop_caption)
+        cond = self.condition(t, y, mask, resolution, aspect_ratio, drop_caption, guidance)
         for i in range(len(self.blocks)):
             tokens = self.run_block(i, tokens, cond)  # (N, T, D)
         out = self.final_layer(tokens, cond.c)  # (N, T, p*p*C_out)

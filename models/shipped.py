@@ -12,11 +12,13 @@ import json
 import os
 from pathlib import Path
 
+from configs.errors import UserError
+
 MANIFEST_NAME = "MANIFEST.json"
 FORMAT = "pixart-delta-shipped/1"
 
 
-class ShippedWeightsError(ValueError):
+class ShippedWeightsError(UserError):
     """A shipped weights file that is missing or changed; the message names it and the fix."""
 
 
@@ -25,6 +27,17 @@ def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (their relative names and contents, in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_of(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_of(file)}\n".encode())
     return digest.hexdigest()
 
 

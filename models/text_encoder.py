@@ -23,6 +23,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
+from configs.errors import UserError
 from models.checkpoint import atomic_path
 from models.shipped import ShippedWeightsError, verify_shipped
 
@@ -41,7 +42,7 @@ def words_of(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(UserError):
     """A text encoder that cannot be found or loaded; the message names the path and how to get the weights."""
 
 

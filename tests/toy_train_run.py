@@ -1,6 +1,6 @@
 """Runs the training loop on the toy set in a fresh process (for torchrun and signal tests).
 
-    PYTHONPATH=tests python tests/toy_train_run.py RUNS_DIR [--resume RUN] [KEY=VALUE ...]
+    PYTHONPATH=tests python tests/toy_train_run.py RUNS_DIR [--resume RUN] [--task alpha|lcm] [KEY=VALUE ...]
 """
 
 import argparse
@@ -20,14 +20,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs_dir")
     parser.add_argument("--resume")
+    parser.add_argument("--task", choices=["alpha", "lcm"], default="alpha")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train/train.py")
+    args = parser.parse_intermixed_args()
+    path = ROOT / ("train/train.py" if args.task == "alpha" else "train/train_lcm.py")
+    spec = importlib.util.spec_from_file_location("train_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    task = script.PixArtAlphaTask if args.task == "alpha" else script.LCMTask
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
     try:
-        run = train(toy_config(args.runs_dir, *args.overrides), script.PixArtAlphaTask, toy_data, args.resume)
+        run = train(toy_config(args.runs_dir, *args.overrides), task, toy_data, args.resume)
     except Interrupted as e:
         print(e, flush=True)
         return 128 + e.signum

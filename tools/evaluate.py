@@ -27,11 +27,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from configs.errors import UserError
+
 log = logging.getLogger("evaluate")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A bad evaluation input; the message names it and the fix."""
 
 

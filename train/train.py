@@ -10,7 +10,6 @@ captions dropped to the learned null caption at train.class_dropout_prob. Everyt
 mixed precision, DDP, logging, checkpoints, resume) is the shared loop in engine/loop.py.
 """
 
-import argparse
 import logging
 import sys
 from dataclasses import replace
@@ -18,24 +17,18 @@ from pathlib import Path
 
 import torch
 
-from configs import Config, ConfigError, add_config_arguments, load_config, to_yaml
+from configs import Config
+from data.features import micro_conditions
 from diffusion.losses import DiffusionLoss
 from diffusion.pipeline import denoise_batch
-from engine.loop import Interrupted, Task, TrainingError, train
+from engine.cli import run_trainer
+from engine.loop import Task
 from engine.randomness import SampleRandomness
-from engine.state import ResumeError
-from models.autoencoder import AutoencoderError, load_autoencoder
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.autoencoder import load_autoencoder
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pixart import build_pixart
 
 log = logging.getLogger("train")
-
-
-def micro_conditions(model, batch: dict) -> dict:
-    """Image size and aspect ratio of the batch, for multi-scale (MS) models only."""
-    if not model.micro_conditions:
-        return {}
-    return {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
 
 
 class PixArtAlphaTask(Task):
@@ -79,29 +72,7 @@ class PixArtAlphaTask(Task):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoints/step_*.pt file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    try:
-        config = args.config
-        if args.resume and not config:  # a resumed run keeps its own config unless another is given
-            config = str(Path(args.resume if Path(args.resume).is_dir() else Path(args.resume).parent.parent)
-                         / "config.yaml")
-        cfg = load_config(Config, config, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        train(cfg, PixArtAlphaTask, resume=args.resume)
-    except Interrupted as e:
-        log.warning("%s", e)
-        return 128 + e.signum
-    except (ConfigError, CheckpointError, AutoencoderError, ResumeError, TrainingError, ValueError,
-            FileNotFoundError) as e:
-        log.error("error: %s", e)
-        return 2 if not isinstance(e, TrainingError) else 3
-    return 0
+    return run_trainer(PixArtAlphaTask, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ def check_steps(sampler: str, steps: int, high: int, why: str) -> None:
         raise ValueError(f"{sampler} steps must be an integer in 1..{high} ({why}), got {steps!r}")
 
 
+def per_sample(value: float | Tensor, like: Tensor) -> Tensor:
+    """A number, or one value per sample (N,), as a tensor that broadcasts against like (N, C, H, W)."""
+    value = torch.as_tensor(value, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+    return value.view(-1, *([1] * (like.ndim - 1))) if value.ndim == 1 else value
+
+
 def timestep_batch(t: int, x: Tensor) -> Tensor:
     """The timestep t repeated for each sample of x, as a LongTensor (N,) on x's device."""
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)

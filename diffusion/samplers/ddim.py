@@ -1,13 +1,12 @@
 """DDIM sampler (Song et al. 2021): deterministic for eta = 0, ancestral DDPM-like noise for eta = 1."""
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion.samplers.common import Denoise, StepInfo, check_steps, randn_like, timestep_batch
+from diffusion.samplers.common import Denoise, StepInfo, check_steps, per_sample, randn_like, timestep_batch
 from diffusion.schedule import NoiseSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -28,13 +27,20 @@ def ddim_timesteps(steps: int, num_train: int = 1000, spacing: str = "leading") 
     return torch.from_numpy(ts.astype(np.int64))  # (steps,) descending
 
 
-def ddim_step(x0: Tensor, eps: Tensor, abar_t: float, abar_prev: float, eta: float, noise: Tensor | None) -> Tensor:
-    """One DDIM update to x_prev from the step's x_0 and eps estimates (Song et al. 2021, eq. 12)."""
+def ddim_step(x0: Tensor, eps: Tensor, abar_t: float | Tensor, abar_prev: float | Tensor, eta: float = 0.0,
+              noise: Tensor | None = None) -> Tensor:
+    """One DDIM update to x_prev from the step's x_0 and eps estimates (Song et al. 2021, eq. 12).
+
+    abar_t and abar_prev are numbers or per-sample tensors (N,) (consistency distillation steps every sample from
+    its own timestep).
+    """
+    abar_t, abar_prev = per_sample(abar_t, x0), per_sample(abar_prev, x0)
     # sigma_t(eta)^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)   (eq. 16)
-    std = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+    std = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)).sqrt()
     # x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - std^2) eps + std z
-    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - std**2, 0.0)) * eps
-    return x_prev if noise is None else x_prev + std * noise
+    x_prev = abar_prev.sqrt() * x0 + (1.0 - abar_prev - std**2).clamp(min=0.0).sqrt() * eps
+    x_prev = x_prev if noise is None else x_prev + std * noise
+    return x_prev.to(x0.dtype)
 
 
 def sample_ddim(

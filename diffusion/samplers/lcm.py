@@ -4,39 +4,50 @@ Each step maps x_t to the consistency estimate f(x_t, t) = c_skip(t) x_t + c_out
 but the last re-noises that estimate to the next timestep with fresh Gaussian noise.
 """
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion.samplers.common import Denoise, StepInfo, check_steps, randn_like, timestep_batch
+from diffusion.samplers.common import Denoise, StepInfo, check_steps, per_sample, randn_like, timestep_batch
 from diffusion.schedule import NoiseSchedule
 
 TIMESTEP_SCALING = 10.0  # s = 10 t in the boundary-condition scalings
 SIGMA_DATA = 0.5
 
 
-def lcm_timesteps(steps: int, original_steps: int = 50, num_train: int = 1000) -> Tensor:
-    """Descending LCM timesteps (steps,): evenly spaced picks from the distillation schedule k-1, 2k-1, ..., T-1."""
+def consistency_grid(original_steps: int = 50, num_train: int = 1000) -> Tensor:
+    """Ascending timesteps k-1, 2k-1, ..., T-1 (k = T / original_steps) that consistency distillation trains on."""
     if not 1 <= original_steps <= num_train:
         raise ValueError(f"LCM original_steps must be in 1..{num_train}, got {original_steps}")
+    return torch.arange(1, original_steps + 1) * (num_train // original_steps) - 1  # (original_steps,)
+
+
+def lcm_timesteps(steps: int, original_steps: int = 50, num_train: int = 1000) -> Tensor:
+    """Descending LCM timesteps (steps,): evenly spaced picks from the distillation schedule k-1, 2k-1, ..., T-1."""
+    origin = consistency_grid(original_steps, num_train).numpy()[::-1]  # (original_steps,) 999, 979, ..., 19
     check_steps("LCM", steps, original_steps, f"a subset of the original {original_steps}-step schedule")
-    k = num_train // original_steps  # skipping interval, 20 for 50 steps of 1000
-    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]  # (original_steps,) 999, 979, ..., 19
     picks = np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)
     return torch.from_numpy(origin[picks].astype(np.int64))  # (steps,) descending
 
 
 def lcm_boundary_scalings(
-    t: float, timestep_scaling: float = TIMESTEP_SCALING, sigma_data: float = SIGMA_DATA
-) -> tuple[float, float]:
-    """(c_skip, c_out) at timestep t; c_skip(0) = 1 and c_out(0) = 0 so that f(x, 0) = x."""
-    s = timestep_scaling * t
+    t: float | Tensor, timestep_scaling: float = TIMESTEP_SCALING, sigma_data: float = SIGMA_DATA
+) -> tuple[float | Tensor, float | Tensor]:
+    """(c_skip, c_out) at timestep t (a number, or a tensor of per-sample timesteps); c_skip(0) = 1 and c_out(0) = 0
+    so that f(x, 0) = x."""
+    s = timestep_scaling * (t.double() if isinstance(t, Tensor) else t)
     c_skip = sigma_data**2 / (s**2 + sigma_data**2)  # c_skip = sigma_data^2 / (s^2 + sigma_data^2)
-    c_out = s / math.sqrt(s**2 + sigma_data**2)  # c_out = s / sqrt(s^2 + sigma_data^2)
+    c_out = s / (s**2 + sigma_data**2) ** 0.5  # c_out = s / sqrt(s^2 + sigma_data^2)
     return c_skip, c_out
+
+
+def consistency_function(x: Tensor, x0: Tensor, t: float | Tensor, timestep_scaling: float = TIMESTEP_SCALING,
+                         sigma_data: float = SIGMA_DATA) -> Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t): the parameterisation that makes f(x, 0) = x exactly."""
+    c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling, sigma_data)
+    return (per_sample(c_skip, x) * x + per_sample(c_out, x) * x0).to(x.dtype)
 
 
 def sample_lcm(
@@ -56,8 +67,7 @@ def sample_lcm(
     for i, t in enumerate(timesteps):
         t_batch = timestep_batch(t, x)  # (N,)
         x0 = schedule.eps_to_x0(x, t_batch, denoise(x, t_batch))  # (N, C, H, W)
-        c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling, sigma_data)
-        denoised = c_skip * x + c_out * x0  # f(x_t, t) = c_skip x_t + c_out x_0
+        denoised = consistency_function(x, x0, t, timestep_scaling, sigma_data)  # c_skip x_t + c_out x_0
         if i + 1 < steps:  # re-noise to the next timestep with fresh noise
             x = schedule.q_sample(denoised, timestep_batch(timesteps[i + 1], x), randn_like(x, generator))
         else:
