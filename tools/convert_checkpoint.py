@@ -1,7 +1,10 @@
-"""Convert a PixArt transformer checkpoint between the official .pth, diffusers and this project's safetensors.
+"""Convert a PixArt transformer checkpoint between the official .pth, diffusers and this project's safetensors, or
+assemble a whole diffusers pipeline folder around it.
 
     python tools/convert_checkpoint.py PixArt-XL-2-512x512.pth out/pixart512 --to diffusers --config pixart_xl2_512
     python tools/convert_checkpoint.py out/pixart512 pixart512.safetensors --to safetensors
+    python tools/convert_checkpoint.py student.safetensors out/student-pipeline --to pipeline --scheduler lcm \
+        --text-encoder weights/PixArt-XL-2-1024-MS --vae weights/PixArt-XL-2-1024-MS
 
 The source format is detected. The weights are checked against the architecture (from the file, from --config,
 or read off the weights) before anything is written; every output is written under a temporary name first.
@@ -10,12 +13,17 @@ Converting A -> B -> A reproduces A bit for bit.
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
-from configs import Config, ConfigError, add_config_arguments, load_config, to_yaml
+from configs import Config, add_config_arguments, load_config, to_yaml
+from configs.errors import UserError
 from models.checkpoint import (
     FORMATS,
     NULL_CAPTION_KEY,
@@ -24,9 +32,14 @@ from models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from models.autoencoder import resolve_vae
+from models.pipeline_folder import scheduler_config, write_pipeline_folder
 from models.pixart import build_pixart
+from models.text_encoder import resolve_text_encoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OUTPUTS = (*FORMATS, "pipeline")
+SUFFIXES = {"official": (".pth", ".pt", ".bin", ".ckpt"), "safetensors": (".safetensors",)}
 log = logging.getLogger("convert_checkpoint")
 
 
@@ -43,10 +56,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="official .pth/.safetensors, diffusers folder, or this project's .safetensors")
     parser.add_argument("dst", help="output file (official, safetensors) or folder (diffusers: DST/transformer/)")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--to", required=True, choices=OUTPUTS, help="output format (pipeline: a whole "
+                        "diffusers PixArtAlphaPipeline folder)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: keep)")
     parser.add_argument("--max-shard-size", type=parse_size, help="diffusers only: shard weights, e.g. 5GB")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file or folder")
+    parser.add_argument("--scheduler", choices=("lcm", "dpm"), default="lcm",
+                        help="pipeline only: LCMScheduler (a distilled student) or DPMSolverMultistep (a teacher)")
+    parser.add_argument("--text-encoder", help="pipeline only: a T5 folder or pipeline root (text_encoder/, "
+                                               "tokenizer/) to copy in")
+    parser.add_argument("--vae", help="pipeline only: an AutoencoderKL folder or pipeline root (vae/) to copy in")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -55,19 +74,42 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg or Config()), end="")
             return 0
-        convert(args, cfg.model if cfg else None)
-    except (CheckpointError, ConfigError) as e:
+        convert(args, cfg)
+    except UserError as e:
         log.error("error: %s", e)
         return 2
     return 0
 
 
-def convert(args, model_cfg) -> None:
+def check_destination(fmt: str, dst: Path, overwrite: bool) -> None:
+    """Refuse a destination that would be misnamed or would replace something without --overwrite."""
+    if fmt in SUFFIXES and dst.suffix not in SUFFIXES[fmt]:
+        right = dst.with_suffix(SUFFIXES[fmt][0]).name
+        raise CheckpointError(f"{dst} does not look like a{'n official' if fmt == 'official' else ' safetensors'} "
+                              f"file ({fmt} files end in {', '.join(SUFFIXES[fmt])}): name it e.g. {right}"
+                              + (", or use --to safetensors" if dst.suffix == ".safetensors" else ""))
+    existing = {"diffusers": dst / "transformer", "pipeline": dst / "model_index.json"}.get(fmt, dst)
+    if existing.exists() and not overwrite:
+        raise CheckpointError(f"{existing} already exists; pass --overwrite to replace it")
+    if fmt in ("diffusers", "pipeline") and dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst} is a file; the {fmt} output is a folder")
+
+
+def prediction_of(ckpt, cfg) -> str:
+    """The prediction type a checkpoint was trained with: --config's, else the run config in its metadata."""
+    if cfg is not None:
+        return cfg.diffusion.prediction
+    text = ckpt.metadata.get("config")
+    return (yaml.safe_load(text) or {}).get("diffusion", {}).get("prediction", "eps") if text else "eps"
+
+
+def convert(args, run_cfg) -> None:
     dst = Path(args.dst)
-    if dst.exists() and args.to != "diffusers" and not args.overwrite:
-        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    check_destination(args.to, dst, args.overwrite)
+    if args.to == "pipeline" and not (args.text_encoder and args.vae):
+        raise CheckpointError("--to pipeline needs --text-encoder PATH and --vae PATH (the pipeline's other parts)")
     ckpt = read_checkpoint(args.src)
-    cfg = model_cfg or ckpt.config
+    cfg = run_cfg.model if run_cfg is not None else ckpt.config
     if cfg is None:
         raise CheckpointError(f"{args.src} is an official checkpoint without a config (no {Path(args.src).stem}.yaml "
                               f"beside it): pass --config, e.g. --config pixart_xl2_512")
@@ -77,7 +119,28 @@ def convert(args, model_cfg) -> None:
         log.warning("%s has no null caption (y_embedding); the output will not have one either", args.src)
     if args.dtype:
         sd = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for k, v in sd.items()}
-    out = save_checkpoint(sd, cfg, dst, args.to, max_shard_bytes=args.max_shard_size)
+    if args.to in ("diffusers", "pipeline"):  # a folder: build it beside the destination, then swap it in
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        try:
+            if args.to == "diffusers":
+                save_checkpoint(sd, cfg, tmp, "diffusers", max_shard_bytes=args.max_shard_size)
+                part, target = tmp / "transformer", dst / "transformer"
+            else:
+                text_dir, tok_dir = resolve_text_encoder(args.text_encoder)
+                vae_dir, _ = resolve_vae(args.vae)
+                write_pipeline_folder(tmp / "pipeline", sd, cfg, text_dir, tok_dir, vae_dir,
+                                      scheduler_config(args.scheduler, prediction_of(ckpt, run_cfg)))
+                part, target = tmp / "pipeline", dst
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        out = dst
+    else:
+        out = save_checkpoint(sd, cfg, dst, args.to, max_shard_bytes=args.max_shard_size)
     log.info("%s (%s) -> %s (%s), %d tensors", args.src, ckpt.format, out, args.to, len(sd))
 
 

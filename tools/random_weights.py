@@ -199,34 +199,18 @@ def write_fid_inception(path: str | Path, seed: int = 0) -> Path:
 
 
 def write_random_pipeline(folder: str | Path, transformer_sd: dict, transformer_cfg, t5: dict | None = None,
-                          vae: dict | None = None, scheduler: str = "dpm") -> Path:
+                          vae: dict | None = None, scheduler: str = "dpm", prediction: str = "eps") -> Path:
     """A diffusers PixArt pipeline folder around given transformer weights (official keys), with a random T5
     (d_model = the transformer's caption_channels) and a random VAE; t5 / vae are keyword arguments of
     write_tiny_t5 / write_tiny_vae. scheduler: "dpm" (PixArt-alpha) or "lcm" (PixArt-LCM)."""
-    import json
-
-    from models.checkpoint import save_checkpoint
+    from models.pipeline_folder import scheduler_config, write_pipeline_folder
 
     folder = Path(folder)
-    save_checkpoint(transformer_sd, transformer_cfg, folder, "diffusers")
-    t5_dir = write_tiny_t5(folder / "text_encoder", d_model=transformer_cfg.caption_channels, **(t5 or {}))
-    (folder / "tokenizer").mkdir(exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (t5_dir / name).is_file():
-            (t5_dir / name).rename(folder / "tokenizer" / name)
-    write_tiny_vae(folder / "vae", **(vae or {}))
-    schedulers = {"dpm": {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
-                          "solver_order": 2, "timestep_spacing": "linspace"},
-                  "lcm": {"_class_name": "LCMScheduler", "original_inference_steps": 50, "timestep_scaling": 10.0}}
-    sched = {**schedulers[scheduler], "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
-             "beta_end": 0.02, "prediction_type": "epsilon"}
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
-             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", sched["_class_name"]]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        t5_dir = write_tiny_t5(Path(tmp) / "t5", d_model=transformer_cfg.caption_channels, **(t5 or {}))
+        vae_dir = write_tiny_vae(Path(tmp) / "vae", **(vae or {}))
+        return write_pipeline_folder(folder, transformer_sd, transformer_cfg, t5_dir, t5_dir, vae_dir,
+                                     scheduler_config(scheduler, prediction))
 
 
 def corpus_of(data_dir: str | Path) -> list[str]:
