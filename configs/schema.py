@@ -3,13 +3,13 @@
 from dataclasses import dataclass, field
 
 from diffusion.consistency import DistillConfig
-from diffusion.pipeline import SampleConfig
 from diffusion.schedule import DiffusionConfig
 from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
 from models.autoencoder import AutoencoderConfig
 from models.pixart import PixArtConfig
 from models.text_encoder import TextEncoderConfig
+from pipeline.config import SampleConfig
 
 
 @dataclass

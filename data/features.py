@@ -148,11 +148,13 @@ class FeatureDataset(torch.utils.data.Dataset):
         return sample
 
 
-def micro_conditions(model, batch: dict) -> dict:
-    """The batch's image size and aspect ratio as model conditions, for multi-scale (MS) models only."""
-    if not model.micro_conditions:
-        return {}
-    return {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
+def batch_conditions(model, batch: dict) -> dict:
+    """A collated batch as the model's conditions: caption features and mask, plus the image size and aspect ratio
+    for multi-scale (MS) models."""
+    cond = {"y": batch["y"], "mask": batch["mask"]}
+    if model.micro_conditions:
+        cond.update(resolution=batch["resolution"], aspect_ratio=batch["aspect_ratio"])
+    return cond
 
 
 def collate(samples: list[dict]) -> dict:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -69,6 +68,27 @@ def atomic_path(path: str | os.PathLike):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace_existing: bool = False):
+    """Yield a new empty folder beside `path`; on success it becomes `path` (an existing `path` is removed first if
+    replace_existing, else it is an error), on failure it is deleted. Made with os.mkdir, so it has the usual
+    permissions of new folders (tempfile's are private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not replace_existing:
+        raise CheckpointError(f"{path} already exists; remove it or choose another destination")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -544,8 +564,10 @@ def save_checkpoint(
     fmt: str,
     metadata: dict[str, str] | None = None,
     max_shard_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write official-key weights `sd` as `fmt`; every file is written to a temporary name, then renamed."""
+    """Write official-key weights `sd` as `fmt`; every file (and the diffusers transformer/ folder) is written under
+    a temporary name, then renamed; overwrite replaces an existing diffusers transformer/ folder."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; valid: {', '.join(FORMATS)}")
     cfg = cfg.resolved()
@@ -563,19 +585,14 @@ def save_checkpoint(
         with atomic_path(path.with_suffix(".yaml")) as tmp:  # the config official files lack; also a --config
             tmp.write_text(yaml.safe_dump({"model": asdict(cfg)}, sort_keys=False))
     else:
-        _write_diffusers(sd, cfg, path, max_shard_bytes)
+        _write_diffusers(sd, cfg, path, max_shard_bytes, overwrite)
     return path
 
 
-def _write_diffusers(sd, cfg: PixArtConfig, root: Path, max_shard_bytes: int | None) -> None:
+def _write_diffusers(sd, cfg: PixArtConfig, root: Path, max_shard_bytes: int | None, overwrite: bool) -> None:
     """root/transformer/{config.json, weights (sharded past max_shard_bytes), null_caption.safetensors}."""
-    target = root / "transformer"
-    if target.exists():
-        raise CheckpointError(f"{target} already exists; remove it or choose another destination")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".transformer.", dir=root))
-    try:
-        weights = official_to_diffusers(sd)
+    weights = official_to_diffusers(sd)
+    with atomic_dir(root / "transformer", replace_existing=overwrite) as tmp:
         shards = _shard(weights, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / DIFFUSERS_WEIGHTS))
@@ -591,10 +608,6 @@ def _write_diffusers(sd, cfg: PixArtConfig, root: Path, max_shard_bytes: int | N
         if NULL_CAPTION_KEY in sd:
             save_file({"y_embedding": sd[NULL_CAPTION_KEY]}, str(tmp / NULL_CAPTION_FILE), metadata={"arch": cfg.arch})
         (tmp / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _shard(sd: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

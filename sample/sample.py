@@ -20,10 +20,10 @@ from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
 from configs import Config, ConfigError, add_config_arguments, load_config, save_config, to_yaml
-from diffusion.pipeline import Generated, Plan, generate, plan
 from models.autoencoder import AutoencoderError
 from models.checkpoint import CheckpointError
 from models.text_encoder import TextEncoderError
+from pipeline.generate import Generated, Plan, generate, plan
 
 log = logging.getLogger("sample")
 USER_ERRORS = (ConfigError, CheckpointError, TextEncoderError, AutoencoderError, ValueError, FileNotFoundError)

@@ -6,9 +6,9 @@ from conftest import random_model, tiny_config
 from diffusers import PixArtAlphaPipeline
 
 from configs import Config, load_config
-from diffusion.pipeline import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
 from models.autoencoder import load_autoencoder
 from models.text_encoder import load_text_encoder
+from pipeline.generate import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
 from tools.random_weights import write_random_pipeline
 
 PROMPTS = ["a large red circle at the top left", "two small blue squares"]

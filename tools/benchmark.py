@@ -157,9 +157,9 @@ def bench_pipeline(args) -> list[dict]:
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler, PixArtAlphaPipeline
 
     from configs import Config, load_config
-    from diffusion.pipeline import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
     from models.autoencoder import load_autoencoder
     from models.text_encoder import load_text_encoder
+    from pipeline.generate import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
     from tools.random_weights import write_random_pipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

@@ -13,10 +13,7 @@ Converting A -> B -> A reproduces A bit for bit.
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,15 +21,16 @@ import yaml
 
 from configs import Config, add_config_arguments, load_config, to_yaml
 from configs.errors import UserError
+from models.autoencoder import resolve_vae
 from models.checkpoint import (
     FORMATS,
     NULL_CAPTION_KEY,
     CheckpointError,
+    atomic_dir,
     check_state_dict,
     read_checkpoint,
     save_checkpoint,
 )
-from models.autoencoder import resolve_vae
 from models.pipeline_folder import scheduler_config, write_pipeline_folder
 from models.pixart import build_pixart
 from models.text_encoder import resolve_text_encoder
@@ -119,28 +117,15 @@ def convert(args, run_cfg) -> None:
         log.warning("%s has no null caption (y_embedding); the output will not have one either", args.src)
     if args.dtype:
         sd = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for k, v in sd.items()}
-    if args.to in ("diffusers", "pipeline"):  # a folder: build it beside the destination, then swap it in
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-        try:
-            if args.to == "diffusers":
-                save_checkpoint(sd, cfg, tmp, "diffusers", max_shard_bytes=args.max_shard_size)
-                part, target = tmp / "transformer", dst / "transformer"
-            else:
-                text_dir, tok_dir = resolve_text_encoder(args.text_encoder)
-                vae_dir, _ = resolve_vae(args.vae)
-                write_pipeline_folder(tmp / "pipeline", sd, cfg, text_dir, tok_dir, vae_dir,
-                                      scheduler_config(args.scheduler, prediction_of(ckpt, run_cfg)))
-                part, target = tmp / "pipeline", dst
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(part, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if args.to == "pipeline":
+        text_dir, tok_dir = resolve_text_encoder(args.text_encoder)
+        vae_dir, _ = resolve_vae(args.vae)
+        with atomic_dir(dst, replace_existing=args.overwrite) as tmp:
+            write_pipeline_folder(tmp, sd, cfg, text_dir, tok_dir, vae_dir,
+                                  scheduler_config(args.scheduler, prediction_of(ckpt, run_cfg)))
         out = dst
     else:
-        out = save_checkpoint(sd, cfg, dst, args.to, max_shard_bytes=args.max_shard_size)
+        out = save_checkpoint(sd, cfg, dst, args.to, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     log.info("%s (%s) -> %s (%s), %d tensors", args.src, ckpt.format, out, args.to, len(sd))
 
 

@@ -99,7 +99,7 @@ def captioned_images(folder: Path, partial: bool) -> tuple[list[Path], list[str]
                             f"{', ...' if len(extra) > 5 else ''}; captions come from metadata.jsonl, the PNG "
                             f"'prompt' field or NAME.txt)")
         raise EvalError(f"{folder}: " + "; ".join(problems) + ". Fix the folder, or pass --partial to score only "
-                        f"the images that have captions")
+                        "the images that have captions")
     if extra or missing:
         log.warning("--partial: scoring %d images; left out %d without caption and %d missing", len(names) - len(extra),
                     len(extra), len(missing))
@@ -129,8 +129,8 @@ def run_model(args) -> dict:
 
     from configs import Config, load_config
     from data.synthetic import caption, render, scene_at
-    from diffusion.pipeline import generate, plan
     from evaluation.report import evaluate_images, write_report
+    from pipeline.generate import generate, plan
 
     cfg = load_config(Config, args.config, args.overrides)
     ec, s = cfg.evaluation, cfg.sample
@@ -211,6 +211,28 @@ def run_clip(args) -> dict:
     return out, record
 
 
+def run_table(args) -> tuple[None, dict]:
+    """One Markdown row per results.json: the setting, single- and multi-object accuracy, FD, seconds per image."""
+    header = ("| model | sampler | steps | guidance | single: kind | colour | size | position | count | all "
+              "| multi: all attributes | multi: count | FD | s/image |")
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    for folder in args.results:
+        path = folder / "results.json" if folder.is_dir() else folder
+        if not path.is_file():
+            raise EvalError(f"{folder} holds no results.json (an output folder of `evaluate.py model`)")
+        r = json.loads(path.read_text())
+        one, many = r["groups"].get("single", {}), r["groups"].get("multi", {})
+        multi_all = (sum(many.get(a, 0) for a in ("kind", "color", "size", "position")) / 4) if many else float("nan")
+        model = args.label or Path(r.get("checkpoint") or r.get("config", "?")).stem
+        rows.append(f"| {model} | {r.get('sampler')} | {r.get('steps')} | {r.get('guidance')} | "
+                    + " | ".join(f"{one.get(k, float('nan')):.1f}" for k in ("kind", "color", "size", "position",
+                                                                            "count", "all"))
+                    + f" | {multi_all:.1f} | {many.get('count', float('nan')):.1f} | "
+                      f"{r.get('frechet_distance', float('nan')):.3f} | {r.get('seconds_per_image', float('nan')):.4f} |")
+    print("\n".join(rows))
+    return None, {}
+
+
 def output_dir(root: Path, name: str) -> Path:
     from engine.state import new_run_dir
 
@@ -241,6 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     fid.add_argument("--device", default="cpu")
     fid.add_argument("--batch-size", type=int, default=32)
 
+    table = sub.add_parser("table", help="a Markdown table of `model` results (results.json files or their folders)")
+    table.add_argument("results", type=Path, nargs="+")
+    table.add_argument("--label", help="name of the model column (default: the checkpoint's file name)")
+
     clip = sub.add_parser("clip", parents=[common], help="CLIP score of a folder of images against their captions")
     clip.add_argument("folder", type=Path)
     clip.add_argument("--clip", type=Path, required=True, help="a transformers CLIP folder")
@@ -259,9 +285,11 @@ def main(argv=None) -> int:
     from models.checkpoint import CheckpointError
     from models.text_encoder import TextEncoderError
 
-    commands = {"model": run_model, "folder": run_folder, "fid": run_fid, "clip": run_clip}
+    commands = {"model": run_model, "folder": run_folder, "fid": run_fid, "clip": run_clip, "table": run_table}
     try:
         out, record = commands[args.command](args)
+        if out is None:
+            return 0
     except (EvalError, CaptionError, ConfigError, WeightsError, CheckpointError, TextEncoderError) as e:
         log.error("error: %s", e)
         return 2

@@ -2,6 +2,7 @@
 shipping into weights/shapes/ with a manifest.
 
     python train/shapes_recipe.py teacher                   # about 1.7 hours on 2 CPU cores
+    python train/shapes_recipe.py student                   # distils the shipped teacher (after `teacher`)
     python train/shapes_recipe.py teacher --dry-run         # print the commands only
     python train/shapes_recipe.py teacher --set train.device=cuda --set train.batch_size=256   # on a GPU
 
@@ -15,6 +16,9 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   train     train/train.py --config shapes_teacher
   ship      the EMA weights in fp16 and the T5 folder into --ship, hashed into MANIFEST.json
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
+
+`student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
+evaluates it with LCM in 4 steps.
 """
 
 import argparse
@@ -69,6 +73,7 @@ class Recipe:
         return [f"text_encoder.path={self.t5}", f"data.cache_dir={self.cache}", f"train.runs_dir={self.runs}"]
 
 
+
 def python(script: str, *args) -> list[str]:
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
@@ -84,111 +89,149 @@ def run(cmd: list[str], dry_run: bool) -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def finished_run(recipe: Recipe, steps: int) -> tuple[Path | None, bool]:
-    """(the recipe's training run folder if any, whether it reached `steps`)."""
-    runs = sorted(recipe.runs.glob("*-shapes-teacher")) if recipe.runs.is_dir() else []
-    if not runs:
+def finished_run(runs: Path, name: str, steps: int) -> tuple[Path | None, bool]:
+    """(the newest run folder of train.name `name` in runs, whether it reached `steps`)."""
+    found = sorted(runs.glob(f"*-{name}")) if runs.is_dir() else []
+    if not found:
         return None, False
-    run_dir = runs[-1]
-    pointer = run_dir / "checkpoints" / "latest.txt"
+    pointer = found[-1] / "checkpoints" / "latest.txt"
     step = int(pointer.read_text().strip()[len("step_"):-len(".pt")]) if pointer.is_file() else 0
-    return run_dir, step >= steps
+    return found[-1], step >= steps
 
 
-def teacher(recipe: Recipe, dry_run: bool) -> None:
-    from configs import Config, load_config
+class Stages:
+    """Runs stages in order, skipping the finished ones, and records how long each took."""
 
-    timings = {}
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+        self.seconds: dict[str, float] = {}
 
-    def stage(name: str, skip: bool, cmd: list[str] | None = None, fn=None) -> None:
+    def __call__(self, name: str, skip: bool, cmd: list[str] | None = None, fn=None) -> None:
         if skip:
             log.info("[%s] done already, skipped", name)
             return
         start = time.perf_counter()
         if cmd is not None:
-            run(cmd, dry_run)
-        if fn is not None and not dry_run:
+            run(cmd, self.dry_run)
+        if fn is not None and not self.dry_run:
             fn()
-        timings[name] = round(time.perf_counter() - start, 1)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
 
-    stage("data", (recipe.data / "metadata.jsonl").is_file(), python(
+
+def train_stage(stages: Stages, recipe: Recipe, script: str, config: str, overrides: list[str]) -> Path:
+    """Train (or resume, or skip when finished) the run of a preset; returns its run folder."""
+    from configs import Config, load_config
+
+    cfg = load_config(Config, config, overrides)
+    run_dir, done = finished_run(recipe.runs, cfg.train.name, cfg.train.steps)
+    cmd = (python(script, "--resume", run_dir, *sets([f"train.steps={cfg.train.steps}"])) if run_dir is not None
+           else python(script, "--config", config, *sets(overrides)))
+    stages(f"train {config}", done, cmd)
+    run_dir, _ = finished_run(recipe.runs, cfg.train.name, cfg.train.steps)
+    return run_dir if run_dir is not None else recipe.runs / f"NNNNN-{cfg.train.name}"
+
+
+def evaluate_stage(stages: Stages, recipe: Recipe, config: str, overrides: list[str], name: str) -> Path:
+    out = recipe.work / "eval" / name
+    stages(f"evaluate {name}", False, python("tools/evaluate.py", "model", "--config", config, *sets(overrides),
+                                              "--out", out, "--no-progress"))
+    return out
+
+
+def teacher(recipe: Recipe, dry_run: bool) -> None:
+    stages = Stages(dry_run)
+    stages("data", (recipe.data / "metadata.jsonl").is_file(), python(
         "tools/make_synthetic_data.py", recipe.data, "--num", recipe.num_images, "--seed", recipe.data_seed,
         "--sizes", "32x32", "--max-objects", 3, "--object-weights", recipe.object_weights,
         "--min-gap", recipe.min_gap, "--cell-margin", recipe.cell_margin, "--no-progress"))
-    stage("t5", (recipe.t5 / "config.json").is_file(), python(
+    stages("t5", (recipe.t5 / "config.json").is_file(), python(
         "tools/random_weights.py", "t5", recipe.t5, "--d-model", recipe.t5_width, "--layers", recipe.t5_layers,
         "--vocab-size", recipe.t5_vocab, "--corpus", recipe.data))
-    stage("features", (recipe.cache / "index.jsonl").is_file(), python(
+    stages("features", (recipe.cache / "index.jsonl").is_file(), python(
         "tools/extract_features.py", recipe.data, recipe.cache, "--config", recipe.config, "--base-size", 32,
         "--autoencoder", "pixel", "--batch-size", 256, "--no-progress", *sets(recipe.paths())))
-    cfg = load_config(Config, recipe.config, recipe.paths() + recipe.overrides)
-    run_dir, done = finished_run(recipe, cfg.train.steps)
-    train_cmd = (python("train/train.py", "--resume", run_dir) if run_dir is not None else
-                 python("train/train.py", "--config", recipe.config, *sets(recipe.paths() + recipe.overrides)))
-    stage("train", done, train_cmd)
-    run_dir, _ = finished_run(recipe, cfg.train.steps)
-    if dry_run:
-        run_dir = recipe.runs / "NNNNN-shapes-teacher"
-    stage("ship", False, fn=lambda: ship_teacher(recipe, run_dir))
+    run_dir = train_stage(stages, recipe, "train/train.py", recipe.config, recipe.paths() + recipe.overrides)
+    stages("ship teacher", False, fn=lambda: ship(run_dir / "ema.safetensors", recipe.ship / "teacher.safetensors",
+                                                  t5=recipe.t5, t5_target=recipe.ship / "t5"))
     shipped = [f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}"]
-    eval_out = recipe.work / "eval"
-    stage("evaluate", False, python("tools/evaluate.py", "model", "--config", recipe.config, *sets(shipped),
-                                    "--out", eval_out, "--no-progress"))
+    out = evaluate_stage(stages, recipe, recipe.config, shipped, "teacher")
     if not dry_run:
-        results = json.loads(sorted(eval_out.iterdir())[-1].joinpath("results.json").read_text())
-        write_teacher_manifest(recipe, cfg, results, timings)
-    log.info("stage seconds: %s", timings)
+        command = "python train/shapes_recipe.py teacher" + "".join(f" --set {o}" for o in recipe.overrides)
+        t5_files = sorted(p.relative_to(recipe.ship).as_posix() for p in (recipe.ship / "t5").rglob("*")
+                          if p.is_file())
+        update_manifest(recipe, "t5", t5_files, command, None, None, {
+            "what": f"frozen random T5 encoder, {recipe.t5_layers} layers of width {recipe.t5_width}; sentencepiece "
+                    f"tokenizer ({recipe.t5_vocab} pieces) with one piece per training-caption word; known_words.txt"})
+        update_manifest(recipe, "teacher", ["teacher.safetensors"], command, recipe.config, out, {
+            "what": "PixArt teacher (fp16 EMA weights); DPM-Solver++ 20 steps with CFG",
+            "data": {"images": recipe.num_images, "seed": recipe.data_seed, "object_weights": recipe.object_weights,
+                     "min_gap": recipe.min_gap, "cell_margin": recipe.cell_margin, "size": "32x32"},
+            "stage_seconds": stages.seconds})
+    log.info("stage seconds: %s", stages.seconds)
 
 
-def ship_teacher(recipe: Recipe, run_dir: Path) -> None:
-    """fp16 EMA weights (half the bytes; the evaluation runs on exactly these) and the T5 folder."""
+def student(recipe: Recipe, dry_run: bool) -> None:
+    """Distil the shipped teacher (needs `teacher` first: its feature cache and shipped files)."""
+    stages = Stages(dry_run)
+    if not dry_run and not ((recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()):
+        raise SystemExit(f"error: the student distils the shipped teacher on its feature cache: run "
+                         f"`python train/shapes_recipe.py teacher` first (needs {recipe.ship / 'teacher.safetensors'} "
+                         f"and {recipe.cache})")
+    config = "lcm_shapes"
+    paths = [f"distill.teacher={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
+             f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}"]
+    run_dir = train_stage(stages, recipe, "train/train_lcm.py", config, paths + recipe.overrides)
+    stages("ship student", False, fn=lambda: ship(run_dir / "weights.safetensors",
+                                                  recipe.ship / "student.safetensors"))
+    shipped = [f"sample.checkpoint={recipe.ship / 'student.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}"]
+    out = evaluate_stage(stages, recipe, config, shipped, "student")
+    if not dry_run:
+        command = "python train/shapes_recipe.py student" + "".join(f" --set {o}" for o in recipe.overrides)
+        update_manifest(recipe, "student", ["student.safetensors"], command, config, out, {
+            "what": "PixArt-delta student (fp16): latent consistency distillation of the teacher; LCM 4 steps, no "
+                    "guidance", "stage_seconds": stages.seconds})
+    log.info("stage seconds: %s", stages.seconds)
+
+
+def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | None = None) -> None:
+    """fp16 weights (half the bytes; the evaluation runs on exactly these), and the T5 folder when given."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    source = run_dir / "ema.safetensors"
     with safe_open(str(source), framework="pt") as f:
         tensors = {k: f.get_tensor(k).half() for k in f.keys()}
         metadata = f.metadata()
-    recipe.ship.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, recipe.ship / "teacher.safetensors", metadata=metadata)
-    target = recipe.ship / "t5"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(recipe.t5, target)
-    log.info("shipped %s (fp16) and %s", recipe.ship / "teacher.safetensors", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, target, metadata=metadata)
+    if t5 is not None:
+        if t5_target.exists():
+            shutil.rmtree(t5_target)
+        shutil.copytree(t5, t5_target)
+    log.info("shipped %s (fp16)%s", target, f" and {t5_target}" if t5 is not None else "")
 
 
-def write_teacher_manifest(recipe: Recipe, cfg, results: dict, timings: dict) -> None:
+def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, config: str | None,
+                    eval_dir: Path | None, extra: dict) -> None:
+    """Add or replace one model's entry of the shipped manifest (and rehash every listed file)."""
     from models.shipped import MANIFEST_NAME, read_manifest, write_manifest
 
-    root = recipe.ship
-    manifest = root / MANIFEST_NAME
+    manifest = recipe.ship / MANIFEST_NAME
     models = read_manifest(manifest).get("models", {}) if manifest.is_file() else {}
-    command = "python train/shapes_recipe.py teacher" + "".join(f" --set {o}" for o in recipe.overrides)
-    models["t5"] = {
-        "files": sorted(p.relative_to(root).as_posix() for p in (root / "t5").rglob("*") if p.is_file()),
-        "what": f"frozen random T5 encoder, {recipe.t5_layers} layers of width {recipe.t5_width}, sentencepiece tokenizer of "
-                f"{recipe.t5_vocab} pieces trained on the training captions, known_words.txt",
-        "command": command,
-    }
-    models["teacher"] = {
-        "files": ["teacher.safetensors"],
-        "what": "PixArt teacher (fp16 EMA weights), sampled with DPM-Solver++ 20 steps and CFG",
-        "command": command,
-        "config": f"configs/{recipe.config}.yaml",
-        "data": {"images": recipe.num_images, "seed": recipe.data_seed, "object_weights": recipe.object_weights,
-                 "min_gap": recipe.min_gap, "cell_margin": recipe.cell_margin, "size": "32x32"},
-        "training": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
-                     "stage_seconds": timings},
-        "evaluation": {k: results[k] for k in ("sampler", "steps", "guidance", "groups", "frechet_distance",
-                                               "real_images", "seconds_per_image") if k in results},
-    }
-    log.info("manifest %s", write_manifest(root, models))
+    entry = {"files": files, "command": command, **extra}
+    if config is not None:
+        entry["config"] = f"configs/{config}.yaml"
+    if eval_dir is not None:
+        results = json.loads(sorted(eval_dir.iterdir())[-1].joinpath("results.json").read_text())
+        entry["evaluation"] = {k: results[k] for k in ("sampler", "steps", "guidance", "groups", "frechet_distance",
+                                                       "real_images", "seconds_per_image") if k in results}
+    models[name] = entry
+    log.info("manifest %s", write_manifest(recipe.ship, models))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["teacher"], help="which shipped model to make")
+    parser.add_argument("what", choices=["teacher", "student"], help="which shipped model to make (the student "
+                                                                     "distils the shipped teacher)")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "shapes", help="working folder (not shipped)")
     parser.add_argument("--ship", type=Path, default=ROOT / "weights" / "shapes", help="folder of shipped weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -199,7 +242,7 @@ def main(argv=None) -> int:
     recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides)
     start = time.perf_counter()
     try:
-        teacher(recipe, args.dry_run)
+        {"teacher": teacher, "student": student}[args.what](recipe, args.dry_run)
     except subprocess.CalledProcessError as e:
         log.error("error: a stage failed (exit %d): %s; fix it and run the recipe again: finished stages are "
                   "skipped and training resumes", e.returncode, " ".join(map(str, e.cmd)))

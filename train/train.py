@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from configs import Config
-from data.features import micro_conditions
+from data.features import batch_conditions
 from diffusion.losses import DiffusionLoss
-from diffusion.pipeline import denoise_batch
 from engine.cli import run_trainer
 from engine.loop import Task
 from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pixart import build_pixart
+from pipeline.generate import denoise_batch
 
 log = logging.getLogger("train")
 
@@ -51,7 +51,7 @@ class PixArtAlphaTask(Task):
         t = rng.randint(self.schedule.num_steps, x0.device)  # (N,)
         noise = rng.randn(x0.shape[1:], x0.device)  # (N, C, h, w)
         drop = rng.rand(x0.device) < self.cfg.train.class_dropout_prob  # (N,) captions -> null caption
-        cond = dict(y=batch["y"], mask=batch["mask"], drop_caption=drop, **micro_conditions(self.model, batch))
+        cond = {**batch_conditions(self.model, batch), "drop_caption": drop}
         per_sample, terms = self.criterion(model, x0, t, noise, **cond)
         return per_sample.mean(), {k: v.mean().item() for k, v in terms.items()}
 
@@ -62,9 +62,9 @@ class PixArtAlphaTask(Task):
             self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
         s = replace(self.cfg.sample, uncond="null")
         n = len(batch["latent"])
-        latents = denoise_batch(model.eval(), self.schedule, s, batch["y"], batch["mask"], None,
+        latents = denoise_batch(model.eval(), self.schedule, s, batch_conditions(self.model, batch),
                                 [s.seed + i for i in range(n)], tuple(batch["latent"].shape[-2:]),
-                                micro_conditions(self.model, batch), prediction=self.cfg.diffusion.prediction)
+                                prediction=self.cfg.diffusion.prediction)
         return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
 
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:

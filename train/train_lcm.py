@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 
 from configs import Config
+from data.features import batch_conditions
 from diffusion.consistency import ConsistencyDistillationLoss
 from diffusion.guidance import null_caption_pair
-from diffusion.pipeline import denoise_batch
-from data.features import micro_conditions
 from engine.cli import run_trainer
 from engine.ema import EMA
-from engine.loop import Task, train
+from engine.loop import Task
 from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.lora import adapters_disabled, add_lora, merged_state_dict, scaling
 from models.pixart import build_pixart
 from models.shipped import content_hash
+from pipeline.generate import denoise_batch
 
 log = logging.getLogger("train")
 
@@ -89,7 +89,7 @@ class LCMTask(Task):
         else:
             w = torch.full((len(x0),), dc.guidance, device=x0.device)
             student_cond = {}
-        cond, uncond = null_caption_pair(dict(y=batch["y"], mask=batch["mask"], **micro_conditions(self.model, batch)))
+        cond, uncond = null_caption_pair(batch_conditions(self.model, batch))
         per_sample, terms = self.criterion(model, self.target_net, self.teacher_net, x0, noise, n, w, cond, uncond,
                                            student_cond)
         return per_sample.mean(), {"rms_distance": terms["distance"].mean().item()}
@@ -110,9 +110,9 @@ class LCMTask(Task):
             self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
         n = len(batch["latent"])
         s = self.cfg.sample
-        latents = denoise_batch(model.eval(), self.schedule, s, batch["y"], batch["mask"], None,
+        latents = denoise_batch(model.eval(), self.schedule, s, batch_conditions(self.model, batch),
                                 [s.seed + i for i in range(n)], tuple(batch["latent"].shape[-2:]),
-                                micro_conditions(self.model, batch), prediction=self.cfg.diffusion.prediction)
+                                prediction=self.cfg.diffusion.prediction)
         model.train()
         return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
 

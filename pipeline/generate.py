@@ -1,5 +1,7 @@
 """Text-to-image generation: prompts -> T5 features -> a sampler over the transformer -> VAE decoding.
 
+This is orchestration (weights, files, devices) on top of diffusion/ (the maths), which never imports it.
+
 The stages run in the order of the low-memory recipe (encode every prompt, optionally free T5, then load the
 transformer), and every check that can fail runs in `plan()` before anything heavy is loaded.
 """
@@ -8,8 +10,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -21,37 +22,9 @@ from models.autoencoder import latent_channels_of, load_autoencoder
 from models.checkpoint import CheckpointError, load_checkpoint, peek_config
 from models.pixart import PixArt, PixArtConfig
 from models.text_encoder import load_text_encoder, parse_dtype, resolve_text_encoder
+from pipeline.config import UNCOND_MODES, SampleConfig
 
 log = logging.getLogger(__name__)
-
-UNCOND_MODES = ("null", "negative")
-
-
-@dataclass
-class SampleConfig:
-    """How to generate; the `sample:` section of a run config (command-line flags override it)."""
-
-    checkpoint: str | None = None        # transformer weights: official .pth, diffusers folder or .safetensors
-    sampler: str = "dpm"                 # dpm | lcm | ddim
-    steps: int = 20                      # denoiser evaluations (LCM: 1-8 typical, at most 50)
-    guidance: float = 4.5                # CFG scale w: eps_u + w (eps_c - eps_u); w <= 1 turns guidance off (for a
-                                         # student with a guidance embedding: its input w, no CFG)
-    uncond: str = "null"                 # null: learned null caption (official) | negative: encoded negative_prompt
-    negative_prompt: str = ""            # the unconditional prompt when uncond is "negative"
-    sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: 3} for dpm, {eta: 1.0} for ddim
-    seed: int = 0                        # image i of the run uses seed + i
-    images_per_prompt: int = 1
-    batch_size: int = 1                  # images per transformer batch
-    width: int | None = None             # output pixels; None: from aspect_ratio, else the model's base size
-    height: int | None = None
-    aspect_ratio: str | None = None      # "W:H" (e.g. "16:9") at about the base area, when width/height are unset
-    resolution_binning: bool = True      # generate at the closest aspect-ratio bin, then resize/crop to width x height
-    device: str = "cpu"                  # cpu | cuda | cuda:N
-    dtype: str = "fp32"                  # transformer dtype: fp32 | bf16 | fp16
-    low_memory: bool = False             # the 8 GB recipe: T5 in 8 bit, VAE decodes one image at a time
-    out_dir: str = "outputs"             # each run writes a numbered folder inside
-    grid: bool = True                    # also write grid.png
-
 
 @dataclass
 class Plan:
@@ -172,26 +145,31 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device, dtype) 
     return torch.stack(noise).to(device, dtype)
 
 
-def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, y, mask, negative, seeds, latent_hw,
-                  micro: dict, timings: Timings | None = None, on_step=None, prediction: str = "eps") -> torch.Tensor:
+def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond: dict, seeds: list[int], latent_hw,
+                  *, negative: dict | None = None, prediction: str = "eps", timings: Timings | None = None,
+                  on_step=None) -> torch.Tensor:
     """Latents (N, C, h, w) for one batch: noise from the seeds, guidance as configured, the chosen sampler.
 
-    y (N, L, D) and mask (N, L) are the prompts' T5 features; negative = (features (1, L, D), mask (1, L)) of the
-    negative prompt, used when s.uncond is "negative"; prediction is what the network outputs (eps, v or x0).
+    cond holds every condition of the model for the batch, each batched (N, ...): y (N, L, D) and mask (N, L) of
+    the prompts' T5 features, micro-conditions, a control latent, ... (one mapping, so a new condition is a new key).
+    negative = {"y": (1, L, D), "mask": (1, L)}: the negative prompt's features, used when s.uncond is "negative";
+    prediction is what the network outputs (eps, v or x0).
     """
     dtype = next(model.parameters()).dtype
-    x = initial_noise(seeds, (model.in_channels, *latent_hw), y.device, dtype)  # (N, C, h, w)
-    cond = {"y": y.to(dtype), "mask": mask, **micro}
+    device = cond["y"].device
+    x = initial_noise(seeds, (model.in_channels, *latent_hw), device, dtype)  # (N, C, h, w)
+    cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
     fn = eps_model(model, schedule, prediction, timings)
     if getattr(model, "guidance_embedding", False):  # an LCM student that takes w as input: no CFG
-        cond["guidance"] = torch.full((len(seeds),), max(float(s.guidance), 0.0), device=y.device)
+        cond["guidance"] = torch.full((len(seeds),), max(float(s.guidance), 0.0), device=device)
         denoise = conditional_denoiser(fn, cond)
     elif s.guidance <= 1.0:
         denoise = conditional_denoiser(fn, cond)
     elif s.uncond == "null":
         denoise = classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
     else:
-        uncond = {**cond, "y": negative[0].to(dtype).expand_as(cond["y"]), "mask": negative[1].expand_as(mask)}
+        uncond = {**cond, "y": negative["y"].to(dtype).expand_as(cond["y"]),
+                  "mask": negative["mask"].expand_as(cond["mask"])}
         denoise = classifier_free_guidance(fn, cond, uncond, s.guidance)
     # Fresh noise of stochastic samplers (LCM, DDIM eta > 0): one generator per image, so batching changes nothing.
     generators = [torch.Generator().manual_seed(seed + 1_000_003) for seed in seeds]
@@ -225,7 +203,7 @@ class PromptFeatures:
     features: torch.Tensor                 # (P, L, D)
     masks: torch.Tensor                    # (P, L)
     index: dict[str, int]                  # prompt -> row
-    negative: tuple | None                 # (features (1, L, D), mask (1, L)) when uncond is "negative"
+    negative: dict | None                  # {"y": (1, L, D), "mask": (1, L)} when uncond is "negative"
 
     def rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor([self.index[p] for p in prompts], device=self.features.device)
@@ -244,7 +222,7 @@ def encode_prompts(text_encoder, s: SampleConfig, prompts: list[str], caption_ch
     negative = None
     if s.uncond == "negative":
         i = index[s.negative_prompt]
-        negative = features[i:i + 1], masks[i:i + 1]
+        negative = {"y": features[i:i + 1], "mask": masks[i:i + 1]}
     return PromptFeatures(features, masks, index, negative)
 
 
@@ -270,11 +248,13 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
     for b in range(0, len(request.prompts), s.batch_size):
         batch, seeds = request.prompts[b:b + s.batch_size], request.seeds[b:b + s.batch_size]
         y, mask = prompts.rows(batch)
-        micro = micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32)
+        cond = {"y": y, "mask": mask,
+                **micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32)}
         with torch.inference_mode():
             start = time.perf_counter()
-            latents = denoise_batch(model, schedule, s, y, mask, prompts.negative, seeds, latent_hw, micro,
-                                    timings, on_step=lambda info: bar.update(len(info.x)), prediction=prediction)
+            latents = denoise_batch(model, schedule, s, cond, seeds, latent_hw, negative=prompts.negative,
+                                    prediction=prediction, timings=timings,
+                                    on_step=lambda info: bar.update(len(info.x)))
             _sync(device)
             timings.denoising += time.perf_counter() - start
             start = time.perf_counter()

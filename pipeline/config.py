@@ -1,0 +1,35 @@
+"""The `sample:` section of a run config: how to generate (command-line flags of sample/sample.py override it).
+
+Importing it loads nothing heavy, so reading a config stays cheap.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+UNCOND_MODES = ("null", "negative")
+
+
+@dataclass
+class SampleConfig:
+    """How to generate; the `sample:` section of a run config (command-line flags override it)."""
+
+    checkpoint: str | None = None        # transformer weights: official .pth, diffusers folder or .safetensors
+    sampler: str = "dpm"                 # dpm | lcm | ddim
+    steps: int = 20                      # denoiser evaluations (LCM: 1-8 typical, at most 50)
+    guidance: float = 4.5                # CFG scale w: eps_u + w (eps_c - eps_u); w <= 1 turns guidance off (for a
+                                         # student with a guidance embedding: its input w, no CFG)
+    uncond: str = "null"                 # null: learned null caption (official) | negative: encoded negative_prompt
+    negative_prompt: str = ""            # the unconditional prompt when uncond is "negative"
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: 3} for dpm, {eta: 1.0} for ddim
+    seed: int = 0                        # image i of the run uses seed + i
+    images_per_prompt: int = 1
+    batch_size: int = 1                  # images per transformer batch
+    width: int | None = None             # output pixels; None: from aspect_ratio, else the model's base size
+    height: int | None = None
+    aspect_ratio: str | None = None      # "W:H" (e.g. "16:9") at about the base area, when width/height are unset
+    resolution_binning: bool = True      # generate at the closest aspect-ratio bin, then resize/crop to width x height
+    device: str = "cpu"                  # cpu | cuda | cuda:N
+    dtype: str = "fp32"                  # transformer dtype: fp32 | bf16 | fp16
+    low_memory: bool = False             # the 8 GB recipe: T5 in 8 bit, VAE decodes one image at a time
+    out_dir: str = "outputs"             # each run writes a numbered folder inside
+    grid: bool = True                    # also write grid.png
