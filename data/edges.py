@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from configs.errors import UserError
+
 
 def _gaussian_blur(gray: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (1, 1, H, W), reflect padding, radius ceil(3 sigma)."""
@@ -72,7 +74,7 @@ def canny(image: torch.Tensor, sigma: float = 1.0, low: float = 0.1, high: float
     else:
         raise ValueError(f"canny takes (3, H, W) or (H, W) images, got {tuple(image.shape)}")
     if low > high:
-        raise ValueError(f"canny thresholds need low <= high, got low={low}, high={high}")
+        raise UserError(f"canny thresholds need low <= high, got low={low}, high={high}")
     gray = _gaussian_blur(gray.double()[None, None], sigma)  # (1, 1, H, W)
     sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=gray.dtype)
     padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")

@@ -54,9 +54,9 @@ class ShapeObject:
         checks = (("kind", self.kind, KINDS), ("color", self.color, PALETTE), ("size", self.size, SIZES))
         for field, value, valid in checks:
             if value not in valid:
-                raise ValueError(f"ShapeObject.{field}={value!r} is not one of {list(valid)}")
+                raise UserError(f"ShapeObject.{field}={value!r} is not one of {list(valid)}")
         if not (0.0 <= self.x <= 1.0 and 0.0 <= self.y <= 1.0):
-            raise ValueError(f"ShapeObject centre ({self.x}, {self.y}) must lie in [0, 1] x [0, 1]")
+            raise UserError(f"ShapeObject centre ({self.x}, {self.y}) must lie in [0, 1] x [0, 1]")
 
     @property
     def position(self) -> str:
@@ -84,14 +84,14 @@ class SceneSpec:
 
     def __post_init__(self):
         if self.max_objects < 1:
-            raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+            raise UserError(f"max_objects must be >= 1, got {self.max_objects}")
         if self.object_weights is not None:
             w = np.asarray(self.object_weights, dtype=np.float64)
             if len(w) != self.max_objects or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                raise ValueError(f"object_weights needs {self.max_objects} non-negative weights (for 1.."
+                raise UserError(f"object_weights needs {self.max_objects} non-negative weights (for 1.."
                                  f"{self.max_objects} shapes) with a positive sum, got {list(self.object_weights)}")
         if not 0 <= self.min_gap < 0.5 or not 0 <= self.cell_margin < 1 / 6:
-            raise ValueError(f"min_gap must be in [0, 0.5) and cell_margin in [0, 1/6), got {self.min_gap} and "
+            raise UserError(f"min_gap must be in [0, 0.5) and cell_margin in [0, 1/6), got {self.min_gap} and "
                              f"{self.cell_margin}")
 
 
@@ -251,10 +251,10 @@ def write_dataset(
 ) -> list[dict]:
     """Write images, captions, edge maps and metadata.jsonl to out_dir; returns the metadata records."""
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+        raise UserError(f"num_images must be >= 1, got {num_images}")
     sizes = [(int(w), int(h)) for w, h in sizes]
     if not sizes or any(w < 1 or h < 1 for w, h in sizes):
-        raise ValueError(f"sizes must be a non-empty list of positive (width, height) pairs, got {sizes}")
+        raise UserError(f"sizes must be a non-empty list of positive (width, height) pairs, got {sizes}")
     out = Path(out_dir)
     (out / "edges").mkdir(parents=True, exist_ok=True)
     records = []

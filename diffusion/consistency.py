@@ -79,11 +79,11 @@ class ConsistencyDistillationLoss:
     def __post_init__(self):
         T = self.schedule.num_steps
         if not 1 <= self.ddim_steps <= T or T % self.ddim_steps:
-            raise ValueError(f"the consistency grid needs a skip k = T / K that divides the {T}-step schedule: "
+            raise UserError(f"the consistency grid needs a skip k = T / K that divides the {T}-step schedule: "
                              f"ddim_steps {self.ddim_steps} gives {T / self.ddim_steps:g}; use a divisor of {T}, "
                              f"e.g. 50 (k = 20, the paper's)")
         if self.loss not in LOSSES:
-            raise ValueError(f"consistency loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise UserError(f"consistency loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         self.grid = consistency_grid(self.ddim_steps, T)  # (K,) 19, 39, ..., 999
         self.skip = T // self.ddim_steps
 

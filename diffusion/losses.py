@@ -91,11 +91,25 @@ class DiffusionLoss:
     "v" weighs high-noise steps like x_0 errors, which small models trained briefly in pixel space need).
     """
 
-    def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True, prediction: str = "eps"):
+    def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True, prediction: str = "eps",
+                 min_snr_gamma: float = 0.0):
         self.schedule = schedule
         self.learn_sigma = learn_sigma
         self.prediction = prediction
+        self.min_snr_gamma = min_snr_gamma  # > 0: Min-SNR-gamma weighting of the MSE term (Hang et al. 2023)
         self.tables = PosteriorTables.from_schedule(schedule)
+
+    def mse_weight(self, t: Tensor) -> Tensor:
+        """Per-sample weight of the MSE term: 1, or Min-SNR's min(SNR, gamma) in x0 terms, expressed for the
+        prediction type (eps: / SNR, v: / (SNR + 1), x0: as is). Caps the weight of nearly clean steps, so the
+        mid-noise steps where layout and shape are decided get a larger share of the gradient."""
+        if self.min_snr_gamma <= 0:
+            return torch.ones(t.shape, device=t.device)
+        abar = self.schedule.alphas_cumprod.to(t.device)[t].double()
+        snr = abar / (1 - abar)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        weight = {"eps": capped / snr, "v": capped / (snr + 1), "x0": capped}[self.prediction]
+        return weight.float()
 
     def __call__(self, net, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> tuple[Tensor, dict[str, Tensor]]:
         x_t = self.schedule.q_sample(x0, t, noise)  # (N, C, H, W)
@@ -103,7 +117,7 @@ class DiffusionLoss:
         c = x0.shape[1]
         pred, v = out[:, :c].float(), out[:, c:]
         target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
-        mse = (pred - target).square().mean(dim=(1, 2, 3))  # L_simple (N,)
+        mse = (pred - target).square().mean(dim=(1, 2, 3)) * self.mse_weight(t)  # L_simple (N,)
         if not self.learn_sigma:
             return mse, {"mse": mse}
         # L_vlb with the mean's gradient stopped; x T / 1000 as IDDPM does for T-step schedules.

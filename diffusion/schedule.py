@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from configs.errors import UserError
+
 SCHEDULE_NAMES = ("linear", "scaled_linear")
 PREDICTIONS = ("eps", "v", "x0")  # what a network's first C output channels predict
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # (beta_start, beta_end)
@@ -44,7 +46,7 @@ class NoiseSchedule:
     ) -> "NoiseSchedule":
         """Build a schedule by name ("linear" or "scaled_linear"); missing betas take that schedule's defaults."""
         if name not in SCHEDULE_NAMES:
-            raise ValueError(f"unknown noise schedule {name!r}; valid names: {', '.join(SCHEDULE_NAMES)}")
+            raise UserError(f"unknown noise schedule {name!r}; valid names: {', '.join(SCHEDULE_NAMES)}")
         default_start, default_end = DEFAULT_BETAS[name]
         start = default_start if beta_start is None else beta_start
         end = default_end if beta_end is None else beta_end
@@ -128,7 +130,7 @@ class DiffusionConfig:
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"diffusion.prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+            raise UserError(f"diffusion.prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
 
     def build(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_steps, self.beta_start, self.beta_end)

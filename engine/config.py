@@ -31,6 +31,7 @@ class TrainConfig:
     checkpoint_every: int = 500           # full training state every N steps, and at the end
     keep_checkpoints: int = 3
     class_dropout_prob: float = 0.1       # captions replaced by the null caption (CFG training)
+    min_snr_gamma: float = 0.0            # > 0: Min-SNR-gamma weighting of the diffusion MSE (5 is usual); 0: off
 
 
 @dataclass

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from configs.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -59,7 +61,7 @@ STRATEGIES = ("ddp", "fsdp")
 
 def uses_fsdp(strategy: str, d: Dist) -> bool:
     if strategy not in STRATEGIES:
-        raise ValueError(f"train.distributed must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise UserError(f"train.distributed must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     return strategy == "fsdp" and d.enabled
 
 

@@ -10,6 +10,8 @@ import contextlib
 import torch
 from torch import nn
 
+from configs.errors import UserError
+
 
 def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
@@ -25,7 +27,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+            raise UserError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
         self.updates = 0

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from configs import save_config, to_dict, to_yaml
+from configs.errors import UserError
 from engine import distributed
 from engine.ema import EMA
 from engine.monitor import Monitor, log, peak_memory_mb, setup_logging
@@ -118,7 +119,7 @@ LR_SCHEDULES = ("constant", "cosine")
 def lr_multiplier(warmup_steps: int, schedule: str, total_steps: int):
     """step -> factor of train.lr: linear warm-up from 0, then constant or a cosine decay to 0 at total_steps."""
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+        raise UserError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -165,9 +166,9 @@ def _autocast(mode: str, device: torch.device):
     if mode == "no":
         return contextlib.nullcontext()
     if mode not in ("bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision must be no, bf16 or fp16, got {mode!r}")
+        raise UserError(f"train.mixed_precision must be no, bf16 or fp16, got {mode!r}")
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("train.mixed_precision=fp16 needs a GPU (its gradient scaler); use bf16 on the CPU")
+        raise UserError("train.mixed_precision=fp16 needs a GPU (its gradient scaler); use bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
@@ -202,7 +203,9 @@ def _resume_state(cfg, resume) -> tuple[Path, dict]:
     """The run folder and training state to resume from, checked against the config."""
     run_dir, ckpt = resolve_resume(resume)
     state = load_state(ckpt, torch.device("cpu"))
-    differences = config_differences(state["config"]["model"], to_dict(cfg)["model"], "model.")
+    defaults = to_dict(type(cfg)())["model"]  # keys added to the config since the checkpoint was written
+    saved = {**defaults, **state["config"]["model"]}
+    differences = config_differences(saved, to_dict(cfg)["model"], "model.")
     if differences:
         raise ResumeError(f"cannot resume {ckpt}: the model config differs from the checkpoint's:\n  "
                           + "\n  ".join(differences) + "\nresume with the run's own config.yaml, or start a "

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from configs.errors import UserError
-from models.checkpoint import atomic_path
+from models.checkpoint import TRAIN_STATE_FORMAT, atomic_path
 
-FORMAT = "pixart-delta-train-state"
+FORMAT = TRAIN_STATE_FORMAT
 
 
 class ResumeError(UserError):

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from configs.errors import UserError
+
 
 class SelfAttention(nn.Module):
     """Self-attention over image tokens with one fused qkv projection."""
@@ -12,7 +14,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -29,7 +31,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(dim, 2 * dim)

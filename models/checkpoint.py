@@ -57,18 +57,33 @@ class Checkpoint:
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it.
 
-    The temporary name is unique (pid + random), and the file gets the usual permissions of new files.
+    The temporary name is unique (pid + random). The result gets the usual permissions of new files (the umask's),
+    also when the writer makes private files (safetensors writes 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.touch()
+    mode = tmp.stat().st_mode & 0o777  # what a new file gets here
     try:
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def normalise_modes(folder: Path) -> None:
+    """Give every file and folder under `folder` the permissions new ones get here (private writers aside)."""
+    probe = folder / f".mode-probe-{uuid.uuid4().hex[:8]}"
+    probe.touch()
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    dir_mode = folder.stat().st_mode & 0o777  # made by os.mkdir: the umask's
+    for item in folder.rglob("*"):
+        os.chmod(item, dir_mode if item.is_dir() else file_mode)
 
 
 @contextlib.contextmanager
@@ -84,6 +99,7 @@ def atomic_dir(path: str | os.PathLike, replace_existing: bool = False):
     tmp.mkdir()
     try:
         yield tmp
+        normalise_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -459,18 +475,47 @@ def _config_from_json(text: str, path: Path) -> PixArtConfig:
     return PixArtConfig(**data)
 
 
-def peek_config(path: str | os.PathLike) -> PixArtConfig | None:
-    """The architecture a checkpoint declares, reading no weights (None: an official file without a config).
+TRAIN_STATE_FORMAT = "pixart-delta-train-state"  # engine/state.py's checkpoints (model, optimiser, RNG, ...)
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself, read without its weights."""
+
+    config: PixArtConfig | None      # None: an official file without a config beside it
+    null_caption: bool | None        # whether it holds the learned null caption; None: unknown until loaded
+    metadata: dict[str, str]         # this project's safetensors metadata (run config, step, ...)
+
+
+def peek(path: str | os.PathLike) -> CheckpointInfo:
+    """Config, null caption and metadata of a checkpoint, reading no weights; a training-state file is an error.
 
     For checks before heavy loading, e.g. the transformer's latent channels against the autoencoder's.
     """
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "safetensors":
-        return _config_from_json(_safetensors_header(path)[1]["model_config"], path)
+        keys, meta = _safetensors_header(path)
+        return CheckpointInfo(_config_from_json(meta["model_config"], path), NULL_CAPTION_KEY in keys, meta)
     if fmt == "diffusers" and path.is_dir():
-        return config_from_diffusers(json.loads((_diffusers_dir(path) / "config.json").read_text()))
-    return _read_sidecar_config(path) if fmt == "official" else None
+        folder = _diffusers_dir(path)
+        return CheckpointInfo(config_from_diffusers(json.loads((folder / "config.json").read_text())),
+                              (folder / NULL_CAPTION_FILE).is_file(), {})
+    if fmt == "official" and path.suffix != ".safetensors":
+        obj = None
+        with contextlib.suppress(Exception):  # unreadable files are reported by the loader with their reason
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
+            raise CheckpointError(
+                f"{path} is a training checkpoint (model, optimiser and RNG state for --resume), not weights to "
+                f"sample from: use the run's ema.safetensors (or weights.safetensors), which every checkpoint "
+                f"step exports, or convert that with tools/convert_checkpoint.py")
+    return CheckpointInfo(_read_sidecar_config(path) if fmt == "official" else None, None, {})
+
+
+def peek_config(path: str | os.PathLike) -> PixArtConfig | None:
+    """The architecture a checkpoint declares, reading no weights (None: an official file without a config)."""
+    return peek(path).config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,8 +575,8 @@ def load_checkpoint(
     sd = {k: v for k, v in sd.items() if k != "pos_embed"}
     if not report.null_caption:
         # Plain diffusers folders drop the null caption. Keep the weights usable, with CFG from a negative prompt.
-        log.warning("%s has no null caption (y_embedding): classifier-free guidance must use an encoded negative "
-                    "prompt; the null caption is set to zeros", path)
+        log.debug("%s has no null caption (y_embedding): guidance needs an encoded negative prompt; the buffer is "
+                  "zeros", path)
         sd[NULL_CAPTION_KEY] = torch.zeros(cfg.caption_tokens, cfg.caption_channels)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval(), cfg, report

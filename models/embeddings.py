@@ -6,6 +6,8 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from configs.errors import UserError
+
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """Sin-cos features of positions `pos` (M,) -> (M, dim): [sin(pos w), cos(pos w)], w_i = 10000^(-2i/dim)."""
@@ -26,7 +28,7 @@ def sincos_pos_embed_2d(
     column (w) coordinate, the second half the row (h) coordinate, as in the official and diffusers code.
     """
     if dim % 4 != 0:
-        raise ValueError(f"the positional embedding needs hidden_size divisible by 4, got {dim}")
+        raise UserError(f"the positional embedding needs hidden_size divisible by 4, got {dim}")
     ys = torch.arange(grid_h, dtype=torch.float32, device=device) / (grid_h / base_size) / interpolation
     xs = torch.arange(grid_w, dtype=torch.float32, device=device) / (grid_w / base_size) / interpolation
     row, col = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each

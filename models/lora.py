@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from configs.errors import UserError
 from models.checkpoint import _diffusers_block_map
 
 ADAPTER = "default"
@@ -31,7 +32,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: s
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise UserError(f"LoRA rank must be >= 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                         init_lora_weights=True)  # A: Kaiming, B: zero -> the adapted model equals the base
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)

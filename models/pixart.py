@@ -13,6 +13,7 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from configs.errors import UserError
 from models.aspect_ratios import nearest_multiples
 from models.attention import CrossAttention, SelfAttention
 from models.embeddings import (
@@ -55,7 +56,7 @@ class PixArtConfig:
     def dims(self) -> tuple[int, int, int]:
         """(depth, hidden_size, num_heads) after applying overrides to the preset."""
         if self.arch not in PIXART_ARCHS:
-            raise ValueError(f"unknown model.arch {self.arch!r}; valid: {', '.join(PIXART_ARCHS)}")
+            raise UserError(f"unknown model.arch {self.arch!r}; valid: {', '.join(PIXART_ARCHS)}")
         preset = PIXART_ARCHS[self.arch]
         given = (self.depth, self.hidden_size, self.num_heads)
         return tuple(p if g is None else g for p, g in zip(preset, given))
@@ -155,7 +156,7 @@ class PixArt(nn.Module):
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, hidden, cfg.caption_tokens)
         if cfg.micro_conditions:
             if hidden % 3 != 0:
-                raise ValueError(f"micro-conditions split hidden_size into thirds; {hidden} is not divisible by 3")
+                raise UserError(f"micro-conditions split hidden_size into thirds; {hidden} is not divisible by 3")
             self.csize_embedder = SizeEmbedder(hidden // 3)  # (h, w) -> 2/3 of D
             self.ar_embedder = SizeEmbedder(hidden // 3)  # aspect ratio -> 1/3 of D
         if cfg.guidance_embedding:

@@ -61,7 +61,7 @@ class TextEncoderConfig:
 def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
     """'fp32' | 'bf16' | 'fp16' -> torch dtype; anything else is an error naming the valid choices."""
     if name not in DTYPES:
-        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(DTYPES)}")
+        raise UserError(f"unknown {what} {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -240,7 +240,7 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
     device = torch.device(device)
     dtype = parse_dtype(cfg.dtype, "text_encoder.dtype")
     if cfg.max_tokens < 1:
-        raise ValueError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
+        raise UserError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
     model_dir, tok_dir = resolve_text_encoder(cfg.path)
     kwargs = dict(local_files_only=True)
     if cfg.load_in_8bit and device.type == "cuda":

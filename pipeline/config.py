@@ -28,6 +28,7 @@ class SampleConfig:
     height: int | None = None
     aspect_ratio: str | None = None      # "W:H" (e.g. "16:9") at about the base area, when width/height are unset
     resolution_binning: bool = True      # generate at the closest aspect-ratio bin, then resize/crop to width x height
+    max_pixels: int = 4096 * 4096        # larger requested images are refused before anything loads
     device: str = "cpu"                  # cpu | cuda | cuda:N
     dtype: str = "fp32"                  # transformer dtype: fp32 | bf16 | fp16
     low_memory: bool = False             # the 8 GB recipe: T5 in 8 bit, VAE decodes one image at a time

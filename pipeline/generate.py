@@ -7,24 +7,39 @@ transformer), and every check that can fail runs in `plan()` before anything hea
 """
 
 import inspect
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, replace
 
 import torch
+import yaml
 from tqdm import tqdm
 
+from configs.errors import UserError
 from diffusion import NoiseSchedule, get_sampler, sampler_timesteps
 from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
 from models.aspect_ratios import aspect_ratio_bins, closest_bin, nearest_multiples, resize_and_center_crop
 from models.autoencoder import latent_channels_of, load_autoencoder
-from models.checkpoint import CheckpointError, load_checkpoint, peek_config
+from models.checkpoint import CheckpointError, load_checkpoint, peek
 from models.pixart import PixArt, PixArtConfig
 from models.text_encoder import load_text_encoder, parse_dtype, resolve_text_encoder
 from pipeline.config import UNCOND_MODES, SampleConfig
 
 log = logging.getLogger(__name__)
+
+class SamplingError(UserError):
+    """Sampling went wrong in a way the user can act on (NaN/inf latents); the message names the step."""
+
+
+def check_finite(info) -> None:
+    """A sampler callback: stop at the first step whose latents are NaN or inf, naming it."""
+    if not torch.isfinite(info.x).all():
+        raise SamplingError(f"the latents became NaN/inf at step {info.index + 1} of {info.total} (timestep "
+                            f"{info.timestep}): the weights may be broken, or half precision overflowed (try "
+                            f"--dtype fp32 or bf16)")
+
 
 @dataclass
 class Plan:
@@ -39,32 +54,100 @@ class Plan:
 
 
 def plan(cfg, prompts: list[str]) -> Plan:
-    """Validate a run config and prompts without loading weights; every error names the fix."""
+    """Validate a run config and prompts without loading weights or creating anything; every error names the fix."""
     s = cfg.sample
-    if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE (one prompt per line)")
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise UserError("no prompts (or an empty one): pass --prompt TEXT or --prompts-file FILE (one per line)")
+    check_sample_values(s)
     sampler_timesteps(s.sampler, s.steps, cfg.diffusion.num_steps)
     check_sampler_options(s.sampler, s.sampler_options)
-    if s.uncond not in UNCOND_MODES:
-        raise ValueError(f"sample.uncond must be one of {', '.join(UNCOND_MODES)}, got {s.uncond!r}")
-    for name, value in (("images_per_prompt", s.images_per_prompt), ("batch_size", s.batch_size)):
-        if value < 1:
-            raise ValueError(f"sample.{name} must be >= 1, got {value}")
-    parse_dtype(s.dtype, "sample.dtype")
+    check_device(s.device, s.dtype)
     if s.checkpoint is None:
-        raise ValueError("no transformer checkpoint: pass --checkpoint PATH (or set sample.checkpoint)")
-    file_cfg = peek_config(s.checkpoint)
-    model_cfg = file_cfg or cfg.model
+        raise UserError("no transformer checkpoint: pass --checkpoint PATH (or set sample.checkpoint)")
+    info = peek(s.checkpoint)
+    model_cfg = info.config or cfg.model
     vae_channels = latent_channels_of(cfg.autoencoder)
     if vae_channels != model_cfg.in_channels:
         raise CheckpointError(f"the transformer {s.checkpoint} takes {model_cfg.in_channels}-channel latents but the "
                               f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
                               f"use the autoencoder the model was trained with")
-    resolve_text_encoder(cfg.text_encoder.path)
+    check_prediction(info, cfg.diffusion.prediction, s.checkpoint)
+    text_width = text_encoder_width(cfg.text_encoder.path)
+    if text_width != model_cfg.caption_channels:
+        raise CheckpointError(f"the text encoder {cfg.text_encoder.path} makes {text_width}-dim features but the "
+                              f"transformer {s.checkpoint} expects caption_channels={model_cfg.caption_channels}: "
+                              f"use the text encoder the model was trained with")
+    guided = s.guidance > 1.0 and not model_cfg.guidance_embedding
+    if guided and s.uncond == "null" and info.null_caption is False:
+        raise CheckpointError(f"{s.checkpoint} has no learned null caption (a plain diffusers folder), so guidance "
+                              f'with the null caption is impossible: pass --negative-prompt "" (diffusers-style '
+                              f"guidance), or --guidance 1 to turn guidance off")
     gen_size, out_size = resolve_size(s, model_cfg, downsample=1 if cfg.autoencoder.kind == "pixel" else 8)
     prompts = [p for p in prompts for _ in range(s.images_per_prompt)]
-    return Plan(prompts, [s.seed + i for i in range(len(prompts))], model_cfg.resolved(), file_cfg is not None,
+    if s.seed + len(prompts) > SEED_LIMIT:
+        raise UserError(f"sample.seed {s.seed} + {len(prompts)} images exceeds the largest seed {SEED_LIMIT}")
+    return Plan(prompts, [s.seed + i for i in range(len(prompts))], model_cfg.resolved(), info.config is not None,
                 gen_size, out_size)
+
+
+SEED_LIMIT = 2**63 - 1_000_004  # torch generators take 64-bit seeds; stochastic samplers add 1,000,003
+
+
+def check_sample_values(s: SampleConfig) -> None:
+    """Numbers of the sample section that would fail late, or silently give black or huge images."""
+    if s.uncond not in UNCOND_MODES:
+        raise UserError(f"sample.uncond must be one of {', '.join(UNCOND_MODES)}, got {s.uncond!r}")
+    if not math.isfinite(s.guidance) or s.guidance < 0:
+        raise UserError(f"sample.guidance must be a finite number >= 0 (<= 1: no guidance), got {s.guidance}")
+    for name, value in (("images_per_prompt", s.images_per_prompt), ("batch_size", s.batch_size)):
+        if value < 1:
+            raise UserError(f"sample.{name} must be >= 1, got {value}")
+    if not 0 <= s.seed <= SEED_LIMIT:
+        raise UserError(f"sample.seed must be in 0..{SEED_LIMIT}, got {s.seed}")
+    for name, side in (("width", s.width), ("height", s.height)):
+        if side is not None and side < 1:
+            raise UserError(f"sample.{name} (--{name}) must be a positive number of pixels, got {side}")
+    if s.aspect_ratio is not None and (s.width is not None or s.height is not None):
+        raise UserError(f"both a size ({s.width}x{s.height}) and an aspect ratio ({s.aspect_ratio}) were given: pass "
+                        f"either --width/--height or --aspect-ratio, not both")
+    if (s.width or 1) * (s.height or 1) > s.max_pixels:
+        raise UserError(f"{s.width}x{s.height} is {s.width * s.height:,} pixels, more than sample.max_pixels "
+                        f"({s.max_pixels:,}); ask for a smaller image or raise the limit with --set sample.max_pixels=N")
+    parse_dtype(s.dtype, "sample.dtype")
+
+
+def check_device(device: str, dtype: str) -> None:
+    """A device torch knows and this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                            f"use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: there are {torch.cuda.device_count()} GPUs (cuda:0.."
+                            f"cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: sampling runs on cpu or cuda, not {dev.type}")
+
+
+def check_prediction(info, prediction: str, path) -> None:
+    """A checkpoint exported by this project's trainers records its run config: its prediction type must match."""
+    text = info.metadata.get("config")
+    if not text:
+        return
+    trained = ((yaml.safe_load(text) or {}).get("diffusion") or {}).get("prediction", "eps")
+    if trained != prediction:
+        raise CheckpointError(f"{path} was trained to predict {trained!r} but the config says diffusion.prediction="
+                              f"{prediction!r}: sampling would give noise; use --set diffusion.prediction={trained}")
+
+
+def text_encoder_width(path: str) -> int:
+    """d_model of the T5 a text-encoder path names, from its config.json alone."""
+    model_dir, _ = resolve_text_encoder(path)
+    return int(json.loads((model_dir / "config.json").read_text())["d_model"])
 
 
 def check_sampler_options(name: str, options: dict) -> None:
@@ -73,7 +156,7 @@ def check_sampler_options(name: str, options: dict) -> None:
     valid = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in ("generator", "callback")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"sample.sampler_options {unknown} are not options of sampler {name!r}; "
+        raise UserError(f"sample.sampler_options {unknown} are not options of sampler {name!r}; "
                          f"valid: {', '.join(valid) or 'none'}")
 
 
@@ -83,7 +166,7 @@ def size_for_aspect_ratio(text: str, base: int) -> tuple[int, int]:
         w, h = (float(v) for v in text.split(":"))
         assert w > 0 and h > 0
     except (ValueError, AssertionError):
-        raise ValueError(f"aspect ratio {text!r}: expected W:H with positive numbers, e.g. 16:9") from None
+        raise UserError(f"aspect ratio {text!r}: expected W:H with positive numbers, e.g. 16:9") from None
     return round(base * math.sqrt(w / h)), round(base / math.sqrt(w / h))
 
 
@@ -97,7 +180,7 @@ def resolve_size(s: SampleConfig, model_cfg: PixArtConfig, downsample: int) -> t
         _, gen = closest_bin(height, width, aspect_ratio_bins(base, multiple))
         return gen, (height, width)
     if height % multiple or width % multiple:
-        raise ValueError(f"image size {width}x{height} (width x height) is not a multiple of {multiple} "
+        raise UserError(f"image size {width}x{height} (width x height) is not a multiple of {multiple} "
                          f"(autoencoder downsampling {downsample} x patch {model_cfg.patch_size}): nearest valid "
                          f"widths {nearest_multiples(width, multiple)}, heights {nearest_multiples(height, multiple)}; "
                          f"or turn resolution_binning on")
@@ -231,9 +314,10 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
     s = cfg.sample
     model, _, report = load_checkpoint(s.checkpoint, None if request.use_file_config else cfg.model,
                                        device=s.device, dtype=parse_dtype(s.dtype, "sample.dtype"))
-    if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption:
-        raise CheckpointError(f"{s.checkpoint} has no learned null caption (a plain diffusers folder), so guidance "
-                              f"with sample.uncond=null is impossible: use --set sample.uncond=negative")
+    if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption and not model.guidance_embedding:
+        raise CheckpointError(f"{s.checkpoint} has no learned null caption, so guidance with the null caption is "
+                              f'impossible: pass --negative-prompt "" (diffusers-style guidance), or --guidance 1 to '
+                              f"turn guidance off")
     return model
 
 
@@ -254,7 +338,7 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
             start = time.perf_counter()
             latents = denoise_batch(model, schedule, s, cond, seeds, latent_hw, negative=prompts.negative,
                                     prediction=prediction, timings=timings,
-                                    on_step=lambda info: bar.update(len(info.x)))
+                                    on_step=lambda info: (check_finite(info), bar.update(len(info.x))))
             _sync(device)
             timings.denoising += time.perf_counter() - start
             start = time.perf_counter()

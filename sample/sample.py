@@ -12,6 +12,7 @@ channels) runs before weights are loaded. Each run writes a numbered folder in -
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,19 +20,17 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
-from configs import Config, ConfigError, add_config_arguments, load_config, save_config, to_yaml
-from models.autoencoder import AutoencoderError
-from models.checkpoint import CheckpointError
-from models.text_encoder import TextEncoderError
+from configs import Config, add_config_arguments, load_config, save_config, to_yaml
+from configs.errors import UserError
 from pipeline.generate import Generated, Plan, generate, plan
 
 log = logging.getLogger("sample")
-USER_ERRORS = (ConfigError, CheckpointError, TextEncoderError, AutoencoderError, ValueError, FileNotFoundError)
+DEFAULT_CONFIG = "shapes_teacher"  # the shipped model: runs offline, on the CPU, in seconds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, default="pixart_alpha_1024")
+    add_config_arguments(p, default=DEFAULT_CONFIG)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", help="unconditional prompt (implies --set sample.uncond=negative)")
@@ -79,9 +78,18 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
         if not args.prompts_file.is_file():
-            raise FileNotFoundError(f"--prompts-file {args.prompts_file} does not exist")
+            raise UserError(f"--prompts-file {args.prompts_file} does not exist")
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     return prompts
+
+
+def check_out_dir(out: Path) -> None:
+    """The output folder can be made and written (checked before anything loads; nothing is created)."""
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; choose a folder for the numbered run folders")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
 def next_run_dir(out: Path) -> Path:
@@ -94,7 +102,7 @@ def next_run_dir(out: Path) -> Path:
 
 
 def save_outputs(run: Path, result: Generated, cfg: Config, request: Plan) -> list[Path]:
-    """One PNG per image with its provenance in text fields, plus grid.png, config.yaml and prompts.txt."""
+    """One PNG per image with its provenance in text fields, plus grid.png and prompts.txt."""
     s = cfg.sample
     paths = []
     for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
@@ -111,7 +119,6 @@ def save_outputs(run: Path, result: Generated, cfg: Config, request: Plan) -> li
     if s.grid and len(result.images) > 1:
         to_pil(make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))), padding=2)).save(
             run / "grid.png")
-    save_config(cfg, run / "config.yaml")
     (run / "prompts.txt").write_text("".join(f"{seed}\t{p}\n" for p, seed in zip(result.prompts, result.seeds)))
     return paths
 
@@ -130,10 +137,12 @@ def main(argv=None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         request = plan(cfg, read_prompts(args))
-    except USER_ERRORS as e:
+        check_out_dir(Path(cfg.sample.out_dir))
+    except UserError as e:
         log.error("error: %s", e)
         return 2
-    run = next_run_dir(Path(cfg.sample.out_dir))
+    run = next_run_dir(Path(cfg.sample.out_dir))  # only now, with every check passed
+    save_config(cfg, run / "config.yaml")
     handler = logging.FileHandler(run / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
@@ -142,8 +151,8 @@ def main(argv=None) -> int:
              cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance, w, h, run)
     try:
         result = generate(cfg, request, progress=not args.no_progress)
-    except USER_ERRORS as e:
-        log.error("error: %s", e)
+    except UserError as e:
+        log.error("error: %s (the run folder %s keeps config.yaml and log.txt)", e, run)
         return 2
     paths = save_outputs(run, result, cfg, request)
     t = result.timings

@@ -198,15 +198,16 @@ def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | N
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from models.checkpoint import atomic_dir, atomic_path
+
     with safe_open(str(source), framework="pt") as f:
         tensors = {k: f.get_tensor(k).half() for k in f.keys()}
         metadata = f.metadata()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, target, metadata=metadata)
+    with atomic_path(target) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     if t5 is not None:
-        if t5_target.exists():
-            shutil.rmtree(t5_target)
-        shutil.copytree(t5, t5_target)
+        with atomic_dir(t5_target, replace_existing=True) as tmp:
+            shutil.copytree(t5, tmp, dirs_exist_ok=True)
     log.info("shipped %s (fp16)%s", target, f" and {t5_target}" if t5 is not None else "")
 
 

@@ -8,6 +8,7 @@ classifier-free guidance is a closure around the model. `callback` receives a St
 
 from collections.abc import Callable
 
+from configs.errors import UserError
 from diffusion.samplers.common import Denoise, StepInfo
 from diffusion.samplers.ddim import ddim_timesteps, sample_ddim
 from diffusion.samplers.dpm_solver import dpm_solver_timesteps, sample_dpm_solver
@@ -26,7 +27,7 @@ TIMESTEPS: dict[str, Callable] = {"ddim": ddim_timesteps, "dpm": dpm_solver_time
 def get_sampler(name: str) -> Callable:
     """The sampler function registered under name."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from configs.errors import UserError
+
 Denoise = Callable[[Tensor, Tensor], Tensor]  # denoise(x (N, C, H, W), t (N,) long) -> eps (N, C, H, W)
 
 
@@ -23,7 +25,7 @@ class StepInfo:
 def check_steps(sampler: str, steps: int, high: int, why: str) -> None:
     """Raise a ValueError naming the valid range when steps is outside 1..high."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= high:
-        raise ValueError(f"{sampler} steps must be an integer in 1..{high} ({why}), got {steps!r}")
+        raise UserError(f"{sampler} steps must be an integer in 1..{high} ({why}), got {steps!r}")
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from configs.errors import UserError
 from diffusion.samplers.common import Denoise, StepInfo, check_steps, per_sample, randn_like, timestep_batch
 from diffusion.schedule import NoiseSchedule
 
@@ -23,7 +24,7 @@ def ddim_timesteps(steps: int, num_train: int = 1000, spacing: str = "leading") 
     elif spacing == "linspace":  # steps points from T - 1 down to 0 inclusive, rounded
         ts = np.linspace(0, num_train - 1, steps).round()[::-1]
     else:
-        raise ValueError(f"unknown DDIM timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        raise UserError(f"unknown DDIM timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     return torch.from_numpy(ts.astype(np.int64))  # (steps,) descending
 
 
@@ -56,7 +57,7 @@ def sample_ddim(
 ) -> Tensor:
     """Run DDIM from noise x (N, C, H, W) with `steps` denoiser calls; returns the clean sample."""
     if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+        raise UserError(f"DDIM eta must be >= 0, got {eta}")
     timesteps = ddim_timesteps(steps, schedule.num_steps, spacing).tolist()
     abar = schedule.alphas_cumprod.tolist()  # float32 values as Python floats
     for i, t in enumerate(timesteps):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from configs.errors import UserError
 from diffusion.samplers.common import Denoise, StepInfo, check_steps, timestep_batch
 from diffusion.schedule import NoiseSchedule
 
@@ -87,9 +88,9 @@ def sample_dpm_solver(
     Deterministic: `generator` is accepted for the shared sampler signature and unused.
     """
     if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}")
+        raise UserError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}")
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"unknown DPM-Solver solver_type {solver_type!r}; valid: {', '.join(SOLVER_TYPES)}")
+        raise UserError(f"unknown DPM-Solver solver_type {solver_type!r}; valid: {', '.join(SOLVER_TYPES)}")
     timesteps = dpm_solver_timesteps(steps, schedule.num_steps).tolist()
     alpha, sigma, lam = _alpha_sigma_lambda(schedule, timesteps)  # (steps + 1,) each
     x0s: list[Tensor] = []  # the last `order` data predictions, oldest first

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from configs.errors import UserError
 from diffusion.samplers.common import Denoise, StepInfo, check_steps, per_sample, randn_like, timestep_batch
 from diffusion.schedule import NoiseSchedule
 
@@ -20,7 +21,7 @@ SIGMA_DATA = 0.5
 def consistency_grid(original_steps: int = 50, num_train: int = 1000) -> Tensor:
     """Ascending timesteps k-1, 2k-1, ..., T-1 (k = T / original_steps) that consistency distillation trains on."""
     if not 1 <= original_steps <= num_train:
-        raise ValueError(f"LCM original_steps must be in 1..{num_train}, got {original_steps}")
+        raise UserError(f"LCM original_steps must be in 1..{num_train}, got {original_steps}")
     return torch.arange(1, original_steps + 1) * (num_train // original_steps) - 1  # (original_steps,)
 
 

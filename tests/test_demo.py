@@ -1,0 +1,59 @@
+"""The gradio demo, served on localhost and driven through its HTTP API (gradio_client) as a user's script would."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, free_port
+from PIL import Image
+
+from evaluation.shapes import read_shapes
+
+pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("demo") / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tools/demo.py"), "--port", str(port), "--max-side", "64",
+                                 "--max-steps", "25"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        client = None
+        while client is None:
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the demo did not start:\n{log.read_text()[-3000:]}")
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:  # not listening yet
+                time.sleep(1)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_generates_the_prompted_shape(server):
+    path = server.predict("a large red circle at the center", "dpm", 20, 3.0, 0, 32, 32, api_name="/generate")
+    image = np.asarray(Image.open(Path(path)).convert("RGB"))
+    assert image.shape == (32, 32, 3)
+    shapes = read_shapes(image)
+    assert [s.color for s in shapes] == ["red"] and shapes[0].position == "center"
+
+
+def test_bad_requests_get_a_message_and_the_server_keeps_serving(server):
+    with pytest.raises(Exception, match=r"width must be in 8\.\.64 pixels on this server, got 100000"):
+        server.predict("a small blue square at the top left", "dpm", 20, 3.0, 0, 100000, 32, api_name="/generate")
+    with pytest.raises(Exception, match=r"steps must be in 1\.\.25 on this server, got 500"):
+        server.predict("a small blue square at the top left", "dpm", 500, 3.0, 0, 32, 32, api_name="/generate")
+    with pytest.raises(Exception, match="guidance must be a finite number"):
+        server.predict("a small blue square at the top left", "dpm", 20, float("nan"), 0, 32, 32,
+                       api_name="/generate")
+    path = server.predict("a small blue square at the top left", "lcm", 4, 0.0, 1, 32, 32, api_name="/generate")
+    assert Image.open(Path(path)).size == (32, 32)
