@@ -29,6 +29,11 @@ setup(
         "tqdm>=4.66",
         "pillow>=10.0",
         "scipy>=1.11",
+        "peft>=0.13",          # LoRA adapters for consistency distillation (LCM-LoRA)
     ],
-    extras_require={"test": ["pytest>=8.0", "pytorch-fid>=0.3", "torchmetrics>=1.4"]},
+    extras_require={
+        "demo": ["gradio>=5.0"],
+        # The test extra installs the demo too, so its HTTP test runs; pytorch-fid and torchmetrics are oracles.
+        "test": ["pytest>=8.0", "pytorch-fid>=0.3", "torchmetrics>=1.4", "gradio>=5.0", "gradio_client>=1.0"],
+    },
 )

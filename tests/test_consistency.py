@@ -209,7 +209,8 @@ def fixed_batch_loss(task) -> float:
 
 
 def test_a_short_distillation_lowers_the_loss(teacher_file, tmp_path):
-    cfg = lcm_config(tmp_path, teacher_file, "train.steps=40", "train.checkpoint_every=40", "train.warmup_steps=1")
+    cfg = lcm_config(tmp_path, teacher_file, "train.steps=80", "train.checkpoint_every=80", "train.warmup_steps=1",
+                     "train.lr=3e-4")
     task = LCMTask(cfg, torch.device("cpu"))
     before = fixed_batch_loss(task)
     run = train(cfg, LCMTask, toy_data)
@@ -222,7 +223,7 @@ def test_a_short_distillation_lowers_the_loss(teacher_file, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_lcd_equals_one_process(teacher_file, tmp_path):
-    common = (f"distill.teacher={teacher_file}", "train.ema_decay=0", "train.lr=1e-3", "train.steps=3",
+    common = (f"distill.teacher={teacher_file}", "train.ema_decay=0", "train.lr=3e-4", "train.steps=3",
               "train.checkpoint_every=3")
     one = train(toy_config(tmp_path / "one", "train.batch_size=4", *common), LCMTask, toy_data)
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
@@ -233,6 +234,8 @@ def test_two_process_lcd_equals_one_process(teacher_file, tmp_path):
     (two,) = (tmp_path / "two").iterdir()
     a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (one, two))
     # The toy teacher's consistency gradients are large (norm ~10-60, clipped to 1), so float32 summation-order
-    # differences between the all-reduce and one process show up at ~2e-5 after three steps.
+    # differences between the all-reduce and one process show up; Adam normalises each parameter's step, so for
+    # parameters whose gradient is nearly zero that noise can move them by up to lr per step. With lr 3e-4 and
+    # three steps the observed gap is ~1e-5.
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=5e-5)

@@ -52,8 +52,10 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server):
         server.predict("a small blue square at the top left", "dpm", 20, 3.0, 0, 100000, 32, api_name="/generate")
     with pytest.raises(Exception, match=r"steps must be in 1\.\.25 on this server, got 500"):
         server.predict("a small blue square at the top left", "dpm", 500, 3.0, 0, 32, 32, api_name="/generate")
-    with pytest.raises(Exception, match="guidance must be a finite number"):
-        server.predict("a small blue square at the top left", "dpm", 20, float("nan"), 0, 32, 32,
-                       api_name="/generate")
+    # NaN cannot travel in JSON; a negative guidance reaches the pipeline's own check.
+    with pytest.raises(Exception, match=r"guidance must be a finite number >= 0"):
+        server.predict("a small blue square at the top left", "dpm", 20, -2.0, 0, 32, 32, api_name="/generate")
+    with pytest.raises(Exception, match="the prompt is empty"):
+        server.predict("   ", "dpm", 20, 3.0, 0, 32, 32, api_name="/generate")
     path = server.predict("a small blue square at the top left", "lcm", 4, 0.0, 1, 32, 32, api_name="/generate")
     assert Image.open(Path(path)).size == (32, 32)
