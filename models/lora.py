@@ -5,10 +5,13 @@
     with adapters_disabled(model): ...           # the teacher
     merged = merged_state_dict(model.state_dict(), scaling(32, 32))   # official keys, LoRA folded in
     adapters = diffusers_lora_state_dict(model.state_dict())           # peft keys of diffusers' transformer
+    save_diffusers_lora(model.state_dict(), rank, alpha, "student.lora.safetensors")   # + its LoraConfig
 """
 
 import contextlib
+import json
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -92,7 +95,7 @@ def diffusers_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
         local = layer.split(".", 2)[2]
         if local in fused:
             names = fused[local]
-            parts = [value] * len(names) if kind == "lora_A" else value.chunk(len(names), dim=0)
+            parts = [value.clone() for _ in names] if kind == "lora_A" else value.chunk(len(names), dim=0)
             out.update({f"{d}{n}.{kind}.weight": p.contiguous() for n, p in zip(names, parts)})
         else:
             target = _diffusers_block_map(block)[f"{layer}.weight"]
@@ -103,3 +106,25 @@ def diffusers_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
 def diffusers_lora_targets(state: dict[str, torch.Tensor]) -> list[str]:
     """target_modules for a peft LoraConfig that loads diffusers_lora_state_dict(state) into diffusers' model."""
     return sorted({k.rsplit(".lora_", 1)[0] for k in diffusers_lora_state_dict(state)})
+
+
+def save_diffusers_lora(state: dict[str, torch.Tensor], rank: int, alpha: float | None, path: Path,
+                        metadata: dict[str, str] | None = None) -> None:
+    """The adapters as safetensors in diffusers' peft layout, with the LoraConfig that loads them in the metadata
+    (`lora_config`: r, lora_alpha, target_modules), so that
+
+        config = LoraConfig(**json.loads(safe_open(path, "pt").metadata()["lora_config"]))
+        inject_adapter_in_model(config, transformer); set_peft_model_state_dict(transformer, load_file(path))
+
+    gives diffusers' PixArtTransformer2DModel this student."""
+    from models.checkpoint import atomic_path
+    from safetensors.torch import save_file
+
+    adapters = diffusers_lora_state_dict(state)
+    if not adapters:
+        raise UserError("the state dict has no LoRA adapters (lora_A / lora_B weights) to export")
+    config = {"r": rank, "lora_alpha": alpha if alpha is not None else rank,
+              "target_modules": diffusers_lora_targets(state)}
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp),
+                  metadata={**(metadata or {}), "lora_config": json.dumps(config), "format": "pt"})

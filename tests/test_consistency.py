@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import free_port, load_script, random_inputs, random_model, tiny_config
 from diffusers import DDIMScheduler, LCMScheduler
 from toy_training import ToyLatents, toy_config, toy_data
@@ -199,6 +200,8 @@ def test_lora_checkpoints_hold_adapters_not_the_frozen_weights(teacher_file, tmp
     assert all(".lora_" in k for k in state["task"]["target"]["shadow"])
     model, cfg, _ = load_checkpoint(run / "weights.safetensors")  # the exported student: LoRA folded in
     assert not any("lora" in k for k in model.state_dict())
+    adapters = load_file(run / "weights.lora.safetensors")  # and the adapters alone, in diffusers' peft layout
+    assert adapters and all(k.startswith("transformer_blocks.") and ".lora_" in k for k in adapters)
 
 
 def fixed_batch_loss(task) -> float:

@@ -31,7 +31,7 @@ from engine.loop import Task
 from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.lora import adapters_disabled, add_lora, merged_state_dict, scaling
+from models.lora import adapters_disabled, add_lora, merged_state_dict, save_diffusers_lora, scaling
 from models.pixart import build_pixart
 from models.shipped import content_hash
 from pipeline.generate import denoise_batch
@@ -120,9 +120,12 @@ class LCMTask(Task):
         return replace(self.cfg.model, guidance_embedding=self.cfg.distill.guidance_embedding)
 
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
-        """The student as this project's safetensors (LoRA folded into the weights; see also tools/export_lora.py)."""
+        """The student as this project's safetensors (any LoRA folded into the weights); an LCM-LoRA run also writes
+        its adapters alone beside it (NAME.lora.safetensors, diffusers' peft layout, see models/lora.py)."""
         dc = self.cfg.distill
         if dc.lora_rank:
+            save_diffusers_lora(state_dict, dc.lora_rank, dc.lora_alpha, path.with_suffix(".lora.safetensors"),
+                                {"teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash})
             state_dict = merged_state_dict(state_dict, scaling(dc.lora_rank, dc.lora_alpha))
         save_checkpoint(state_dict, self.student_config(), path, "safetensors",
                         metadata={**metadata, "teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash})
