@@ -59,6 +59,9 @@ class DistillConfig:
             raise UserError(f"distill.target_decay must be in [0, 1), got {self.target_decay}")
         if self.lora_rank < 0:
             raise UserError(f"distill.lora_rank must be >= 0 (0: full distillation), got {self.lora_rank}")
+        if self.lora_rank and self.guidance_embedding:
+            raise UserError("distill.guidance_embedding with distill.lora_rank > 0: the w embedding is a new trainable "
+                             "layer inside the frozen model; distil it fully (distill.lora_rank=0) or drop it")
         if self.lora_rank == 0 and self.lora_alpha is not None:
             raise UserError("distill.lora_alpha is set on a full-distillation config (lora_rank 0): set "
                              "distill.lora_rank > 0 for LCM-LoRA, or drop lora_alpha")

@@ -110,3 +110,41 @@ def test_fine_tuning_starts_from_the_given_weights(chain):
     start = load_checkpoint(base / "ema.safetensors")[0].state_dict()
     end = load_checkpoint(tuned / "weights.safetensors")[0].state_dict()
     assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+@pytest.fixture(scope="module")
+def chain_teachers(chain):
+    """Teachers for the chain's config (depth 2) and for another architecture (depth 3), as safetensors."""
+    from configs import Config, load_config
+    from models.checkpoint import save_checkpoint
+    from models.pixart import build_pixart
+
+    root, sets = chain
+    cfg = load_config(Config, "shapes_tiny", [v for v in sets[1::2]]).model
+    paths = {}
+    for depth in (2, 3):
+        model_cfg = type(cfg)(**{**cfg.__dict__, "depth": depth})
+        paths[depth] = root / f"teacher_depth{depth}.safetensors"
+        save_checkpoint(build_pixart(model_cfg).state_dict(), model_cfg, paths[depth], "safetensors")
+    return paths
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["distill.teacher=TEACHER3"], "depth"),
+    (["distill.teacher=TEACHER2", "distill.lora_rank=4", "distill.guidance_embedding=true"],
+     "distill.guidance_embedding with distill.lora_rank > 0"),
+    (["distill.teacher=TEACHER2", "distill.guidance_embedding=true", "distill.w_min=9", "distill.w_max=3"],
+     "w_min=9.0 > distill.w_max=3.0"),
+    (["distill.teacher=TEACHER2", "distill.ddim_steps=30"], "does not divide"),
+    (["distill.teacher=TEACHER2", "distill.lora_alpha=8"], "lora_alpha is set on a full-distillation config"),
+    (["distill.teacher=/nonexistent/teacher.safetensors"], "/nonexistent/teacher.safetensors"),
+])
+def test_bad_distillation_requests_stop_before_training(chain, chain_teachers, caplog, tmp_path, overrides, message):
+    root, sets = chain
+    sets = [v if "train.runs_dir" not in v else f"train.runs_dir={tmp_path / 'runs'}" for v in sets]
+    more = [o.replace("TEACHER2", str(chain_teachers[2])).replace("TEACHER3", str(chain_teachers[3]))
+            for o in overrides]
+    lcm_main = load_script("train/train_lcm.py").main
+    assert lcm_main(["--config", "shapes_tiny", *sets, *[a for o in more for a in ("--set", o)]]) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left

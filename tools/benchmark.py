@@ -3,6 +3,7 @@
     python tools/benchmark.py transformer --sizes 256 512 --dtypes fp32 bf16
     python tools/benchmark.py pipeline --size 256 --dtype fp32
     python tools/benchmark.py train --archs XL S --size 256 --batch 2
+    python tools/benchmark.py lcd --archs S --size 256 --batch 2 --lora-ranks 0 32
 
 transformer: one forward of this project's PixArt and of diffusers' PixArtTransformer2DModel on the same
 weights, batch 1, 120 caption tokens. Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
@@ -17,13 +18,19 @@ the transformer's own forwards, text encoding and VAE decoding.
 train: the PixArt-alpha training step (forward, IDDPM loss, backward, AdamW) on random latents and captions,
 with and without gradient checkpointing, fp32 and bf16 autocast: samples/s, peak memory, and the fraction of
 the matmul peak counting 6 x parameters x tokens FLOPs per sample (attention not counted).
+
+lcd: one step of train/train_lcm.py's latent consistency distillation (student forward and backward, the frozen
+teacher with and without the caption, the EMA target, AdamW, the target update) on random teacher weights: full
+distillation against LCM-LoRA side by side, seconds per step and peak memory (GPU).
 """
 
 import argparse
 import contextlib
 import logging
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -297,6 +304,79 @@ def bench_train(args) -> list[dict]:
     return rows
 
 
+def lcd_step_row(arch: str, lora_rank: int, checkpointing: bool, dtype_name: str, args, device, teacher: Path) -> dict:
+    """Time one latent-consistency-distillation step of train/train_lcm.py's task (student forward and backward,
+    teacher forwards with and without the caption, target forward, AdamW, target EMA) and read its peak memory."""
+    import importlib.util
+
+    from configs import Config, load_config
+    from engine.randomness import SampleRandomness
+
+    script = Path(__file__).resolve().parents[1] / "train" / "train_lcm.py"  # an entry script, not a package
+    spec = importlib.util.spec_from_file_location("train_lcm", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    LCMTask = module.LCMTask  # noqa: N806
+
+    latent, pe, micro = PIXART_PRESETS[args.size]
+    cfg = load_config(Config, "lcm_512", [f"model.arch={arch}", f"model.latent_size={latent}",
+                                          f"model.pe_interpolation={pe}", f"model.micro_conditions={micro}",
+                                          f"distill.teacher={teacher}", f"distill.lora_rank={lora_rank}"])
+    task = LCMTask(cfg, device)
+    model = task.model.train()
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = checkpointing
+    optimizer = torch.optim.AdamW([p for g in task.parameter_groups() for p in g["params"]], lr=1e-5, eps=1e-10)
+    x, _, y, mask, kw = pixart_inputs(cfg.model, args.size, device, torch.float32, args.batch)
+    batch = {"latent": x, "y": y, "mask": mask, "index": torch.arange(args.batch, device=device), **kw}
+    dtype = DTYPES[dtype_name]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype_name != "fp32" else contextlib.nullcontext()
+    counter = iter(range(10**9))
+
+    def step():
+        with autocast:
+            loss, _ = task.loss(model, batch, SampleRandomness(0, next(counter), batch["index"]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        task.after_step(model)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timeit(step, device, args.reps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(seconds=seconds, mem=peak_memory_mb(device), trainable=trainable)
+
+
+def bench_lcd(args) -> list[dict]:
+    """The LCD step for full distillation and LCM-LoRA, side by side, on random teacher weights."""
+    from models.checkpoint import save_checkpoint
+
+    device = torch.device(args.device)
+    latent, pe, micro = PIXART_PRESETS[args.size]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs:
+            cfg = PixArtConfig(arch=arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+            teacher = Path(tmp) / f"{arch}.safetensors"
+            save_checkpoint(build_pixart(cfg).state_dict(), cfg, teacher, "safetensors")
+            for rank in args.lora_ranks:
+                for ckpt in args.checkpointing:
+                    for name in args.dtypes:
+                        r = dict(arch=arch, rank=rank, ckpt=ckpt, dtype=name,
+                                 **lcd_step_row(arch, rank, ckpt, name, args, device, teacher))
+                        rows.append(r)
+                        log.info("| %s/2 | %dpx | %d | %s | %s | %s | %.2f | %.1f | %.0f | %.1fM |", arch, args.size,
+                                 args.batch, f"LoRA r{rank}" if rank else "full", "yes" if ckpt else "no", name,
+                                 r["seconds"], args.batch / r["seconds"], r["mem"], r["trainable"] / 1e6)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+    return rows
+
+
+LCD_HEADER = ("| model | image | batch | student | grad. checkpointing | dtype | s/step | samples/s | peak memory (MB) "
+              "| trainable params |\n|---|---|---|---|---|---|---|---|---|---|")
 TRAIN_HEADER = ("| model | image | batch | grad. checkpointing | dtype | samples/s | peak memory (MB) "
                 "| % of matmul peak |\n|---|---|---|---|---|---|---|---|")
 PIPELINE_HEADER = ("| case | ours: text / denoise / VAE (s) | ours total (s) | diffusers: text / denoise / VAE (s) "
@@ -338,12 +418,27 @@ def main(argv=None) -> int:
     tn.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     tn.add_argument("--reps", type=int, default=3)
     tn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    lc = sub.add_parser("lcd", help="latent consistency distillation step: full vs LoRA, time and peak memory")
+    lc.add_argument("--archs", nargs="+", default=["XL"] if torch.cuda.is_available() else ["S"])
+    lc.add_argument("--size", type=int, default=1024 if torch.cuda.is_available() else 256,
+                    choices=sorted(PIXART_PRESETS))
+    lc.add_argument("--batch", type=int, default=12 if torch.cuda.is_available() else 2)
+    lc.add_argument("--lora-ranks", type=int, nargs="+", default=[0, 32], help="0: full distillation")
+    lc.add_argument("--checkpointing", type=lambda v: v == "on", nargs="+",
+                    default=[True] if torch.cuda.is_available() else [False], metavar="on|off")
+    lc.add_argument("--dtypes", nargs="+", default=["bf16"] if torch.cuda.is_available() else ["fp32"],
+                    choices=sorted(DTYPES))
+    lc.add_argument("--reps", type=int, default=3)
+    lc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
     if args.what == "transformer":
         log.info(HEADER)
         bench_transformer(args)
+    elif args.what == "lcd":
+        log.info(LCD_HEADER)
+        bench_lcd(args)
     elif args.what == "train":
         log.info(TRAIN_HEADER)
         bench_train(args)

@@ -49,9 +49,6 @@ class LCMTask(Task):
         if dc.lora_rank:
             self.model = add_lora(teacher, dc.lora_rank, dc.lora_alpha)  # adapters only are trainable
             self.teacher = None  # the same network with adapters off
-            if dc.guidance_embedding:
-                raise ValueError("distill.guidance_embedding with LoRA needs a new trainable embedder inside the "
-                                 "frozen model: distil the w embedding fully (distill.lora_rank=0)")
         else:
             student = build_pixart(replace(cfg.model, guidance_embedding=dc.guidance_embedding), device)
             missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
