@@ -11,9 +11,11 @@ the caller decides (tools/extract_features.py: --on-error skip|stop).
 
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from configs.errors import UserError
@@ -55,15 +57,30 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise DataError(f"image file {str(path)!r} does not exist")
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, rather than decode gigabytes
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale: scale to 8 bits
+                    image = _wide_grayscale_to_8bit(image)
+                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                    rgba = image.convert("RGBA")
+                    image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {str(path)!r} is too large to decode safely ({e}); downscale it, or raise "
+                        f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {str(path)!r}: {e}") from e
+
+
+def _wide_grayscale_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit PNG (mode I;16*, or I after PIL's widening) as 8-bit L: values / 257, so 65535 -> 255.
+    PIL's own convert("RGB") clips such values at 255, which turns almost every pixel white."""
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(values * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
 
 
 def _key(path: Path, root: Path) -> str:

@@ -78,6 +78,11 @@ def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path]:
             raise ResumeError(f"{target} holds no checkpoints/latest.txt: nothing to resume (is it a run folder?)")
         return target, ckpt
     if target.is_file():
+        if target.suffix != ".pt" or target.parent.name != "checkpoints":
+            hint = (f"resume the run folder ({target.parent}) or one of its checkpoints/step_*.pt"
+                    if (target.parent / "checkpoints").is_dir() else "resume a run folder or its checkpoints/step_*.pt")
+            raise ResumeError(f"--resume {target}: not a training checkpoint (those are RUN/checkpoints/step_*.pt); "
+                              f"{hint}, or start a new run from these weights with --set train.init_from={target}")
         return target.parent.parent, target
     raise ResumeError(f"--resume {target}: no such run folder or checkpoint file")
 

@@ -329,6 +329,31 @@ def test_bad_inputs_are_skipped_and_reported(shapes_dir, te_cfg, tmp_path):
     assert len(FeatureDataset(tmp_path / "cache")) == report["indexed"] == report["processed"] == 6
 
 
+def test_oversized_image_follows_on_error(shapes_dir, te_cfg, tmp_path, monkeypatch, caplog):
+    """PIL's decompression-bomb guard (here at a lowered limit) is one more bad image: skipped and reported under
+    --on-error skip, a clean exit 1 naming the file under stop."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 80)  # the set's images have 64 x 64 = 4096 pixels
+    data = copy_dataset(shapes_dir, tmp_path / "data", txt_only=True)
+    Image.new("RGB", (200, 100), "white").save(data / "000003.png")  # 20000 pixels: over 2x the limit
+    Image.new("RGB", (100, 80), "white").save(data / "000004.png")   # 8000: over the limit, a warning in PIL
+    report = extract(data, tmp_path / "cache", te_cfg, PIXEL, base_size=BASE, progress=False)
+    skipped = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert skipped.keys() == {"000003", "000004"} and all("too large to decode" in r for r in skipped.values())
+    argv = [str(data), str(tmp_path / "stop"), "--base-size", str(BASE), "--text-encoder", te_cfg.path,
+            "--autoencoder", "pixel", "--on-error", "stop", "--no-progress", "--device", "cpu"]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 1
+    assert "000003.png" in caplog.text and "too large to decode" in caplog.text
+
+
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    levels = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    rgb = np.asarray(load_image(tmp_path / "g16.png"))
+    assert rgb.shape == (4, 4, 3) and (rgb == np.array([0, 64, 128, 255])[None, :, None]).all()
+
+
 @pytest.mark.parametrize("broken", ["image", "caption"])
 def test_on_error_stop_exits_nonzero_naming_the_file(broken, shapes_dir, te_cfg, tmp_path, caplog):
     data = copy_dataset(shapes_dir, tmp_path / "data", txt_only=True)

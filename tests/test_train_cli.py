@@ -56,9 +56,13 @@ def test_resume_from_the_command_line(chain):
     (["--set", "train.stepz=3"], "did you mean 'train.steps'"),
     (["--set", "data.cache_dir=/nonexistent"], "tools/extract_features.py"),
     (["--resume", "/nonexistent/run"], "no such run folder"),
+    (["--resume", "WEIGHTS"], "not a training checkpoint"),
 ])
 def test_bad_training_requests(chain, caplog, args, message):
     root, sets = chain
+    if "WEIGHTS" in args:  # a weights file where a training checkpoint belongs
+        (root / "weights.safetensors").write_bytes(b"not used")
+        args = [str(root / "weights.safetensors") if a == "WEIGHTS" else a for a in args]
     assert train_main(["--config", "shapes_tiny", *sets, *args]) == 2
     assert message in caplog.text
 
