@@ -7,6 +7,7 @@
 Weights are only read from disk (`local_files_only=True`): nothing here downloads.
 """
 
+import contextlib
 import gc
 import hashlib
 import html
@@ -252,7 +253,8 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
         if device.type != "cpu":
             raise TextEncoderError(f"text_encoder.load_in_8bit works on cuda or cpu, not {device.type}")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, **kwargs).eval().requires_grad_(False)
+    with _quiet_transformers():
+        model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, **kwargs).eval().requires_grad_(False)
     if cfg.load_in_8bit and device.type == "cpu":
         model = _quantize_linear_int8_cpu(model)
     elif not cfg.load_in_8bit:
@@ -264,3 +266,17 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
     known = model_dir / KNOWN_WORDS_FILE
     known_words = frozenset(known.read_text(encoding="utf-8").split()) if known.is_file() else None
     return T5TextEncoder(model, tokenizer, cfg, identity, device, dtype, known_words)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' "Loading weights" bar off (it ignores --no-progress; this log says what loaded)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -1,6 +1,7 @@
 """Latent consistency distillation: the objective against diffusers' schedulers and exact properties, and the
 LCD trainer on the shared loop (teacher and target untouched by gradients, exact resume, DDP, learning)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -202,6 +203,17 @@ def test_lora_checkpoints_hold_adapters_not_the_frozen_weights(teacher_file, tmp
     assert not any("lora" in k for k in model.state_dict())
     adapters = load_file(run / "weights.lora.safetensors")  # and the adapters alone, in diffusers' peft layout
     assert adapters and all(k.startswith("transformer_blocks.") and ".lora_" in k for k in adapters)
+
+
+def test_an_fp16_teacher_file_distils_in_fp32(tmp_path):
+    """Shipped weights are fp16 (weights/shapes/); the teacher and the student it starts run in fp32."""
+    cfg = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8)
+    path = tmp_path / "teacher16.safetensors"
+    save_checkpoint({k: v.half() for k, v in random_model(cfg, seed=3, std=0.05).state_dict().items()}, cfg, path,
+                    "safetensors")
+    task = LCMTask(lcm_config(tmp_path, path), torch.device("cpu"))
+    assert {p.dtype for p in task.model.parameters()} == {p.dtype for p in task.teacher.parameters()} == {torch.float32}
+    assert math.isfinite(fixed_batch_loss(task))
 
 
 def fixed_batch_loss(task) -> float:

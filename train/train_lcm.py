@@ -45,6 +45,7 @@ class LCMTask(Task):
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, dc = cfg, cfg.distill
         teacher, _, _ = load_checkpoint(dc.teacher, cfg.model, device=device)  # the config must fit the teacher
+        teacher = teacher.float()  # shipped weights may be fp16; training runs in fp32 (autocast for bf16/fp16)
         self.teacher_hash = content_hash(dc.teacher)
         if dc.lora_rank:
             self.model = add_lora(teacher, dc.lora_rank, dc.lora_alpha)  # adapters only are trainable
