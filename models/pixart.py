@@ -4,6 +4,7 @@ The network is a pure function of (latents, timesteps, caption features, caption
 It knows no noise schedule; losses live in diffusion/, sampling in diffusion/samplers/.
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -132,6 +133,9 @@ class Conditioning(NamedTuple):
     mask: torch.Tensor | None  # (N, 1, 1, L) bool, True = attend; None = attend to all tokens
 
 
+BlockHook = Callable[[int, torch.Tensor, Conditioning], torch.Tensor]  # (block index or -1, tokens, cond) -> tokens
+
+
 class PixArt(nn.Module):
     """The PixArt-alpha diffusion transformer (PixArt and PixArtMS of the official code in one class)."""
 
@@ -252,12 +256,24 @@ class PixArt(nn.Module):
             mask = mask.to(torch.bool)[:, None, None, :]  # (N, 1, 1, L)
         return Conditioning(c=c, t6=self.t_block(c), y=self.y_embedder(y, drop_caption), mask=mask)
 
-    def run_block(self, index: int, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Block `index` on tokens x (N, T, D), with activation checkpointing when enabled and training."""
-        block = self.blocks[index]
+    def run_block(self, block: "int | PixArtBlock", x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """A block (an index into self.blocks, or any PixArtBlock, e.g. a ControlNet copy) on tokens x (N, T, D)
+        with this model's conditioning, with activation checkpointing when enabled and training."""
+        block = self.blocks[block] if isinstance(block, int) else block
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, cond.y, cond.t6, cond.mask, use_reentrant=False)
         return block(x, cond.y, cond.t6, cond.mask)
+
+    def run_blocks(self, tokens: torch.Tensor, cond: Conditioning, hook: "BlockHook | None" = None) -> torch.Tensor:
+        """Every block in order. hook(i, tokens, cond) -> tokens runs after block i, and with i = -1 before block 0:
+        the one seam through which a ControlNet reads and changes the base's tokens (models/controlnet.py)."""
+        if hook is not None:
+            tokens = hook(-1, tokens, cond)
+        for i in range(len(self.blocks)):
+            tokens = self.run_block(i, tokens, cond)  # (N, T, D)
+            if hook is not None:
+                tokens = hook(i, tokens, cond)
+        return tokens
 
     def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """Tokens (N, T, p*p*C) -> image (N, C, H, W)."""
@@ -274,20 +290,21 @@ class PixArt(nn.Module):
         aspect_ratio: torch.Tensor | None = None,
         drop_caption: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        block_hook: "BlockHook | None" = None,
     ) -> torch.Tensor:
         """Predict noise (and variance interpolation) for latents x (N, C, H, W) at timesteps t (N,).
 
         y (N, L, caption_channels) T5 features; mask (N, L) 1 = real token, 0 = padding;
         resolution (N, 2) and aspect_ratio (N, 1) only for micro-conditioned (MS) models;
         drop_caption (N,) bool replaces those captions by the learned null caption (CFG training/sampling);
-        guidance (N,) the guidance scale w, only for models with a guidance embedding.
+        guidance (N,) the guidance scale w, only for models with a guidance embedding;
+        block_hook see run_blocks (a ControlNet's injection).
         Returns (N, out_channels, H, W).
         """
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.embed_image(x)  # (N, T, D)
         cond = self.condition(t, y, mask, resolution, aspect_ratio, drop_caption, guidance)
-        for i in range(len(self.blocks)):
-            tokens = self.run_block(i, tokens, cond)  # (N, T, D)
+        tokens = self.run_blocks(tokens, cond, block_hook)  # (N, T, D)
         out = self.final_layer(tokens, cond.c)  # (N, T, p*p*C_out)
         return self.unpatchify(out, grid_h, grid_w)  # (N, C_out, H, W)
 

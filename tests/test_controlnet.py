@@ -1,0 +1,196 @@
+"""ControlNet-Transformer and ControlNet-UNet branches on a frozen PixArt: exact no-op at initialisation, the
+official data flow (written out here independently, from the official ControlPixArtHalf loop), training touches
+the branch only, gradient checkpointing, and the checkpoint layouts with their mismatch errors."""
+
+import pytest
+import torch
+from conftest import random_inputs, random_model, tiny_config
+
+from models.controlnet import (
+    ControlConfig,
+    ControlError,
+    ControlledPixArt,
+    build_branch,
+    join_official,
+    load_branch,
+    read_branch,
+    save_branch,
+)
+
+DEPTH = 4
+
+
+def base_model(seed=0):
+    return random_model(tiny_config(depth=DEPTH), seed).eval()
+
+
+def randomise_projections(branch, seed=1):
+    """Non-zero before/after projections, so the branch's effect (and any wiring bug) shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in branch.named_parameters():
+            if "_proj" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return branch
+
+
+def inputs(seed=1):
+    x, t, y, mask, _ = random_inputs(tiny_config(depth=DEPTH), seed=seed)
+    control = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 10))
+    return x, t, y, mask, control
+
+
+@pytest.mark.parametrize("design", ["transformer", "unet"])
+@pytest.mark.parametrize("n", [1, 2, DEPTH])
+def test_a_fresh_branch_leaves_the_base_unchanged(design, n):
+    base = base_model()
+    x, t, y, mask, control = inputs()
+    with torch.no_grad():
+        ref = base(x, t, y, mask)
+        model = ControlledPixArt(base, build_branch(base, ControlConfig(design=design, num_blocks=n)))
+        assert torch.equal(model(x, t, y, mask, control=control), ref)
+        assert torch.equal(model(x, t, y, mask), ref)  # no control: the base itself
+
+
+def official_transformer_forward(base, branch, x, t, y, mask, control, scale=1.0):
+    """PixArt-delta's loop as the official ControlPixArtHalf writes it: base block 0, then for index 1..N the copy
+    index-1 on (x, c) and base block index on x + skip, then the remaining base blocks."""
+    tokens, c = base.embed_image(x), base.embed_image(control)
+    cond = base.condition(t, y, mask)
+    blocks = [lambda h, b=b: b(h, cond.y, cond.t6, cond.mask) for b in base.blocks]
+    copies = branch.controlnet
+    tokens = blocks[0](tokens)
+    for index in range(1, len(copies) + 1):
+        copy = copies[index - 1]
+        if index == 1:
+            c = copy.copied_block(tokens + copy.before_proj(c), cond.y, cond.t6, cond.mask)
+        else:
+            c = copy.copied_block(c, cond.y, cond.t6, cond.mask)
+        skip = scale * copy.after_proj(c)
+        tokens = blocks[index](tokens + skip) if index < len(blocks) else tokens + skip
+    for index in range(len(copies) + 1, len(blocks)):
+        tokens = blocks[index](tokens)
+    out = base.final_layer(tokens, cond.c)
+    return base.unpatchify(out, x.shape[-2] // base.patch_size, x.shape[-1] // base.patch_size)
+
+
+def mirrored_unet_forward(base, branch, x, t, y, mask, control, scale=1.0):
+    """The ablation's ControlNet-UNet: copies encode embed(x) + before_proj(c); skip i enters block depth-1-i."""
+    tokens, c = base.embed_image(x), base.embed_image(control)
+    cond = base.condition(t, y, mask)
+    h, skips = tokens + branch.controlnet[0].before_proj(c), []
+    for copy in branch.controlnet:
+        h = copy.copied_block(h, cond.y, cond.t6, cond.mask)
+        skips.append(scale * copy.after_proj(h))
+    enters = {DEPTH - 1 - i: s for i, s in enumerate(skips)}
+    for index, block in enumerate(base.blocks):
+        tokens = block(tokens + enters[index] if index in enters else tokens, cond.y, cond.t6, cond.mask)
+    out = base.final_layer(tokens, cond.c)
+    return base.unpatchify(out, x.shape[-2] // base.patch_size, x.shape[-1] // base.patch_size)
+
+
+@pytest.mark.parametrize("design,reference", [("transformer", official_transformer_forward),
+                                              ("unet", mirrored_unet_forward)])
+@pytest.mark.parametrize("n", [1, 3, DEPTH])
+def test_data_flow_matches_the_written_out_design(design, reference, n):
+    base = base_model()
+    branch = randomise_projections(build_branch(base, ControlConfig(design=design, num_blocks=n)))
+    model = ControlledPixArt(base, branch).eval()
+    x, t, y, mask, control = inputs()
+    with torch.no_grad():
+        ours = model(x, t, y, mask, control=control, control_scale=0.7)
+        theirs = reference(base, branch, x, t, y, mask, control, scale=0.7)
+        assert (ours - base(x, t, y, mask)).abs().max() > 1e-2  # the branch matters here
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_scale_zero_is_the_base():
+    base = base_model()
+    model = ControlledPixArt(base, randomise_projections(build_branch(base, ControlConfig(num_blocks=2)))).eval()
+    x, t, y, mask, control = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y, mask, control=control, control_scale=0.0), base(x, t, y, mask),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("design", ["transformer", "unet"])
+def test_one_optimiser_step_changes_only_the_branch(design):
+    base = base_model()
+    model = ControlledPixArt(base, build_branch(base, ControlConfig(design=design, num_blocks=2))).train()
+    base_before = {k: v.clone() for k, v in base.state_dict().items()}
+    branch_before = {k: v.clone() for k, v in model.branch.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.branch.parameters()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    x, t, y, mask, control = inputs()
+    model(x, t, y, mask, control=control).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(base_before[k], v) for k, v in base.state_dict().items())
+    changed = [k for k, v in model.branch.state_dict().items() if not torch.equal(branch_before[k], v)]
+    assert any("after_proj" in k for k in changed)  # zero-init projections get gradients first
+
+
+@pytest.mark.parametrize("design", ["transformer", "unet"])
+def test_gradient_checkpointing_gives_the_same_gradients(design):
+    grads = []
+    for checkpointing in (False, True):
+        base = base_model()
+        branch = randomise_projections(build_branch(base, ControlConfig(design=design, num_blocks=3)))
+        model = ControlledPixArt(base, branch).train()
+        base.gradient_checkpointing = checkpointing
+        x, t, y, mask, control = inputs()
+        model(x, t, y, mask, control=control).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.branch.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for n, g in grads[0].items() if "copied_block" in n)
+
+
+def test_official_layout_round_trips(tmp_path):
+    base = base_model()
+    branch = randomise_projections(build_branch(base, ControlConfig(num_blocks=3)))
+    state = join_official(base.state_dict(), branch.state_dict())
+    assert "controlnet.0.before_proj.weight" in state and "controlnet.1.before_proj.weight" not in state
+    assert "controlnet.2.after_proj.bias" in state and "controlnet.2.copied_block.attn.qkv.weight" in state
+    assert "base_model.blocks.3.mlp.fc2.weight" in state
+    torch.save(state, tmp_path / "PixArt-tiny-ControlNet.pth")
+    branch_state, meta, base_state = read_branch(tmp_path / "PixArt-tiny-ControlNet.pth")
+    assert meta["design"] == "transformer" and base_state.keys() == base.state_dict().keys()
+    loaded = load_branch(tmp_path / "PixArt-tiny-ControlNet.pth", base, ControlConfig(num_blocks=3))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in branch.state_dict().items())
+    save_branch(loaded, base, tmp_path / "branch.safetensors", base_sha256="ab" * 32)
+    again = load_branch(tmp_path / "branch.safetensors", base, ControlConfig(num_blocks=3), base_sha256="ab" * 32)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in branch.state_dict().items())
+
+
+@pytest.mark.parametrize("cfg,base_kw,sha,message", [
+    (ControlConfig(num_blocks=2), {}, None, "it has N = 3 copied blocks, the config control.num_blocks = 2"),
+    (ControlConfig(design="unet", num_blocks=3), {}, None, "its design is 'transformer'"),
+    (ControlConfig(num_blocks=3), {"hidden_size": 96}, None, "its width is 48, the base model's hidden_size is 96"),
+    (ControlConfig(num_blocks=3), {}, "cd" * 32, "trained on a base model with sha256 abababababab"),
+])
+def test_a_branch_that_does_not_fit_is_refused(tmp_path, cfg, base_kw, sha, message):
+    base = base_model()
+    save_branch(build_branch(base, ControlConfig(num_blocks=3)), base, tmp_path / "b.safetensors", "ab" * 32)
+    other = random_model(tiny_config(depth=DEPTH, **base_kw)) if base_kw else base
+    with pytest.raises(ControlError, match=message):
+        load_branch(tmp_path / "b.safetensors", other, cfg, base_sha256=sha)
+
+
+def test_bad_configs_and_files(tmp_path):
+    base = base_model()
+    with pytest.raises(ControlError, match=r"control.num_blocks=5 must be in 1..4"):
+        build_branch(base, ControlConfig(num_blocks=DEPTH + 1))
+    with pytest.raises(ControlError, match="control.design must be one of transformer, unet"):
+        build_branch(base, ControlConfig(design="mlp"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ControlError, match="cannot read control checkpoint"):
+        read_branch(tmp_path / "bad.safetensors")
+    torch.save(base.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ControlError, match="not an official PixArt ControlNet state dict"):
+        read_branch(tmp_path / "plain.pth")
+    model = ControlledPixArt(base, build_branch(base, ControlConfig(num_blocks=1)))
+    x, t, y, mask, control = inputs()
+    with pytest.raises(ValueError, match="must have the shape of the latents"):
+        model(x, t, y, mask, control=control[..., :8])
