@@ -6,6 +6,7 @@ from diffusion.consistency import DistillConfig
 from diffusion.schedule import DiffusionConfig
 from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
+from models.controlnet import ControlConfig
 from models.autoencoder import AutoencoderConfig
 from models.pixart import PixArtConfig
 from models.text_encoder import TextEncoderConfig
@@ -25,3 +26,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)

@@ -48,7 +48,8 @@ class ControlConfig:
 
     design: str = "transformer"      # transformer | unet (DESIGNS)
     num_blocks: int = 13             # N copies of the base's first N blocks (the released model: 13 of 28)
-    checkpoint: str | None = None    # a branch file (this project's safetensors, or an official ControlNet .pth)
+    base: str | None = None          # training: the frozen base model's checkpoint (any format)
+    checkpoint: str | None = None    # sampling: a branch file (this project's safetensors, or an official .pth)
     scale: float = 1.0               # conditioning scale: multiplies every injected residual at sampling time
 
     def check(self, depth: int) -> None:

@@ -194,3 +194,86 @@ def test_bad_configs_and_files(tmp_path):
     x, t, y, mask, control = inputs()
     with pytest.raises(ValueError, match="must have the shape of the latents"):
         model(x, t, y, mask, control=control[..., :8])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer (train/train_controlnet.py) on the shared loop
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from conftest import free_port, load_script  # noqa: E402
+from toy_training import toy_config, toy_data  # noqa: E402
+
+from engine.loop import train  # noqa: E402
+from engine.state import ResumeError, latest_checkpoint  # noqa: E402
+from models.checkpoint import save_checkpoint  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ControlNetTask = load_script("train/train_controlnet.py").ControlNetTask
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory):
+    """A random base matching the toy config (tests/toy_training.py), as this project's safetensors."""
+    cfg = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_checkpoint(random_model(cfg, seed=3, std=0.05).state_dict(), cfg, path, "safetensors")
+    return path
+
+
+def control_config(runs, base, *overrides):
+    return toy_config(runs, f"control.base={base}", "control.num_blocks=1", "train.ema_decay=0.9",
+                      "train.class_dropout_prob=0.5", *overrides)
+
+
+@pytest.mark.parametrize("design", ["transformer", "unet"])
+def test_training_checkpoints_hold_the_branch_only_and_export_it(toy_base, tmp_path, design):
+    run = train(control_config(tmp_path, toy_base, f"control.design={design}"), ControlNetTask, toy_data)
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    assert state["model"] and all(k.startswith("branch.") for k in state["model"])
+    assert all(k.startswith("branch.") for k in state["ema"]["shadow"])
+    assert state["references"]["base"]["path"] == str(toy_base)
+    base, _, _ = load_checkpoint_of(toy_base)
+    branch = load_branch(run / "ema.safetensors", base, ControlConfig(design=design, num_blocks=1))
+    assert any(v.abs().sum() > 0 for k, v in branch.state_dict().items() if "after_proj" in k)  # it trained
+
+
+def load_checkpoint_of(path):
+    from models.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def test_resume_equals_an_uninterrupted_run_and_refuses_another_base(toy_base, tmp_path):
+    whole = train(control_config(tmp_path / "whole", toy_base), ControlNetTask, toy_data)
+    part = train(control_config(tmp_path / "part", toy_base, "train.steps=3"), ControlNetTask, toy_data)
+    resumed = train(control_config(tmp_path / "part", toy_base), ControlNetTask, toy_data, resume=str(part))
+    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (whole, resumed))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    other = tmp_path / "other.safetensors"
+    cfg = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8)
+    save_checkpoint(random_model(cfg, seed=4, std=0.05).state_dict(), cfg, other, "safetensors")
+    with pytest.raises(ResumeError, match="frozen networks it was trained against changed"):
+        train(control_config(tmp_path / "part", other, "train.steps=9"), ControlNetTask, toy_data,
+              resume=str(part))
+
+
+@pytest.mark.slow
+def test_two_process_controlnet_equals_one_process(toy_base, tmp_path):
+    common = (f"control.base={toy_base}", "control.num_blocks=1", "train.ema_decay=0", "train.steps=3",
+              "train.checkpoint_every=3")
+    one = train(toy_config(tmp_path / "one", "train.batch_size=4", *common), ControlNetTask, toy_data)
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), str(TESTS / "toy_train_run.py"), str(tmp_path / "two"), "--task",
+                          "controlnet", "train.batch_size=2", *common], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (two,) = (tmp_path / "two").iterdir()
+    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (one, two))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """Runs the training loop on the toy set in a fresh process (for torchrun and signal tests).
 
-    PYTHONPATH=tests python tests/toy_train_run.py RUNS_DIR [--resume RUN] [--task alpha|lcm] [KEY=VALUE ...]
+    PYTHONPATH=tests python tests/toy_train_run.py RUNS_DIR [--resume RUN] [--task alpha|lcm|controlnet] [KEY=VALUE]
 """
 
 import argparse
@@ -14,20 +14,22 @@ from toy_training import toy_config, toy_data
 from engine.loop import Interrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"alpha": ("train/train.py", "PixArtAlphaTask"), "lcm": ("train/train_lcm.py", "LCMTask"),
+         "controlnet": ("train/train_controlnet.py", "ControlNetTask")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs_dir")
     parser.add_argument("--resume")
-    parser.add_argument("--task", choices=["alpha", "lcm"], default="alpha")
+    parser.add_argument("--task", choices=sorted(TASKS), default="alpha")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    path = ROOT / ("train/train.py" if args.task == "alpha" else "train/train_lcm.py")
-    spec = importlib.util.spec_from_file_location("train_script", path)
+    path, name = TASKS[args.task]
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    task = script.PixArtAlphaTask if args.task == "alpha" else script.LCMTask
+    task = getattr(script, name)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
     try:
         run = train(toy_config(args.runs_dir, *args.overrides), task, toy_data, args.resume)

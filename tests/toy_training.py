@@ -7,7 +7,7 @@ from data.buckets import BucketBatchSampler
 
 
 class ToyLatents(torch.utils.data.Dataset):
-    """n samples of 4x8x8 latents with 8-token, 32-dim captions; two aspect-ratio buckets."""
+    """n samples of 4x8x8 latents with 8-token, 32-dim captions and 4x8x8 control latents; one bucket."""
 
     def __init__(self, n: int = 16, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
@@ -16,13 +16,15 @@ class ToyLatents(torch.utils.data.Dataset):
         self.mask = torch.ones(n, 8, dtype=torch.long)
         self.mask[::2, 5:] = 0
         self.buckets = {"1.0": list(range(n))}
+        self.control = torch.randn(n, 4, 8, 8, generator=gen)  # control latents (ControlNet); drawn last
 
     def __len__(self):
         return len(self.latents)
 
     def __getitem__(self, i):
         return {"latent": self.latents[i], "y": self.y[i], "mask": self.mask[i], "index": torch.tensor(i),
-                "resolution": torch.tensor([64.0, 64.0]), "aspect_ratio": torch.tensor([1.0])}
+                "resolution": torch.tensor([64.0, 64.0]), "aspect_ratio": torch.tensor([1.0]),
+                "control": self.control[i]}
 
     @staticmethod
     def collate(items):
