@@ -248,6 +248,23 @@ def read_branch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return branch, {"design": "transformer"}, base  # the released ControlNets are all ControlNet-Transformers
 
 
+def branch_design(path: str | Path) -> tuple[str, int]:
+    """(design, N) a branch file was trained with, from its header (safetensors) or its keys (official .pth)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise ControlError(f"cannot read control checkpoint {path}: {e} (corrupt or truncated?)") from e
+        if meta.get("format") == FORMAT:
+            return meta["design"], int(meta["num_blocks"])
+    state, meta, _ = read_branch(path)
+    return meta["design"], branch_shape(state)[0]
+
+
 def branch_shape(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(N copies, width) of a branch state dict."""
     indices = {int(m.group(1)) for k in state if (m := _INDEX.match(k))}

@@ -34,3 +34,6 @@ class SampleConfig:
     low_memory: bool = False             # the 8 GB recipe: T5 in 8 bit, VAE decodes one image at a time
     out_dir: str = "outputs"             # each run writes a numbered folder inside
     grid: bool = True                    # also write grid.png
+    control: str | None = None           # a control image (with control.checkpoint: ControlNet-steered generation)
+    control_type: str = "none"           # none: the image is the map | canny: extract Canny edges from it
+    strict_control: bool = False         # refuse a control image of another size instead of resizing it

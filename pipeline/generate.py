@@ -51,6 +51,7 @@ class Plan:
     use_file_config: bool   # the checkpoint carries its own config (else the run config's model section is used)
     gen_size: tuple[int, int]  # (height, width) the transformer generates at
     out_size: tuple[int, int]  # (height, width) of the saved images
+    control: torch.Tensor | None = None  # (3, H, W) control map in [-1, 1] at gen_size, with a control branch
 
 
 def plan(cfg, prompts: list[str]) -> Plan:
@@ -86,8 +87,32 @@ def plan(cfg, prompts: list[str]) -> Plan:
     prompts = [p for p in prompts for _ in range(s.images_per_prompt)]
     if s.seed + len(prompts) > SEED_LIMIT:
         raise UserError(f"sample.seed {s.seed} + {len(prompts)} images exceeds the largest seed {SEED_LIMIT}")
+    control = plan_control(cfg, model_cfg, gen_size)
     return Plan(prompts, [s.seed + i for i in range(len(prompts))], model_cfg.resolved(), info.config is not None,
-                gen_size, out_size)
+                gen_size, out_size, control)
+
+
+def plan_control(cfg, model_cfg: PixArtConfig, gen_size: tuple[int, int]) -> torch.Tensor | None:
+    """The control map of a request, checked with its branch options (before any weights load)."""
+    from pathlib import Path
+
+    from data.control_maps import control_map
+    from data.folder import load_image
+    from models.controlnet import ControlError, branch_design
+
+    s, cc = cfg.sample, cfg.control
+    if s.control is None:
+        if cc.checkpoint:
+            log.warning("control.checkpoint is set but no control image was given (--control): generating without")
+        return None
+    if not cc.checkpoint:
+        raise ControlError("--control needs a ControlNet branch: pass --control-checkpoint FILE (or set "
+                           "control.checkpoint)")
+    if not Path(cc.checkpoint).is_file():
+        raise ControlError(f"control checkpoint {cc.checkpoint} does not exist")
+    cc.design, cc.num_blocks = branch_design(cc.checkpoint)  # a branch file carries its design, like a checkpoint
+    cc.check(model_cfg.dims()[0])
+    return control_map(load_image(s.control), s.control_type, gen_size, s.strict_control, name=f"--control {s.control}")
 
 
 SEED_LIMIT = 2**63 - 1_000_004  # torch generators take 64-bit seeds; stochastic samplers add 1,000,003
@@ -318,22 +343,35 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
         raise CheckpointError(f"{s.checkpoint} has no learned null caption, so guidance with the null caption is "
                               f'impossible: pass --negative-prompt "" (diffusers-style guidance), or --guidance 1 to '
                               f"turn guidance off")
+    if request.control is not None:  # the base steered by its control branch (checked against the base's hash)
+        from models.controlnet import ControlledPixArt, load_branch
+        from models.shipped import content_hash
+
+        branch = load_branch(cfg.control.checkpoint, model, cfg.control, content_hash(s.checkpoint))
+        branch = branch.to(device=s.device, dtype=next(model.parameters()).dtype)
+        model = ControlledPixArt(model, branch).eval()
     return model
 
 
 def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, request: Plan,
                   prompts: PromptFeatures, timings: Timings, progress: bool = True,
-                  prediction: str = "eps") -> torch.Tensor:
+                  prediction: str = "eps", control_scale: float = 1.0) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches."""
     device = torch.device(s.device)
     latent_hw = (request.gen_size[0] // vae.downsample, request.gen_size[1] // vae.downsample)
+    extra = {}
+    if request.control is not None:  # encoded once by the image's own autoencoder, shared by every batch
+        with torch.inference_mode():
+            latent = vae.encode(request.control[None].to(device), sample=False).float()  # (1, C, h, w)
+        extra = {"control": latent, "control_scale": control_scale}
     bar = tqdm(total=len(request.prompts) * s.steps, desc="denoising", unit="step", disable=not progress)
     images = []
     for b in range(0, len(request.prompts), s.batch_size):
         batch, seeds = request.prompts[b:b + s.batch_size], request.seeds[b:b + s.batch_size]
         y, mask = prompts.rows(batch)
         cond = {"y": y, "mask": mask,
-                **micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32)}
+                **micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32),
+                **{k: v.expand(len(batch), -1, -1, -1) if torch.is_tensor(v) else v for k, v in extra.items()}}
         with torch.inference_mode():
             start = time.perf_counter()
             latents = denoise_batch(model, schedule, s, cond, seeds, latent_hw, negative=prompts.negative,
@@ -372,5 +410,5 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
     vae = load_autoencoder(cfg.autoencoder, s.device)
     timings.loading = time.perf_counter() - start
     images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress,
-                           cfg.diffusion.prediction)
+                           cfg.diffusion.prediction, cfg.control.scale)
     return Generated(images, request.prompts, request.seeds, timings)

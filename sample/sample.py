@@ -51,6 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="T5 in 8 bit and one-image VAE decoding (T5 is always freed before the transformer loads)")
     p.add_argument("--out", help="output folder (a numbered run folder is made inside)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c = p.add_argument_group("ControlNet", "steer the image with a control map (models/controlnet.py)")
+    c.add_argument("--control", help="control image: the map itself (edges, depth, ...) or, with --control-type, an "
+                                     "image to extract it from; saved beside the result as control.png")
+    c.add_argument("--control-type", choices=["none", "canny"], help="extract the map on the fly (default: none)")
+    c.add_argument("--control-scale", type=float, help="conditioning scale of the branch's residuals (default 1)")
+    c.add_argument("--control-checkpoint", help="the ControlNet branch (this project's file or an official .pth)")
+    c.add_argument("--strict-control", action="store_true", help="refuse a control image of another size")
     return p.parse_args(argv)
 
 
@@ -71,6 +78,16 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
         s.low_memory = True
     if args.aspect_ratio:
         s.aspect_ratio = args.aspect_ratio
+    if args.control is not None:
+        s.control = args.control
+    if args.control_type is not None:
+        s.control_type = args.control_type
+    if args.strict_control:
+        s.strict_control = True
+    if args.control_scale is not None:
+        cfg.control.scale = args.control_scale
+    if args.control_checkpoint is not None:
+        cfg.control.checkpoint = args.control_checkpoint
     return cfg
 
 
@@ -120,6 +137,8 @@ def save_outputs(run: Path, result: Generated, cfg: Config, request: Plan) -> li
         to_pil(make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))), padding=2)).save(
             run / "grid.png")
     (run / "prompts.txt").write_text("".join(f"{seed}\t{p}\n" for p, seed in zip(result.prompts, result.seeds)))
+    if request.control is not None:  # the map the images were steered by, at the generated size
+        to_pil((request.control + 1) / 2).save(run / "control.png")
     return paths
 
 

@@ -277,3 +277,75 @@ def test_two_process_controlnet_equals_one_process(toy_base, tmp_path):
     a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (one, two))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Controlled sampling from sample/sample.py, on the shipped shapes teacher
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = TESTS.parent
+TEACHER = ROOT / "weights" / "shapes" / "teacher.safetensors"
+sample_main = load_script("sample/sample.py").main
+
+
+@pytest.fixture(scope="module")
+def teacher_branches(tmp_path_factory):
+    """A fresh (zero-projection) and a random-projection N=2 branch for the shipped teacher, and an edge image."""
+    from models.checkpoint import load_checkpoint
+    from models.shipped import content_hash
+
+    root = tmp_path_factory.mktemp("branches")
+    base, _, _ = load_checkpoint(TEACHER)
+    base = base.float()
+    sha = content_hash(TEACHER)
+    fresh = build_branch(base, ControlConfig(num_blocks=2))
+    save_branch(fresh, base, root / "fresh.safetensors", sha)
+    save_branch(randomise_projections(build_branch(base, ControlConfig(num_blocks=2))), base,
+                root / "random.safetensors", sha)
+    save_branch(fresh, base, root / "other_base.safetensors", "00" * 32)
+    save_branch(fresh, base, root / "bigger.safetensors", sha, extra={"num_blocks": "7"})  # claims N = 7 > depth
+    edges = np.zeros((32, 32, 3), np.uint8)
+    edges[8:24, 8] = edges[8:24, 23] = edges[8, 8:24] = edges[23, 8:24] = 255  # a square outline
+    Image.fromarray(edges).save(root / "edges.png")
+    Image.fromarray(edges[:, :, 0]).resize((48, 40)).save(root / "edges_gray_48x40.png")
+    return root
+
+
+def generate_with(root, out, *args):
+    argv = ["--prompt", "a large red square at the center", "--steps", "3", "--seed", "5", "--out", str(out),
+            "--no-progress", "--control-checkpoint", str(root / "fresh.safetensors"), *args]
+    code = sample_main(argv)
+    images = sorted(out.glob("*/0000_seed5.png"))
+    return code, (np.asarray(Image.open(images[-1])) if images else None)
+
+
+def test_controlled_sampling_from_the_command_line(teacher_branches, tmp_path, caplog):
+    root = teacher_branches
+    code, plain = generate_with(root, tmp_path / "plain", "--control-scale", "0")
+    assert code == 0
+    code, fresh = generate_with(root, tmp_path / "fresh", "--control", str(root / "edges.png"))
+    assert code == 0 and np.array_equal(fresh, plain)  # a zero-projection branch changes nothing
+    assert (next((tmp_path / "fresh").iterdir()) / "control.png").is_file()
+    code, steered = generate_with(root, tmp_path / "random", "--control", str(root / "edges.png"),
+                                  "--control-checkpoint", str(root / "random.safetensors"))
+    assert code == 0 and not np.array_equal(steered, plain)
+    code, resized = generate_with(root, tmp_path / "resized", "--control", str(root / "edges_gray_48x40.png"))
+    assert code == 0 and "is 48x40 (WxH) but the image is generated at 32x32: resizing it" in caplog.text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--control", "EDGES", "--strict-control", "--control", "GRAY"], "drop --strict-control to resize"),
+    (["--control", "EDGES", "--control-checkpoint", "OTHER"], "trained on a base model with sha256 000000000000"),
+    (["--control", "EDGES", "--control-checkpoint", "BIGGER"], "control.num_blocks=7 must be in 1..6"),
+    (["--control", "/nonexistent/edges.png"], "does not exist"),
+    (["--control", "EDGES", "--control-checkpoint", "/nonexistent/branch.safetensors"], "does not exist"),
+])
+def test_bad_control_requests(teacher_branches, tmp_path, caplog, args, message):
+    root = teacher_branches
+    names = {"EDGES": root / "edges.png", "GRAY": root / "edges_gray_48x40.png",
+             "OTHER": root / "other_base.safetensors", "BIGGER": root / "bigger.safetensors"}
+    args = [str(names.get(a, a)) for a in args]
+    code, _ = generate_with(root, tmp_path / "out", *args)
+    assert code == 2 and message in caplog.text

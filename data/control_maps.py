@@ -1,0 +1,54 @@
+"""Control maps for ControlNet: images in, 3-channel maps in [-1, 1] out (white structure on black).
+
+    control = control_map(load_image("photo.png"), "canny", (512, 512))   # (3, 512, 512)
+    control = control_map(load_image("edges.png"), "none", (512, 512))    # the file already is the map
+
+Kinds: `none` (the image is the map: edges, depth, pose... any map a branch was trained on drops in), `canny`
+(data/edges.py, the same settings tools/extract_features.py --control canny uses for training). A map whose size
+differs from the generated image is resized (bilinear) with a warning, or refused when strict.
+"""
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from configs.errors import UserError
+from data.edges import canny, edges_to_control
+
+log = logging.getLogger(__name__)
+
+CANNY = {"sigma": 1.0, "low": 0.1, "high": 0.2}  # what training caches use (tools/extract_features.py)
+KINDS = ("none", "canny")
+
+
+class ControlMapError(UserError):
+    """A control image that cannot be used; the message names the fix."""
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def control_map(image: Image.Image, kind: str, size: tuple[int, int], strict: bool = False,
+                name: str = "the control image") -> torch.Tensor:
+    """The control map (3, height, width) in [-1, 1] of `image` for an image of size (height, width).
+
+    Grayscale and RGBA inputs are fine (load_image composites transparency over white and expands gray to RGB)."""
+    if kind not in KINDS:
+        raise ControlMapError(f"unknown control type {kind!r}: use one of {', '.join(KINDS)}")
+    height, width = size
+    x = image_to_tensor(image)  # (3, h, w) in [0, 1]
+    if kind == "canny":
+        x = (edges_to_control(canny(x, **CANNY)) + 1) / 2  # (3, h, w) in {0, 1}
+    if tuple(x.shape[-2:]) != (height, width):
+        message = (f"{name} is {x.shape[-1]}x{x.shape[-2]} (WxH) but the image is generated at {width}x{height}")
+        if strict:
+            raise ControlMapError(f"{message}: give a control map of that size (or drop --strict-control to resize)")
+        log.warning("%s: resizing it", message)
+        x = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=True)[0].clamp(0, 1)
+    return x * 2 - 1
