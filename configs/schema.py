@@ -6,8 +6,8 @@ from diffusion.consistency import DistillConfig
 from diffusion.schedule import DiffusionConfig
 from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
-from models.controlnet import ControlConfig
 from models.autoencoder import AutoencoderConfig
+from models.controlnet import ControlConfig
 from models.pixart import PixArtConfig
 from models.text_encoder import TextEncoderConfig
 from pipeline.config import SampleConfig

@@ -45,7 +45,8 @@ class DistillConfig:
         if not self.teacher:
             raise UserError("distill.teacher is not set: the checkpoint of the teacher to distil (any format)")
         if num_train_steps % self.ddim_steps or not 1 <= self.ddim_steps <= num_train_steps:
-            raise UserError(f"distill.ddim_steps={self.ddim_steps} gives a skip of {num_train_steps / self.ddim_steps:g}"
+            skip = num_train_steps / self.ddim_steps
+            raise UserError(f"distill.ddim_steps={self.ddim_steps} gives a skip of {skip:g}"
                              f" timesteps, which does not divide the {num_train_steps}-step schedule; use a divisor "
                              f"of {num_train_steps} (50: k = 20, the paper's)")
         if self.guidance_embedding and not self.w_min <= self.w_max:

@@ -137,7 +137,8 @@ def check_sample_values(s: SampleConfig) -> None:
                         f"either --width/--height or --aspect-ratio, not both")
     if (s.width or 1) * (s.height or 1) > s.max_pixels:
         raise UserError(f"{s.width}x{s.height} is {s.width * s.height:,} pixels, more than sample.max_pixels "
-                        f"({s.max_pixels:,}); ask for a smaller image or raise the limit with --set sample.max_pixels=N")
+                        f"({s.max_pixels:,}); ask for a smaller image or raise the limit with "
+                        f"--set sample.max_pixels=N")
     parse_dtype(s.dtype, "sample.dtype")
 
 

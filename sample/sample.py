@@ -104,7 +104,8 @@ def check_out_dir(out: Path) -> None:
     """The output folder can be made and written (checked before anything loads; nothing is created)."""
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder; choose a folder for the numbered run folders")
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; choose a folder for the numbered "
+                        f"run folders")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import free_port, load_script, random_inputs, random_model, tiny_config
 from diffusers import DDIMScheduler, LCMScheduler
+from safetensors.torch import load_file
 from toy_training import ToyLatents, toy_config, toy_data
 
 from configs.errors import UserError
@@ -87,8 +87,8 @@ def test_huber_and_l2_losses_and_grid_errors():
     noise = torch.randn_like(x0)
     n, w = torch.tensor([3, 40]), torch.tensor([4.5, 4.5])
     y = torch.randn(2, 5, 8)
-    cond, uncond = {"y": y, "drop_caption": torch.zeros(2, dtype=torch.bool)}, {"y": y,
-                                                                               "drop_caption": torch.ones(2, dtype=torch.bool)}
+    cond = {"y": y, "drop_caption": torch.zeros(2, dtype=torch.bool)}
+    uncond = {"y": y, "drop_caption": torch.ones(2, dtype=torch.bool)}
     student, teacher = net(0.5), net(0.6)
     huber, _ = ConsistencyDistillationLoss(SCHEDULE, "eps", loss="huber", huber_c=0.001)(
         student, student, teacher, x0, noise, n, w, cond, uncond)

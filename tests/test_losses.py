@@ -107,6 +107,7 @@ def test_v_loss_is_zero_for_a_perfect_v_network():
     gen = torch.Generator().manual_seed(1)
     x0, noise = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, torch.randn(2, 3, 8, 8, generator=gen)
     t = torch.tensor([3, 700])
-    oracle = lambda x_t, t_, **_: torch.cat([SCHEDULE.target("v", x0, t_, noise), torch.zeros_like(x0)], dim=1)
+    def oracle(x_t, t_, **_):
+        return torch.cat([SCHEDULE.target("v", x0, t_, noise), torch.zeros_like(x0)], dim=1)
     per_sample, terms = DiffusionLoss(SCHEDULE, learn_sigma=True, prediction="v")(oracle, x0, t, noise)
     assert terms["mse"].abs().max() < 1e-10 and torch.isfinite(terms["vb"]).all()

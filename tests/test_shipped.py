@@ -46,7 +46,8 @@ def test_missing_file_says_clone_without_weights(shipped):
     from models.checkpoint import load_checkpoint
 
     (shipped / "teacher.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="teacher.safetensors is missing.*clone without the weights.*git checkout"):
+    missing = "teacher.safetensors is missing.*clone without the weights.*git checkout"
+    with pytest.raises(CheckpointError, match=missing):
         load_checkpoint(shipped / "teacher.safetensors")
 
 

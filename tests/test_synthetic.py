@@ -99,7 +99,8 @@ def test_image_i_does_not_depend_on_how_many_are_written(tmp_path):
 
 
 def test_captions_images_and_metadata_agree(tmp_path):
-    records = write_dataset(tmp_path, 12, seed=3, sizes=((64, 64), (48, 80)), scene=SceneSpec(max_objects=3), progress=False)
+    records = write_dataset(tmp_path, 12, seed=3, sizes=((64, 64), (48, 80)), scene=SceneSpec(max_objects=3),
+                            progress=False)
     assert read_metadata(tmp_path) == records and len(records) == 12
     assert not list(tmp_path.rglob("*.tmp"))
     for r in records:

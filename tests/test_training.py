@@ -75,9 +75,9 @@ def run_toy(args, env_extra=None, **kw):
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, strategy):
     common = ("train.steps=4", "train.checkpoint_every=4", "train.grad_accumulation=2")
     one = train(toy_config(tmp_path / "one", "train.batch_size=4", *common), Task, toy_data)
-    out = run_toy([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                   str(TESTS / "toy_train_run.py"), str(tmp_path / "two"), "train.batch_size=2", *common,
-                   f"train.distributed={strategy}"], timeout=300)
+    out = run_toy([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(free_port()), str(TESTS / "toy_train_run.py"), str(tmp_path / "two"), "train.batch_size=2",
+                   *common, f"train.distributed={strategy}"], timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (two,) = (tmp_path / "two").iterdir()
     assert_same_weights(final_weights(one), final_weights(two), 1e-5)

@@ -178,7 +178,8 @@ def run_fid(args) -> dict:
             raise EvalError(f"{folder}: FID needs at least 2 images, found {len(images)}")
         rows = []
         for start in range(0, len(images), args.batch_size):
-            chunk = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images[start:start + args.batch_size]]
+            chunk = [torch.from_numpy(im).permute(2, 0, 1).float() / 255
+                     for im in images[start:start + args.batch_size]]
             rows.append(torch.cat([net(c[None].to(args.device)) for c in chunk]).cpu().double().numpy())
         feats.append(np.concatenate(rows))
     fid = frechet_distance_of(feats[0], feats[1])
@@ -200,14 +201,16 @@ def run_clip(args) -> dict:
     scorer = ClipScorer(args.clip, args.device)
     scores = []
     for start in range(0, len(paths), args.batch_size):
-        batch = [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255 for p in paths[start:start + args.batch_size]]
+        batch = [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255
+                 for p in paths[start:start + args.batch_size]]
         # images of one folder may differ in size: the processor resizes each, so score them one by one
         scores += [float(scorer(img[None], [text])[0]) for img, text in zip(batch, captions[start:start + len(batch)])]
     out = output_dir(args.out, "clip")
     record = {"folder": str(args.folder), "clip": str(args.clip), "images": len(scores),
               "clip_score": float(np.mean(scores)), "per_image": dict(zip((p.name for p in paths), scores))}
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "results.md").write_text(f"| images | CLIP score |\n|---|---|\n| {len(scores)} | {record['clip_score']:.2f} |\n")
+    (out / "results.md").write_text(f"| images | CLIP score |\n|---|---|\n"
+                                    f"| {len(scores)} | {record['clip_score']:.2f} |\n")
     return out, record
 
 
@@ -228,7 +231,8 @@ def run_table(args) -> tuple[None, dict]:
                     + " | ".join(f"{one.get(k, float('nan')):.1f}" for k in ("kind", "color", "size", "position",
                                                                             "count", "all"))
                     + f" | {multi_all:.1f} | {many.get('count', float('nan')):.1f} | "
-                      f"{r.get('frechet_distance', float('nan')):.3f} | {r.get('seconds_per_image', float('nan')):.4f} |")
+                      f"{r.get('frechet_distance', float('nan')):.3f} "
+                      f"| {r.get('seconds_per_image', float('nan')):.4f} |")
     print("\n".join(rows))
     return None, {}
 

@@ -173,7 +173,8 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
 def student(recipe: Recipe, dry_run: bool) -> None:
     """Distil the shipped teacher (needs `teacher` first: its feature cache and shipped files)."""
     stages = Stages(dry_run)
-    if not dry_run and not ((recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()):
+    shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
+    if not dry_run and not shipped:
         raise SystemExit(f"error: the student distils the shipped teacher on its feature cache: run "
                          f"`python train/shapes_recipe.py teacher` first (needs {recipe.ship / 'teacher.safetensors'} "
                          f"and {recipe.cache})")
