@@ -51,7 +51,8 @@ class Plan:
     use_file_config: bool   # the checkpoint carries its own config (else the run config's model section is used)
     gen_size: tuple[int, int]  # (height, width) the transformer generates at
     out_size: tuple[int, int]  # (height, width) of the saved images
-    control: torch.Tensor | None = None  # (3, H, W) control map in [-1, 1] at gen_size, with a control branch
+    control: torch.Tensor | None = None  # control map(s) in [-1, 1] at gen_size, with a control branch: (3, H, W)
+                                         # for every image, or (N, 3, H, W) one per image (see with_controls)
 
 
 def plan(cfg, prompts: list[str]) -> Plan:
@@ -94,25 +95,42 @@ def plan(cfg, prompts: list[str]) -> Plan:
 
 def plan_control(cfg, model_cfg: PixArtConfig, gen_size: tuple[int, int]) -> torch.Tensor | None:
     """The control map of a request, checked with its branch options (before any weights load)."""
-    from pathlib import Path
 
     from data.control_maps import control_map
     from data.folder import load_image
-    from models.controlnet import ControlError, branch_design
 
     s, cc = cfg.sample, cfg.control
     if s.control is None:
         if cc.checkpoint:
             log.warning("control.checkpoint is set but no control image was given (--control): generating without")
         return None
+    check_control_branch(cfg, model_cfg)
+    return control_map(load_image(s.control), s.control_type, gen_size, s.strict_control, name=f"--control {s.control}")
+
+
+def check_control_branch(cfg, model_cfg: PixArtConfig) -> None:
+    """control.checkpoint exists and fits the base's depth; its design and N (from the file) go into cfg.control."""
+    from pathlib import Path
+
+    from models.controlnet import ControlError, branch_design
+
+    cc = cfg.control
     if not cc.checkpoint:
-        raise ControlError("--control needs a ControlNet branch: pass --control-checkpoint FILE (or set "
+        raise ControlError("a control image needs a ControlNet branch: pass --control-checkpoint FILE (or set "
                            "control.checkpoint)")
     if not Path(cc.checkpoint).is_file():
         raise ControlError(f"control checkpoint {cc.checkpoint} does not exist")
     cc.design, cc.num_blocks = branch_design(cc.checkpoint)  # a branch file carries its design, like a checkpoint
     cc.check(model_cfg.dims()[0])
-    return control_map(load_image(s.control), s.control_type, gen_size, s.strict_control, name=f"--control {s.control}")
+
+
+def with_controls(cfg, request: Plan, maps: torch.Tensor) -> Plan:
+    """The request with one control map per image: maps (N, 3, H, W) in [-1, 1] at the generated size."""
+    check_control_branch(cfg, request.model_cfg)
+    if maps.ndim != 4 or len(maps) != len(request.prompts) or tuple(maps.shape[-2:]) != request.gen_size:
+        raise UserError(f"expected {len(request.prompts)} control maps of size {request.gen_size}, got "
+                        f"{tuple(maps.shape)}")
+    return replace(request, control=maps)
 
 
 SEED_LIMIT = 2**63 - 1_000_004  # torch generators take 64-bit seeds; stochastic samplers add 1,000,003
@@ -360,19 +378,22 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
     """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches."""
     device = torch.device(s.device)
     latent_hw = (request.gen_size[0] // vae.downsample, request.gen_size[1] // vae.downsample)
-    extra = {}
-    if request.control is not None:  # encoded once by the image's own autoencoder, shared by every batch
+    shared = None
+    if request.control is not None and request.control.ndim == 3:  # one map for every image: encoded once
         with torch.inference_mode():
-            latent = vae.encode(request.control[None].to(device), sample=False).float()  # (1, C, h, w)
-        extra = {"control": latent, "control_scale": control_scale}
+            shared = vae.encode(request.control[None].to(device), sample=False).float()  # (1, C, h, w)
     bar = tqdm(total=len(request.prompts) * s.steps, desc="denoising", unit="step", disable=not progress)
     images = []
     for b in range(0, len(request.prompts), s.batch_size):
         batch, seeds = request.prompts[b:b + s.batch_size], request.seeds[b:b + s.batch_size]
         y, mask = prompts.rows(batch)
         cond = {"y": y, "mask": mask,
-                **micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32),
-                **{k: v.expand(len(batch), -1, -1, -1) if torch.is_tensor(v) else v for k, v in extra.items()}}
+                **micro_conditions(request.model_cfg, request.gen_size, len(batch), device, torch.float32)}
+        if request.control is not None:  # by the image's own autoencoder (the posterior mean, as in training)
+            with torch.inference_mode():
+                latent = shared if shared is not None else vae.encode(
+                    request.control[b:b + len(batch)].to(device), sample=False).float()
+            cond.update(control=latent.expand(len(batch), -1, -1, -1), control_scale=control_scale)
         with torch.inference_mode():
             start = time.perf_counter()
             latents = denoise_batch(model, schedule, s, cond, seeds, latent_hw, negative=prompts.negative,

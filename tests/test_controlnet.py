@@ -349,3 +349,16 @@ def test_bad_control_requests(teacher_branches, tmp_path, caplog, args, message)
     args = [str(names.get(a, a)) for a in args]
     code, _ = generate_with(root, tmp_path / "out", *args)
     assert code == 2 and message in caplog.text
+
+
+def test_evaluator_scores_controlled_generation(teacher_branches, tmp_path):
+    import json
+
+    evaluate = load_script("tools/evaluate.py").main
+    root = teacher_branches
+    assert evaluate(["model", "--config", "shapes_teacher", "--control", "--set",
+                     f"control.checkpoint={root / 'random.safetensors'}", "--set", "evaluation.num_images=6",
+                     "--set", "sample.steps=3", "--out", str(tmp_path), "--no-progress"]) == 0
+    (run,) = tmp_path.iterdir()
+    record = json.loads((run / "results.json").read_text())
+    assert record["control_blocks"] == 2 and 0 <= record["edge_f1"] <= 100 and record["real_edge_f1"] > 95

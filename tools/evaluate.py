@@ -128,9 +128,9 @@ def run_model(args) -> dict:
     import torch
 
     from configs import Config, load_config
-    from data.synthetic import caption, render, scene_at
+    from data.synthetic import caption, render, render_edges, scene_at
     from evaluation.report import evaluate_images, write_report
-    from pipeline.generate import generate, plan
+    from pipeline.generate import generate, plan, with_controls
 
     cfg = load_config(Config, args.config, args.overrides)
     ec, s = cfg.evaluation, cfg.sample
@@ -142,6 +142,11 @@ def run_model(args) -> dict:
     captions = [caption(objects) for _, _, objects in scenes]
     real = [np.asarray(render(objects, w, h)) for w, h, objects in scenes]
     request = plan(cfg, captions)
+    controls = None
+    if args.control:  # each scene's own edge map, as the ControlNet was trained with
+        controls = [np.asarray(render_edges(objects, w, h)) for w, h, objects in scenes]
+        maps = torch.from_numpy(np.stack(controls)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
+        request = with_controls(cfg, request, maps)
     out = output_dir(args.out, Path(args.config).stem)
     start = time.perf_counter()
     generated = generate(cfg, request, progress=not args.no_progress)
@@ -161,6 +166,13 @@ def run_model(args) -> dict:
         "seconds_per_image": round((t.denoising + t.vae_decoding) / len(images), 5),
         "seconds_total": round(elapsed, 2),
     }
+    if controls is not None:
+        from evaluation.edges import edge_agreement
+
+        extra.update({"control_checkpoint": cfg.control.checkpoint, "control_design": cfg.control.design,
+                      "control_blocks": cfg.control.num_blocks, "control_scale": cfg.control.scale,
+                      **{k: round(v, 2) for k, v in edge_agreement(images, controls).items()},
+                      "real_edge_f1": round(edge_agreement(real, controls)["edge_f1"], 2)})
     return out, write_report(out, results, scores, images, captions, real, extra)
 
 
@@ -254,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     model = sub.add_parser("model", parents=[common], help="generate the held-out captions with a config, score them")
     add_config_arguments(model, default="shapes_teacher")
+    model.add_argument("--control", action="store_true",
+                       help="steer each image by its scene's edge map through control.checkpoint (a ControlNet "
+                            "branch) and also report edge agreement (F1 of Canny edges against the map)")
 
     folder = sub.add_parser("folder", parents=[common], help="score a folder of shapes images against their captions")
     folder.add_argument("folder", type=Path)
