@@ -24,6 +24,7 @@ own state dict uses exactly the controlnet.* names.
 """
 
 import copy
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from configs.errors import UserError
 from models.pixart import BlockHook, Conditioning, PixArt, PixArtBlock
 
 FORMAT = "pixart-delta-control/1"
+log = logging.getLogger(__name__)
 
 
 class ControlError(UserError):
@@ -51,6 +53,8 @@ class ControlConfig:
     base: str | None = None          # training: the frozen base model's checkpoint (any format)
     checkpoint: str | None = None    # sampling: a branch file (this project's safetensors, or an official .pth)
     scale: float = 1.0               # conditioning scale: multiplies every injected residual at sampling time
+    check_base: bool = True          # refuse a branch recorded for another base; false: a model derived from that
+                                     # base (e.g. the LCM student of the teacher the branch was trained on)
 
     def check(self, depth: int) -> None:
         if self.design not in DESIGNS:
@@ -288,8 +292,13 @@ def load_branch(path: str | Path, base: PixArt, cfg: ControlConfig, base_sha256:
         problems.append(f"its width is {width}, the base model's hidden_size is {base.hidden_size}")
     recorded = meta.get("base_sha256")
     if recorded and base_sha256 and recorded != base_sha256:
-        problems.append(f"it was trained on a base model with sha256 {recorded[:12]}..., this base is "
-                        f"{base_sha256[:12]}... (another model: use the branch's own base)")
+        if cfg.check_base:
+            problems.append(f"it was trained on a base model with sha256 {recorded[:12]}..., this base is "
+                            f"{base_sha256[:12]}... (another model: use the branch's own base, or --set "
+                            f"control.check_base=false for a model derived from it, like its LCM student)")
+        else:
+            log.warning("control branch %s was trained on another base (sha256 %s...); using it on this one as asked "
+                        "(control.check_base=false)", path, recorded[:12])
     if problems:
         raise ControlError(f"control checkpoint {path} does not fit: " + "; ".join(problems))
     branch = build_branch(base, cfg)

@@ -362,3 +362,31 @@ def test_evaluator_scores_controlled_generation(teacher_branches, tmp_path):
     (run,) = tmp_path.iterdir()
     record = json.loads((run / "results.json").read_text())
     assert record["control_blocks"] == 2 and 0 <= record["edge_f1"] <= 100 and record["real_edge_f1"] > 95
+
+
+@pytest.mark.slow
+def test_ablation_tool_end_to_end(tmp_path):
+    """tools/controlnet_ablation.py on a tiny extracted set: trains in resumed segments, evaluates each, writes the
+    table, the JSON and the PNG curve; a second call finds everything done."""
+    import json
+
+    from data.synthetic import SceneSpec, write_dataset
+    from tools.extract_features import main as extract
+
+    write_dataset(tmp_path / "data", 24, seed=0, sizes=((32, 32),), scene=SceneSpec(max_objects=2), progress=False)
+    t5 = ROOT / "weights" / "shapes" / "t5"
+    assert extract([str(tmp_path / "data"), str(tmp_path / "cache"), "--config", "shapes_teacher", "--base-size", "32",
+                    "--control", "edge", "--no-progress", "--set", f"text_encoder.path={t5}"]) == 0
+    argv = [sys.executable, str(ROOT / "tools" / "controlnet_ablation.py"), "--work", str(tmp_path / "work"),
+            "--variants", "transformer:1", "unet:1", "--steps", "2", "4", "--images", "4", "--batch-size", "4",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "sample.steps=2"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "work" / "ablation.json").read_text())
+    assert [(r["design"], r["step"]) for r in result["rows"]] == [("transformer", 0), ("transformer", 2),
+                                                                    ("transformer", 4), ("unet", 0), ("unet", 2),
+                                                                    ("unet", 4)]
+    assert result["rows"][0]["edge_f1"] == result["rows"][3]["edge_f1"]  # step 0 is the base for every design
+    assert Image.open(tmp_path / "work" / "edge_f1.png").size == (720, 440)
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "$ " not in again.stdout  # nothing re-run

@@ -1,0 +1,163 @@
+"""The paper's ControlNet design ablation (its figure 5) as numbers, on the synthetic shapes set with the shipped
+teacher: ControlNet-Transformer vs ControlNet-UNet, N copied blocks, edge agreement / caption accuracy / Frechet
+distance against training steps, and the "sudden convergence" step.
+
+    python tools/extract_features.py work/shapes/data work/shapes/cache-edge --config shapes_teacher --control edge
+    python tools/controlnet_ablation.py                                   # every variant, about 1 hour on 2 cores
+    python tools/controlnet_ablation.py --variants transformer:3 unet:3 --steps 100 200 --images 100
+
+Each variant trains with train/train_controlnet.py --config controlnet_shapes (the branch only; the base is the
+frozen shipped teacher) and stops at every step of --steps (resuming exactly), where the branch is evaluated by
+tools/evaluate.py model --control on held-out scenes steered by their own edge maps. Step 0 is the base model
+itself (a fresh branch changes nothing). Finished segments and evaluations are skipped, so an interrupted run
+continues. Writes WORK/ablation.md (table), WORK/ablation.json and WORK/edge_f1.png (curves).
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("controlnet_ablation")
+
+
+def python(*args) -> list[str]:
+    return [sys.executable, *[str(a) for a in args]]
+
+
+def sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def run(cmd: list[str], log_file: Path) -> None:
+    log.info("$ %s", " ".join(str(c) for c in cmd))
+    with open(log_file, "a") as out:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"error: a stage failed (exit {code}), see {log_file}")
+
+
+def current_step(run_dir: Path | None) -> int:
+    pointer = run_dir / "checkpoints" / "latest.txt" if run_dir else None
+    return int(pointer.read_text().strip()[len("step_"):-len(".pt")]) if pointer and pointer.is_file() else 0
+
+
+def fresh_branch(path: Path, design: str, n: int, base: str) -> None:
+    """The step-0 branch (zero projections: the base model exactly)."""
+    from models.checkpoint import load_checkpoint
+    from models.controlnet import ControlConfig, build_branch, save_branch
+    from models.shipped import content_hash
+
+    model, _, _ = load_checkpoint(base)
+    save_branch(build_branch(model.float(), ControlConfig(design=design, num_blocks=n)), model, path,
+                content_hash(base))
+
+
+def evaluate(work: Path, name: str, branch: Path, args) -> dict:
+    out = work / "eval" / name
+    if not (out / "results.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        tmp = work / "eval" / f".{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run(python("tools/evaluate.py", "model", "--config", args.config, "--control", "--out", tmp, "--no-progress",
+                   *sets([f"control.checkpoint={branch}", f"evaluation.num_images={args.images}", *args.common])),
+            work / "log.txt")
+        next(tmp.iterdir()).rename(out)
+        shutil.rmtree(tmp)
+    return json.loads((out / "results.json").read_text())
+
+
+def row(design: str, n: int, step: int, r: dict) -> dict:
+    single, multi = r["groups"]["single"], r["groups"].get("multi", {})
+    return {"design": design, "N": n, "step": step, "edge_f1": r["edge_f1"], "edge_precision": r["edge_precision"],
+            "edge_recall": r["edge_recall"], "single_kind": single["kind"], "single_all": single["all"],
+            "multi_all": multi.get("all", float("nan")), "fd": r["frechet_distance"],
+            "s_per_image": r["seconds_per_image"]}
+
+
+def convergence_step(curve: list[dict], baseline: float) -> int | None:
+    """The first evaluated step whose edge F1 is at least half way from the base model's to the final value."""
+    final = curve[-1]["edge_f1"]
+    half = baseline + 0.5 * (final - baseline)
+    if final <= baseline:
+        return None
+    return next((r["step"] for r in curve if r["step"] > 0 and r["edge_f1"] >= half), None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "work" / "controlnet")
+    parser.add_argument("--config", default="controlnet_shapes")
+    parser.add_argument("--variants", nargs="+", default=["transformer:1", "transformer:2", "transformer:3",
+                                                           "transformer:6", "unet:3"], help="DESIGN:N")
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200, 300, 400])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=200, help="held-out scenes per evaluation")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    sys.path.insert(0, str(ROOT))
+    from configs import Config, load_config
+
+    work = args.work.resolve()
+    (work / "branches").mkdir(parents=True, exist_ok=True)
+    base = load_config(Config, args.config, args.overrides).control.base
+    args.common = [f"text_encoder.path={ROOT / 'weights/shapes/t5'}", *args.overrides]
+    rows, curves = [], {}
+    for variant in args.variants:
+        design, n = variant.split(":")
+        n, name = int(n), f"{design}{n}"
+        zero = work / "branches" / f"{name}-0.safetensors"
+        if not zero.is_file():
+            fresh_branch(zero, design, n, base)
+        curve = [row(design, n, 0, evaluate(work, f"{name}-0", zero, args))]
+        for step in sorted(args.steps):
+            branch = work / "branches" / f"{name}-{step}.safetensors"
+            if not branch.is_file():
+                found = sorted((work / "runs").glob(f"*-cn-{name}")) if (work / "runs").is_dir() else []
+                run_dir = found[-1] if found else None
+                train = sets([f"train.steps={step}"])
+                if run_dir is None:
+                    cmd = python("train/train_controlnet.py", "--config", args.config, *sets([
+                        f"train.runs_dir={work / 'runs'}", f"train.name=cn-{name}", f"control.design={design}",
+                        f"control.num_blocks={n}", f"train.batch_size={args.batch_size}", "train.sample_every=0",
+                        f"train.checkpoint_every={min(args.steps)}", *args.common]), *train)
+                elif current_step(run_dir) < step:
+                    cmd = python("train/train_controlnet.py", "--resume", run_dir, *train)
+                else:
+                    cmd = None
+                if cmd:
+                    run(cmd, work / "log.txt")
+                run_dir = sorted((work / "runs").glob(f"*-cn-{name}"))[-1]
+                shutil.copy(run_dir / "weights.safetensors", branch)
+            curve.append(row(design, n, step, evaluate(work, f"{name}-{step}", branch, args)))
+        curves[name] = curve
+        rows += curve
+    baseline = rows[0]["edge_f1"]
+    summary = {name: {"final_edge_f1": c[-1]["edge_f1"], "convergence_step": convergence_step(c, baseline)}
+               for name, c in curves.items()}
+    (work / "ablation.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    lines = ["| design | N | step | edge F1 | edge precision | edge recall | single: kind | single: all | "
+             "multi: all | FD | s/image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['design']} | {r['N']} | {r['step']} | {r['edge_f1']:.1f} | {r['edge_precision']:.1f} | "
+              f"{r['edge_recall']:.1f} | {r['single_kind']:.1f} | {r['single_all']:.1f} | {r['multi_all']:.1f} | "
+              f"{r['fd']:.3f} | {r['s_per_image']:.3f} |" for r in rows]
+    lines += ["", "| variant | final edge F1 | sudden convergence (first step half way from the base's F1) |",
+              "|---|---|---|"]
+    lines += [f"| {k} | {v['final_edge_f1']:.1f} | {v['convergence_step']} |" for k, v in summary.items()]
+    (work / "ablation.md").write_text("\n".join(lines) + "\n")
+    from evaluation.plot import line_plot
+
+    line_plot({k: [(r["step"], r["edge_f1"]) for r in c] for k, c in curves.items()}, work / "edge_f1.png",
+              "ControlNet on the shapes teacher: edge F1 vs training steps", "training step", "edge F1 (%)")
+    log.info("wrote %s, %s", work / "ablation.md", work / "edge_f1.png")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
