@@ -4,8 +4,10 @@
     control = control_map(load_image("edges.png"), "none", (512, 512))    # the file already is the map
 
 Kinds: `none` (the image is the map: edges, depth, pose... any map a branch was trained on drops in), `canny`
-(data/edges.py, the same settings tools/extract_features.py --control canny uses for training). A map whose size
-differs from the generated image is resized (bilinear) with a warning, or refused when strict.
+(data/edges.py, the same settings tools/extract_features.py --control canny uses for training), `hed` (soft edges
+of the HED network, models/hed.py, from the user's ControlNetHED.pth: what PixArt-delta's ControlNet was trained
+on). A map whose size differs from the generated image is resized (bilinear) with a warning, or refused when
+strict.
 """
 
 import logging
@@ -21,7 +23,7 @@ from data.edges import canny, edges_to_control
 log = logging.getLogger(__name__)
 
 CANNY = {"sigma": 1.0, "low": 0.1, "high": 0.2}  # what training caches use (tools/extract_features.py)
-KINDS = ("none", "canny")
+KINDS = ("none", "canny", "hed")
 
 
 class ControlMapError(UserError):
@@ -34,7 +36,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def control_map(image: Image.Image, kind: str, size: tuple[int, int], strict: bool = False,
-                name: str = "the control image") -> torch.Tensor:
+                name: str = "the control image", hed_weights: str | None = None) -> torch.Tensor:
     """The control map (3, height, width) in [-1, 1] of `image` for an image of size (height, width).
 
     Grayscale and RGBA inputs are fine (load_image composites transparency over white and expands gray to RGB)."""
@@ -44,6 +46,13 @@ def control_map(image: Image.Image, kind: str, size: tuple[int, int], strict: bo
     x = image_to_tensor(image)  # (3, h, w) in [0, 1]
     if kind == "canny":
         x = (edges_to_control(canny(x, **CANNY)) + 1) / 2  # (3, h, w) in {0, 1}
+    elif kind == "hed":
+        from models.hed import hed_edges, load_hed
+
+        if not hed_weights:
+            raise ControlMapError("--control-type hed needs the HED weights: --hed-weights ControlNetHED.pth "
+                                  "(hub repo lllyasviel/Annotators; nothing is downloaded)")
+        x = hed_edges(load_hed(hed_weights), x[None])[0].expand(3, -1, -1)  # (3, h, w) in [0, 1]
     if tuple(x.shape[-2:]) != (height, width):
         message = (f"{name} is {x.shape[-1]}x{x.shape[-2]} (WxH) but the image is generated at {width}x{height}")
         if strict:

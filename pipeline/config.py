@@ -35,5 +35,6 @@ class SampleConfig:
     out_dir: str = "outputs"             # each run writes a numbered folder inside
     grid: bool = True                    # also write grid.png
     control: str | None = None           # a control image (with control.checkpoint: ControlNet-steered generation)
-    control_type: str = "none"           # none: the image is the map | canny: extract Canny edges from it
+    control_type: str = "none"           # none: the image is the map | canny | hed: extract edges from it
+    hed_weights: str | None = None       # ControlNetHED.pth, for control_type hed
     strict_control: bool = False         # refuse a control image of another size instead of resizing it

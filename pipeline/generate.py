@@ -105,7 +105,8 @@ def plan_control(cfg, model_cfg: PixArtConfig, gen_size: tuple[int, int]) -> tor
             log.warning("control.checkpoint is set but no control image was given (--control): generating without")
         return None
     check_control_branch(cfg, model_cfg)
-    return control_map(load_image(s.control), s.control_type, gen_size, s.strict_control, name=f"--control {s.control}")
+    return control_map(load_image(s.control), s.control_type, gen_size, s.strict_control, name=f"--control {s.control}",
+                       hed_weights=s.hed_weights)
 
 
 def check_control_branch(cfg, model_cfg: PixArtConfig) -> None:

@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = p.add_argument_group("ControlNet", "steer the image with a control map (models/controlnet.py)")
     c.add_argument("--control", help="control image: the map itself (edges, depth, ...) or, with --control-type, an "
                                      "image to extract it from; saved beside the result as control.png")
-    c.add_argument("--control-type", choices=["none", "canny"], help="extract the map on the fly (default: none)")
+    c.add_argument("--control-type", choices=["none", "canny", "hed"],
+                   help="extract the map on the fly (default none: the image is the map)")
+    c.add_argument("--hed-weights", help="ControlNetHED.pth for --control-type hed (nothing is downloaded)")
     c.add_argument("--control-scale", type=float, help="conditioning scale of the branch's residuals (default 1)")
     c.add_argument("--control-checkpoint", help="the ControlNet branch (this project's file or an official .pth)")
     c.add_argument("--strict-control", action="store_true", help="refuse a control image of another size")
@@ -82,6 +84,8 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
         s.control = args.control
     if args.control_type is not None:
         s.control_type = args.control_type
+    if args.hed_weights is not None:
+        s.hed_weights = args.hed_weights
     if args.strict_control:
         s.strict_control = True
     if args.control_scale is not None:

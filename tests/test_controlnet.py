@@ -390,3 +390,15 @@ def test_ablation_tool_end_to_end(tmp_path):
     assert Image.open(tmp_path / "work" / "edge_f1.png").size == (720, 440)
     again = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "$ " not in again.stdout  # nothing re-run
+
+
+def test_control_map_extracted_with_hed_on_the_fly(teacher_branches, tmp_path):
+    from test_hed import random_hed_state
+
+    root = teacher_branches
+    torch.save(random_hed_state(), tmp_path / "ControlNetHED.pth")
+    code, _ = generate_with(root, tmp_path / "out", "--control", str(root / "edges.png"), "--control-type", "hed",
+                            "--hed-weights", str(tmp_path / "ControlNetHED.pth"))
+    assert code == 0
+    control = np.asarray(Image.open(next((tmp_path / "out").iterdir()) / "control.png"))
+    assert control.shape == (32, 32, 3) and control.std() > 0  # soft edges, not the input copied
