@@ -402,3 +402,24 @@ def test_control_map_extracted_with_hed_on_the_fly(teacher_branches, tmp_path):
     assert code == 0
     control = np.asarray(Image.open(next((tmp_path / "out").iterdir()) / "control.png"))
     assert control.shape == (32, 32, 3) and control.std() > 0  # soft edges, not the input copied
+
+
+def test_converter_splits_and_joins_the_official_controlnet_layout(tmp_path):
+    import yaml
+
+    convert = load_script("tools/convert_checkpoint.py").main
+    cfg = tiny_config(depth=DEPTH)
+    base = base_model()
+    branch = randomise_projections(build_branch(base, ControlConfig(num_blocks=3)))
+    official = join_official(base.state_dict(), branch.state_dict())
+    torch.save(official, tmp_path / "PixArt-tiny-ControlNet.pth")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"model": cfg.__dict__}))
+    assert convert([str(tmp_path / "PixArt-tiny-ControlNet.pth"), str(tmp_path / "split"), "--to", "control",
+                    "--config", str(tmp_path / "tiny.yaml")]) == 0
+    assert convert([str(tmp_path / "split" / "control.safetensors"), str(tmp_path / "joined.pth"), "--to", "official",
+                    "--base", str(tmp_path / "split" / "base.safetensors")]) == 0
+    joined = torch.load(tmp_path / "joined.pth", weights_only=True)
+    assert joined.keys() == official.keys() and all(torch.equal(joined[k], v) for k, v in official.items())
+    # a branch alone cannot become a transformer checkpoint
+    assert convert([str(tmp_path / "split" / "control.safetensors"), str(tmp_path / "x.safetensors"), "--to",
+                    "safetensors"]) == 2

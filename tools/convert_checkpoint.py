@@ -6,6 +6,14 @@ assemble a whole diffusers pipeline folder around it.
     python tools/convert_checkpoint.py student.safetensors out/student-pipeline --to pipeline --scheduler lcm \
         --text-encoder weights/PixArt-XL-2-1024-MS --vae weights/PixArt-XL-2-1024-MS
 
+ControlNet: an official PixArt-XL-2-*-ControlNet.pth (base_model.* + controlnet.*) splits into the base as this
+project's safetensors and the branch alone (recording the base's hash); a branch plus its base join back into
+the official layout:
+
+    python tools/convert_checkpoint.py PixArt-XL-2-512-ControlNet.pth out/cn512 --to control --config pixart_xl2_512
+    python tools/convert_checkpoint.py out/cn512/control.safetensors cn512.pth --to official \
+        --base out/cn512/base.safetensors
+
 The source format is detected. The weights are checked against the architecture (from the file, from --config,
 or read off the weights) before anything is written; every output is written under a temporary name first.
 Converting A -> B -> A reproduces A bit for bit.
@@ -36,7 +44,7 @@ from models.pixart import build_pixart
 from models.text_encoder import resolve_text_encoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OUTPUTS = (*FORMATS, "pipeline")
+OUTPUTS = (*FORMATS, "pipeline", "control")
 SUFFIXES = {"official": (".pth", ".pt", ".bin", ".ckpt"), "safetensors": (".safetensors",)}
 log = logging.getLogger("convert_checkpoint")
 
@@ -64,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--text-encoder", help="pipeline only: a T5 folder or pipeline root (text_encoder/, "
                                                "tokenizer/) to copy in")
     parser.add_argument("--vae", help="pipeline only: an AutoencoderKL folder or pipeline root (vae/) to copy in")
+    parser.add_argument("--base", help="a ControlNet branch to --to official: its base model (any format)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -101,8 +110,81 @@ def prediction_of(ckpt, cfg) -> str:
     return (yaml.safe_load(text) or {}).get("diffusion", {}).get("prediction", "eps") if text else "eps"
 
 
+def is_control_file(path: Path) -> bool:
+    """A ControlNet file: this project's branch (safetensors metadata) or an official base_model.* + controlnet.*."""
+    from models.controlnet import FORMAT
+
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return (f.metadata() or {}).get("format") == FORMAT
+        except Exception:
+            return False
+    if path.suffix in SUFFIXES["official"] and path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return False
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        return any(str(k).startswith("controlnet.") for k in state)
+    return False
+
+
+def convert_control(args, run_cfg) -> None:
+    """Official ControlNet .pth -> DST/base.safetensors + DST/control.safetensors, or branch + --base -> .pth."""
+    from models.checkpoint import load_checkpoint
+    from models.controlnet import (
+        ControlConfig,
+        branch_design,
+        join_official,
+        load_branch,
+        read_branch,
+        save_branch,
+    )
+    from models.shipped import content_hash
+
+    src, dst = Path(args.src), Path(args.dst)
+    if args.to == "control":
+        branch_state, _, base_state = read_branch(src)
+        if base_state is None:
+            raise CheckpointError(f"{src} is already a branch of this project; --to control splits an official "
+                                  f"ControlNet .pth (base_model.* + controlnet.*)")
+        if dst.exists() and not args.overwrite:
+            raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+        cfg = run_cfg.model if run_cfg is not None else None
+        if cfg is None:
+            raise CheckpointError(f"{src} carries no model config: pass --config, e.g. --config pixart_xl2_512")
+        check_state_dict(build_pixart(cfg, device="meta"), cfg, base_state, f"{src} (base_model.*)")
+        base_path = save_checkpoint(base_state, cfg, dst / "base.safetensors", "safetensors",
+                                    overwrite=args.overwrite)
+        base, _, _ = load_checkpoint(base_path)
+        design, n = branch_design(src)
+        branch = load_branch(src, base, ControlConfig(design=design, num_blocks=n))
+        save_branch(branch, base, dst / "control.safetensors", content_hash(base_path))
+        log.info("%s -> %s (base) + %s (branch: %s, N = %d)", src, base_path, dst / "control.safetensors", design, n)
+        return
+    if args.to != "official" or not args.base:
+        raise CheckpointError(f"{src} is a ControlNet branch: convert it with --to official --base BASE (the official "
+                              f"layout holds base and branch together)")
+    check_destination("official", dst, args.overwrite)
+    base, base_cfg, _ = load_checkpoint(args.base)
+    design, n = branch_design(src)
+    branch = load_branch(src, base, ControlConfig(design=design, num_blocks=n), content_hash(args.base))
+    if design != "transformer":
+        raise CheckpointError(f"{src} is a {design} branch; the official layout holds ControlNet-Transformers only")
+    from models.checkpoint import atomic_path
+
+    with atomic_path(dst) as tmp:
+        torch.save(join_official(base.state_dict(), branch.state_dict()), tmp)
+    log.info("%s + %s -> %s (official ControlNet layout, N = %d)", src, args.base, dst, n)
+
+
 def convert(args, run_cfg) -> None:
     dst = Path(args.dst)
+    if args.to == "control" or is_control_file(Path(args.src)):
+        return convert_control(args, run_cfg)
     check_destination(args.to, dst, args.overwrite)
     if args.to == "pipeline" and not (args.text_encoder and args.vae):
         raise CheckpointError("--to pipeline needs --text-encoder PATH and --vae PATH (the pipeline's other parts)")
