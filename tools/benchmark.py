@@ -4,6 +4,7 @@
     python tools/benchmark.py pipeline --size 256 --dtype fp32
     python tools/benchmark.py train --archs XL S --size 256 --batch 2
     python tools/benchmark.py lcd --archs S --size 256 --batch 2 --lora-ranks 0 32
+    python tools/benchmark.py control --arch XL --size 256 --variants transformer:1 transformer:13 unet:14
 
 transformer: one forward of this project's PixArt and of diffusers' PixArtTransformer2DModel on the same
 weights, batch 1, 120 caption tokens. Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
@@ -22,6 +23,9 @@ the matmul peak counting 6 x parameters x tokens FLOPs per sample (attention not
 lcd: one step of train/train_lcm.py's latent consistency distillation (student forward and backward, the frozen
 teacher with and without the caption, the EMA target, AdamW, the target update) on random teacher weights: full
 distillation against LCM-LoRA side by side, seconds per step and peak memory (GPU).
+
+control: one denoiser forward of the base alone and with a ControlNet branch (ControlNet-Transformer with N
+copies, ControlNet-UNet), interleaved: seconds, the branch's share of a sampling step, peak memory (GPU).
 """
 
 import argparse
@@ -375,6 +379,47 @@ def bench_lcd(args) -> list[dict]:
     return rows
 
 
+def bench_control(args) -> list[dict]:
+    """One denoiser forward of the base alone and of base + ControlNet branch (N copies, or the UNet design),
+    interleaved in one process: seconds, the branch's share of the step, peak memory (GPU)."""
+    from models.controlnet import ControlConfig, ControlledPixArt, build_branch
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    latent, pe, micro = PIXART_PRESETS[args.size]
+    cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+    base = build_pixart(cfg).to(device, dtype).eval()
+    x, t, y, mask, kw = pixart_inputs(cfg, args.size, device, dtype, args.batch)
+    control = torch.randn_like(x)
+    variants = [("base alone", None)] + [(f"{d} N={n}", ControlConfig(design=d, num_blocks=n))
+                                        for d, n in (v.split(":") for v in args.variants)
+                                        for n in [int(n)]]
+    models, rows = [], []
+    for name, cc in variants:
+        model = base if cc is None else ControlledPixArt(base, build_branch(base, cc).to(device, dtype)).eval()
+        models.append((name, model))
+
+    def runner(model):
+        if model is base:
+            return lambda: base(x, t, y, mask, **kw)
+        return lambda: model(x, t, y, mask, control=control, **kw)
+
+    with torch.inference_mode():
+        times = [min(ts) for ts in time_interleaved([runner(m) for _, m in models], device, args.reps)]
+        for (name, model), seconds in zip(models, times):
+            mem = None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                runner(model)()
+                mem = peak_memory_mb(device)
+            rows.append(dict(name=name, seconds=seconds, share=1 - times[0] / seconds, mem=mem,
+                             params=sum(p.numel() for p in model.parameters()) / 1e6))
+            log.info("| %s/2 | %dpx | %s | %s | %.3f | %.0f%% | %s | %.0fM |", args.arch, args.size, args.dtype, name,
+                     seconds, 100 * rows[-1]["share"], f"{mem:.0f}" if mem is not None else "-", rows[-1]["params"])
+    return rows
+
+
+CONTROL_HEADER = ("| model | image | dtype | denoiser | s/forward | branch share | peak memory (MB) | parameters |\n"
+                  "|---|---|---|---|---|---|---|---|")
 LCD_HEADER = ("| model | image | batch | student | grad. checkpointing | dtype | s/step | samples/s | peak memory (MB) "
               "| trainable params |\n|---|---|---|---|---|---|---|---|---|---|")
 TRAIN_HEADER = ("| model | image | batch | grad. checkpointing | dtype | samples/s | peak memory (MB) "
@@ -430,12 +475,25 @@ def main(argv=None) -> int:
                     choices=sorted(DTYPES))
     lc.add_argument("--reps", type=int, default=3)
     lc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cn = sub.add_parser("control", help="one forward: base alone vs base + ControlNet branch (N, design)")
+    cn.add_argument("--arch", default="XL")
+    cn.add_argument("--size", type=int, default=1024 if torch.cuda.is_available() else 256,
+                    choices=sorted(PIXART_PRESETS))
+    cn.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    cn.add_argument("--batch", type=int, default=1)
+    cn.add_argument("--variants", nargs="+", default=["transformer:1", "transformer:13", "unet:14"],
+                    help="DESIGN:N")
+    cn.add_argument("--reps", type=int, default=3)
+    cn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
     if args.what == "transformer":
         log.info(HEADER)
         bench_transformer(args)
+    elif args.what == "control":
+        log.info(CONTROL_HEADER)
+        bench_control(args)
     elif args.what == "lcd":
         log.info(LCD_HEADER)
         bench_lcd(args)
