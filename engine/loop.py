@@ -84,8 +84,9 @@ class TrainingError(RuntimeError):
 class Interrupted(Exception):
     """Training stopped on Ctrl-C or SIGTERM after saving a resumable checkpoint."""
 
-    def __init__(self, signum: int, run_dir: Path):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; continue with --resume {run_dir}")
+    def __init__(self, signum: int, run_dir: Path, step: int | None = None):
+        at = f" at step {step} (checkpoint saved)" if step is not None else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{at}; continue with --resume {run_dir}")
         self.signum = signum
 
 
@@ -381,9 +382,8 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
             if step % tc.checkpoint_every == 0 or step == tc.steps or interrupted:
                 checkpoint(step)
             if interrupted:
-                monitor.close()
-                log.warning("interrupted at step %d; continue with: --resume %s", step, run_dir)
-                raise Interrupted(stop.signal or signal.SIGTERM, run_dir)
+                monitor.close()  # the caller reports the interruption once (Interrupted's message)
+                raise Interrupted(stop.signal or signal.SIGTERM, run_dir, step)
     monitor.close()
     log.info("done: %d steps, weights in %s", step, run_dir)
     return run_dir
