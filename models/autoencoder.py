@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
 from configs.errors import UserError
 from models.text_encoder import local_snapshot, parse_dtype
@@ -72,7 +71,7 @@ def _check_kind(kind: str) -> None:
 class SDVAE:
     """diffusers' AutoencoderKL with the latent scale applied: encode gives scale * z, decode divides it out."""
 
-    def __init__(self, vae: AutoencoderKL, scale: float):
+    def __init__(self, vae, scale: float):  # a diffusers AutoencoderKL
         self.vae = vae
         self.scale = scale
         self.latent_channels = vae.config.latent_channels
@@ -125,6 +124,8 @@ def load_autoencoder(cfg: AutoencoderConfig, device: str | torch.device = "cpu")
         return PixelSpace()
     dtype = parse_dtype(cfg.dtype, "autoencoder.dtype")
     folder, _ = resolve_vae(cfg.path)
+    from diffusers import AutoencoderKL  # loads when used, so reading a config stays cheap
+
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     vae = vae.to(device).eval().requires_grad_(False)
     scale = cfg.scale if cfg.scale is not None else float(vae.config.scaling_factor)

@@ -19,10 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
 from configs.errors import UserError
 from models.checkpoint import atomic_path
@@ -73,6 +70,9 @@ def local_snapshot(path: str) -> Path | None:
         return folder.resolve()
     if folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
         return None  # a file, or clearly meant as a filesystem path: never look it up as a hub id
+    from huggingface_hub import snapshot_download  # heavy libraries load when used, not on import
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     try:
         return Path(snapshot_download(path, local_files_only=True))
     except (HFValidationError, LocalEntryNotFoundError, OSError):
@@ -243,6 +243,8 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
     if cfg.max_tokens < 1:
         raise UserError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
     model_dir, tok_dir = resolve_text_encoder(cfg.path)
+    from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
+
     kwargs = dict(local_files_only=True)
     if cfg.load_in_8bit and device.type == "cuda":
         if importlib.util.find_spec("bitsandbytes") is None:

@@ -9,20 +9,26 @@ channels) runs before weights are loaded. Each run writes a numbered folder in -
 (prompt, seed, sampler and steps in the PNG text fields), grid.png, config.yaml, prompts.txt and log.txt.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from torchvision.utils import make_grid
 
 from configs import Config, add_config_arguments, load_config, save_config, to_yaml
 from configs.errors import UserError
-from pipeline.generate import Generated, Plan, generate, plan
+
+if TYPE_CHECKING:
+    from pipeline.generate import Generated, Plan
+
+# torch, transformers and diffusers load only once the arguments are parsed, so --help answers at once.
 
 log = logging.getLogger("sample")
 DEFAULT_CONFIG = "shapes_teacher"  # the shipped model: runs offline, on the CPU, in seconds
@@ -139,6 +145,8 @@ def save_outputs(run: Path, result: Generated, cfg: Config, request: Plan) -> li
         to_pil(image).save(path, pnginfo=info)
         paths.append(path)
     if s.grid and len(result.images) > 1:
+        from torchvision.utils import make_grid
+
         to_pil(make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))), padding=2)).save(
             run / "grid.png")
     (run / "prompts.txt").write_text("".join(f"{seed}\t{p}\n" for p, seed in zip(result.prompts, result.seeds)))
@@ -160,6 +168,8 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        from pipeline.generate import plan
+
         request = plan(cfg, read_prompts(args))
         check_out_dir(Path(cfg.sample.out_dir))
     except UserError as e:
@@ -174,6 +184,8 @@ def main(argv=None) -> int:
     log.info("%d images, %s %d steps, guidance %s, generating at %dx%d (WxH) -> %s", len(request.prompts),
              cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance, w, h, run)
     try:
+        from pipeline.generate import generate
+
         result = generate(cfg, request, progress=not args.no_progress)
     except UserError as e:
         log.error("error: %s (the run folder %s keeps config.yaml and log.txt)", e, run)
