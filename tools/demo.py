@@ -3,6 +3,7 @@
     pip install -e ".[demo]"
     python tools/demo.py                                  # the shipped shapes model on http://127.0.0.1:7860
     python tools/demo.py --config pixart_alpha_1024 --pipeline weights/PixArt-XL-2-1024-MS --device cuda
+    python tools/demo.py --control-checkpoint BRANCH.safetensors   # adds a control-image upload (ControlNet)
 
 The weights load once; every request is checked like sample/sample.py's (sampler steps, sizes, guidance) and a
 bad one is answered with a message while the server keeps serving. Requests beyond --max-side pixels or
@@ -34,6 +35,16 @@ class Demo:
         request = plan(cfg, ["a test prompt"])  # checks every file before anything loads
         self.text_encoder = load_text_encoder(cfg.text_encoder, cfg.sample.device)
         self.model = load_denoiser(cfg, request)
+        self.controlled = None
+        if cfg.control.checkpoint:  # the base steered by its ControlNet branch, for requests with a control image
+            from models.controlnet import ControlledPixArt, load_branch
+            from models.shipped import content_hash
+            from pipeline.generate import check_control_branch
+
+            check_control_branch(cfg, request.model_cfg)
+            branch = load_branch(cfg.control.checkpoint, self.model, cfg.control, content_hash(cfg.sample.checkpoint))
+            branch = branch.to(device=cfg.sample.device, dtype=next(self.model.parameters()).dtype)
+            self.controlled = ControlledPixArt(self.model, branch).eval()
         self.vae = load_autoencoder(cfg.autoencoder, cfg.sample.device)
         self.schedule = cfg.diffusion.build()
         self.lock = threading.Lock()  # one generation at a time: the models are shared
@@ -52,10 +63,13 @@ class Demo:
             if not 8 <= side <= self.max_side:
                 raise UserError(f"{name} must be in 8..{self.max_side} pixels on this server, got {side}")
 
-    def generate(self, prompt: str, sampler: str, steps: int, guidance: float, seed: int, width: int, height: int):
-        """A PIL image for one prompt; UserError for a bad request."""
+    def generate(self, prompt: str, sampler: str, steps: int, guidance: float, seed: int, width: int, height: int,
+                 control=None):
+        """A PIL image for one prompt (steered by the PIL image `control` when given); UserError for a bad request."""
         from PIL import Image
 
+        from configs.errors import UserError
+        from data.control_maps import control_map
         from pipeline.generate import Timings, encode_prompts, plan, sample_images
 
         steps, seed, width, height = int(steps), int(seed), int(width), int(height)
@@ -65,10 +79,20 @@ class Demo:
         s.sampler, s.steps, s.guidance, s.seed, s.width, s.height = sampler, steps, float(guidance), seed, width, height
         s.images_per_prompt = s.batch_size = 1
         request = plan(cfg, [prompt.strip()])
+        model = self.model
+        if control is not None:
+            if self.controlled is None:
+                raise UserError("this server has no ControlNet branch: start it with --control-checkpoint FILE")
+            from dataclasses import replace
+
+            request = replace(request, control=control_map(control.convert("RGB"), "none", request.gen_size,
+                                                           name="the control image")[None])
+            model = self.controlled
         with self.lock:
             prompts = encode_prompts(self.text_encoder, s, request.prompts, request.model_cfg.caption_channels)
-            images = sample_images(self.model, self.vae, self.schedule, s, request, prompts, Timings(),
-                                   progress=False, prediction=cfg.diffusion.prediction)
+            images = sample_images(model, self.vae, self.schedule, s, request, prompts, Timings(),
+                                   progress=False, prediction=cfg.diffusion.prediction,
+                                   control_scale=cfg.control.scale)
         return Image.fromarray(images[0].mul(255).round().byte().permute(1, 2, 0).numpy())
 
 
@@ -79,9 +103,9 @@ def build_app(demo: Demo):
 
     s = demo.cfg.sample
 
-    def run(prompt, sampler, steps, guidance, seed, width, height):
+    def run(prompt, sampler, steps, guidance, seed, width, height, control=None):
         try:
-            return demo.generate(prompt, sampler, steps, guidance, seed, width, height)
+            return demo.generate(prompt, sampler, steps, guidance, seed, width, height, control)
         except UserError as e:
             raise gr.Error(str(e)) from None
 
@@ -96,9 +120,12 @@ def build_app(demo: Demo):
                 seed = gr.Number(value=s.seed, precision=0, label="seed")
                 width = gr.Number(value=s.width or 256, precision=0, label="width")
                 height = gr.Number(value=s.height or 256, precision=0, label="height")
+                inputs = [prompt, sampler, steps, guidance, seed, width, height]
+                if demo.controlled is not None:
+                    inputs.append(gr.Image(type="pil", label="control image (e.g. an edge map; optional)"))
                 button = gr.Button("generate")
             image = gr.Image(type="pil", label="image", format="png")
-        button.click(run, [prompt, sampler, steps, guidance, seed, width, height], image, api_name="generate")
+        button.click(run, inputs, image, api_name="generate")
     return app
 
 
@@ -111,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="transformer weights (any format)")
     parser.add_argument("--pipeline", help="a diffusers pipeline folder: transformer, text encoder and VAE from it")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--control-checkpoint", help="a ControlNet branch: requests may then upload a control image")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-side", type=int, default=1024, help="largest width or height a request may ask for")
@@ -125,6 +153,8 @@ def main(argv=None) -> int:
             cfg.sample.checkpoint = args.checkpoint
         if args.device:
             cfg.sample.device = args.device
+        if args.control_checkpoint:
+            cfg.control.checkpoint = args.control_checkpoint
         demo = Demo(cfg, args.max_side, args.max_steps)
     except UserError as e:
         log.error("error: %s", e)
