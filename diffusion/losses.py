@@ -111,6 +111,16 @@ class DiffusionLoss:
         weight = {"eps": capped / snr, "v": capped / (snr + 1), "x0": capped}[self.prediction]
         return weight.float()
 
+    def training_loss(self, net, x0: Tensor, rng, caption_dropout: float, **cond) -> tuple[Tensor, dict[str, float]]:
+        """One training step's loss: per-sample timesteps, noise and caption dropout (to the learned null caption)
+        drawn from `rng` (engine.randomness.SampleRandomness), so every trainer built on this objective shares
+        them. Returns the batch mean and the mean of each term."""
+        t = rng.randint(self.schedule.num_steps, x0.device)  # (N,)
+        noise = rng.randn(x0.shape[1:], x0.device)  # (N, C, H, W)
+        drop = rng.rand(x0.device) < caption_dropout  # (N,) captions -> null caption
+        per_sample, terms = self(net, x0, t, noise, drop_caption=drop, **cond)
+        return per_sample.mean(), {k: v.mean().item() for k, v in terms.items()}
+
     def __call__(self, net, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> tuple[Tensor, dict[str, Tensor]]:
         x_t = self.schedule.q_sample(x0, t, noise)  # (N, C, H, W)
         out = net(x_t, t, **cond)  # (N, C or 2C, H, W)

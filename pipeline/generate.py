@@ -99,10 +99,8 @@ def plan_control(cfg, model_cfg: PixArtConfig, gen_size: tuple[int, int]) -> tor
     from data.control_maps import control_map
     from data.folder import load_image
 
-    s, cc = cfg.sample, cfg.control
-    if s.control is None:
-        if cc.checkpoint:
-            log.warning("control.checkpoint is set but no control image was given (--control): generating without")
+    s = cfg.sample
+    if s.control is None:  # a config may name a default branch; it is used only with a control image
         return None
     check_control_branch(cfg, model_cfg)
     return control_map(load_image(s.control), s.control_type, gen_size, s.strict_control, name=f"--control {s.control}",

@@ -69,13 +69,8 @@ class ControlNetTask(Task):
         if "control" not in batch:
             raise UserError(f"the feature cache {self.cfg.data.cache_dir} has no control maps: extract it with "
                             f"tools/extract_features.py --control edge (or canny)")
-        x0 = batch["latent"]  # (N, C, h, w)
-        t = rng.randint(self.schedule.num_steps, x0.device)  # (N,)
-        noise = rng.randn(x0.shape[1:], x0.device)  # (N, C, h, w)
-        drop = rng.rand(x0.device) < self.cfg.train.class_dropout_prob  # (N,) captions -> null caption
-        cond = {**batch_conditions(self.model, batch), "drop_caption": drop, "control": batch["control"]}
-        per_sample, terms = self.criterion(model, x0, t, noise, **cond)
-        return per_sample.mean(), {k: v.mean().item() for k, v in terms.items()}
+        return self.criterion.training_loss(model, batch["latent"], rng, self.cfg.train.class_dropout_prob,
+                                            **batch_conditions(self.model, batch), control=batch["control"])
 
     @torch.no_grad()
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
