@@ -66,10 +66,13 @@ def uses_fsdp(strategy: str, d: Dist) -> bool:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """fully_shard every block of model.blocks (if any), then the root; in place."""
+    """fully_shard every transformer block (the base's and any ControlNet copies: every PixArtBlock), then the root;
+    in place."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in getattr(model, "blocks", []):
+    from models.pixart import PixArtBlock
+
+    for block in [m for m in model.modules() if isinstance(m, PixArtBlock)]:
         fully_shard(block)
     fully_shard(model)
     return model

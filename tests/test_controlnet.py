@@ -263,9 +263,10 @@ def test_resume_equals_an_uninterrupted_run_and_refuses_another_base(toy_base, t
 
 
 @pytest.mark.slow
-def test_two_process_controlnet_equals_one_process(toy_base, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_controlnet_equals_one_process(toy_base, tmp_path, strategy):
     common = (f"control.base={toy_base}", "control.num_blocks=1", "train.ema_decay=0", "train.steps=3",
-              "train.checkpoint_every=3")
+              "train.checkpoint_every=3", f"train.distributed={strategy}")
     one = train(toy_config(tmp_path / "one", "train.batch_size=4", *common), ControlNetTask, toy_data)
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
