@@ -18,7 +18,9 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
 
 `student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
-evaluates it with LCM in 4 steps.
+evaluates it with LCM in 4 steps. `controlnet` extracts the edge-map cache, runs tools/controlnet_ablation.py,
+ships the best branch that fits the size budget (controlnet.safetensors, fp16) and evaluates it steering the
+teacher and the student.
 """
 
 import argparse
@@ -194,6 +196,59 @@ def student(recipe: Recipe, dry_run: bool) -> None:
     log.info("stage seconds: %s", stages.seconds)
 
 
+CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
+
+
+def controlnet(recipe: Recipe, dry_run: bool) -> None:
+    """The design ablation (tools/controlnet_ablation.py: trains and evaluates every variant; finished parts are
+    skipped), then ship the variant with the best final edge F1 among those whose fp16 branch fits the size
+    budget, and evaluate it steering the teacher (DPM-Solver 20, CFG) and the student (LCM 4, no guidance)."""
+    stages = Stages(dry_run)
+    edge_cache = recipe.work / "cache-edge"
+    stages("edge features", (edge_cache / "index.jsonl").is_file(), python(
+        "tools/extract_features.py", recipe.data, edge_cache, "--config", recipe.config, "--base-size", 32,
+        "--autoencoder", "pixel", "--control", "edge", "--batch-size", 256, "--no-progress",
+        *sets([f"text_encoder.path={recipe.ship / 't5'}"])))
+    work = recipe.work.parent / "controlnet"
+    stages("ablation", False, python("tools/controlnet_ablation.py", "--work", work,
+                                     *sets([f"data.cache_dir={edge_cache}", *recipe.overrides])))
+    if dry_run:
+        return
+    summary = json.loads((work / "ablation.json").read_text())
+    rows = summary["rows"]
+    final = {}
+    for r in rows:
+        name = f"{r['design']}{r['N']}"
+        if r["step"] >= final.get(name, {}).get("step", -1):
+            final[name] = r
+    fits = {k: r for k, r in final.items()
+            if (work / "branches" / f"{k}-{r['step']}.safetensors").stat().st_size / 2 <= CONTROL_BUDGET_BYTES}
+    best = max(fits, key=lambda k: fits[k]["edge_f1"])
+    source = work / "branches" / f"{best}-{fits[best]['step']}.safetensors"
+    stages("ship controlnet", False, fn=lambda: ship(source, recipe.ship / "controlnet.safetensors"))
+    branch = f"control.checkpoint={recipe.ship / 'controlnet.safetensors'}"
+    t5 = f"text_encoder.path={recipe.ship / 't5'}"
+    outs = {}
+    for name, config, extra in (("controlnet-teacher", "controlnet_shapes", []),
+                                ("controlnet-student", "lcm_shapes", ["control.check_base=false"])):
+        out = recipe.work / "eval" / name
+        stages(f"evaluate {name}", False, python("tools/evaluate.py", "model", "--config", config, "--control",
+                                                 *sets([branch, t5, *extra]), "--out", out, "--no-progress"))
+        outs[name] = out
+    command = "python train/shapes_recipe.py controlnet"
+    update_manifest(recipe, "controlnet", ["controlnet.safetensors"], command, "controlnet_shapes",
+                    outs["controlnet-student"], {
+                        "what": f"ControlNet branch (fp16) of the teacher, design {fits[best]['design']}, N = "
+                                f"{fits[best]['N']}, {fits[best]['step']} steps at batch 32 on the edge maps; "
+                                f"the best final edge F1 of the ablation within the size budget; steers the "
+                                f"student too (control.check_base=false)",
+                        "ablation": {k: {"edge_f1": r["edge_f1"], "step": r["step"]} for k, r in final.items()},
+                        "evaluation_teacher": json.loads(sorted(outs["controlnet-teacher"].iterdir())[-1].joinpath(
+                            "results.json").read_text()).get("edge_f1"),
+                        "stage_seconds": stages.seconds})
+    log.info("shipped %s (%s); stage seconds: %s", recipe.ship / "controlnet.safetensors", best, stages.seconds)
+
+
 def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | None = None) -> None:
     """fp16 weights (half the bytes; the evaluation runs on exactly these), and the T5 folder when given."""
     from safetensors import safe_open
@@ -232,8 +287,9 @@ def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, c
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["teacher", "student"], help="which shipped model to make (the student "
-                                                                     "distils the shipped teacher)")
+    parser.add_argument("what", choices=["teacher", "student", "controlnet"],
+                        help="which shipped model to make (the student distils the shipped teacher; the ControlNet "
+                             "branch steers it)")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "shapes", help="working folder (not shipped)")
     parser.add_argument("--ship", type=Path, default=ROOT / "weights" / "shapes", help="folder of shipped weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -244,7 +300,7 @@ def main(argv=None) -> int:
     recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides)
     start = time.perf_counter()
     try:
-        {"teacher": teacher, "student": student}[args.what](recipe, args.dry_run)
+        {"teacher": teacher, "student": student, "controlnet": controlnet}[args.what](recipe, args.dry_run)
     except subprocess.CalledProcessError as e:
         log.error("error: a stage failed (exit %d): %s; fix it and run the recipe again: finished stages are "
                   "skipped and training resumes", e.returncode, " ".join(map(str, e.cmd)))
