@@ -315,8 +315,8 @@ def teacher_branches(tmp_path_factory):
 
 
 def generate_with(root, out, *args):
-    argv = ["--prompt", "a large red square at the center", "--steps", "3", "--seed", "5", "--out", str(out),
-            "--no-progress", "--control-checkpoint", str(root / "fresh.safetensors"), *args]
+    argv = ["--config", "shapes_teacher", "--prompt", "a large red square at the center", "--steps", "3", "--seed",
+            "5", "--out", str(out), "--no-progress", "--control-checkpoint", str(root / "fresh.safetensors"), *args]
     code = sample_main(argv)
     images = sorted(out.glob("*/0000_seed5.png"))
     return code, (np.asarray(Image.open(images[-1])) if images else None)

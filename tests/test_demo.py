@@ -46,21 +46,21 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def controlled_server(tmp_path_factory):
-    """The demo with a ControlNet branch (random projections) of the shipped teacher, and an edge image."""
+    """The demo (the shipped student) with a ControlNet branch of it (random projections), and an edge image."""
     from models.checkpoint import load_checkpoint
     from models.controlnet import ControlConfig, build_branch, save_branch
     from models.shipped import content_hash
 
     root = tmp_path_factory.mktemp("branch")
-    teacher = ROOT / "weights" / "shapes" / "teacher.safetensors"
-    base, _, _ = load_checkpoint(teacher)
+    student = ROOT / "weights" / "shapes" / "student.safetensors"
+    base, _, _ = load_checkpoint(student)
     branch = build_branch(base.float(), ControlConfig(num_blocks=2))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in branch.named_parameters():
             if "_proj" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    save_branch(branch, base, root / "branch.safetensors", content_hash(teacher))
+    save_branch(branch, base, root / "branch.safetensors", content_hash(student))
     edges = np.zeros((32, 32, 3), np.uint8)
     edges[8:24, 8] = edges[8:24, 23] = edges[8, 8:24] = edges[23, 8:24] = 255
     Image.fromarray(edges).save(root / "edges.png")
@@ -69,7 +69,7 @@ def controlled_server(tmp_path_factory):
 
 
 def test_generates_the_prompted_shape(server):
-    path = server.predict("a large red circle at the center", "dpm", 20, 3.0, 0, 32, 32, api_name="/generate")
+    path = server.predict("a large red circle at the center", "lcm", 4, 0.0, 0, 32, 32, api_name="/generate")
     image = np.asarray(Image.open(Path(path)).convert("RGB"))
     assert image.shape == (32, 32, 3)
     shapes = read_shapes(image)
@@ -91,9 +91,9 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server):
 
 
 def test_control_image_upload(controlled_server):
-    """Without an upload the branch is not used (the shipped teacher's image); with one it steers the image."""
+    """Without an upload the branch is not used (the shipped student's image); with one it steers the image."""
     client, edges = controlled_server
-    args = ("a large red square at the center", "dpm", 10, 3.0, 4, 32, 32)
+    args = ("a large red square at the center", "lcm", 4, 0.0, 4, 32, 32)
     plain = np.asarray(Image.open(client.predict(*args, None, api_name="/generate")))
     steered = np.asarray(Image.open(client.predict(*args, gradio_client.handle_file(str(edges)),
                                                    api_name="/generate")))

@@ -76,3 +76,19 @@ def test_corpus_tokenizer_has_one_piece_per_caption_word_and_warns_on_unseen(shi
     assert torch.isfinite(features).all()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'a small zebra at the top'" in warnings[0] and ": zebra (" in warnings[0]
+
+
+def test_the_readme_generation_command_draws_the_prompt(tmp_path):
+    """The README's second command, as written (the default preset: the shipped student, LCM 4 steps, offline)."""
+    import numpy as np
+    from conftest import load_script
+    from PIL import Image
+
+    from evaluation.shapes import read_shapes
+
+    main = load_script("sample/sample.py").main
+    assert main(["--prompt", "a large red circle at the center", "--out", str(tmp_path), "--no-progress"]) == 0
+    (image,) = tmp_path.glob("*/*.png")
+    shapes = read_shapes(np.asarray(Image.open(image).convert("RGB")))
+    assert Image.open(image).text["sampler"] == "lcm" and Image.open(image).text["steps"] == "4"
+    assert [(s.color, s.position) for s in shapes] == [("red", "center")]

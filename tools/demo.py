@@ -18,7 +18,7 @@ import sys
 import threading
 
 log = logging.getLogger("demo")
-DEFAULT_CONFIG = "shapes_teacher"
+DEFAULT_CONFIG = "lcm_shapes"  # the shipped student (LCM 4 steps, no guidance)
 
 
 class Demo:
