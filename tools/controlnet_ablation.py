@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="controlnet_shapes")
     parser.add_argument("--variants", nargs="+", default=["transformer:1", "transformer:2", "transformer:3",
                                                            "transformer:6", "unet:3"], help="DESIGN:N")
-    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200, 300])
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=200, help="held-out scenes per evaluation")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
