@@ -7,8 +7,10 @@ from diffusers import PixArtAlphaPipeline
 
 from configs import Config, load_config
 from models.autoencoder import load_autoencoder
+from models.checkpoint import save_checkpoint
 from models.text_encoder import load_text_encoder
 from pipeline.generate import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
+from tools.convert_checkpoint import main as convert
 from tools.random_weights import write_random_pipeline
 
 PROMPTS = ["a large red circle at the top left", "two small blue squares"]
@@ -41,6 +43,23 @@ def ours(path, sampler, steps, guidance):
 def test_images_match_diffusers_pipeline(folder):
     sampler, path = folder
     steps, guidance = (4, 4.5) if sampler == "dpm" else (4, 0.0)  # PixArt-delta: LCM in 4 steps, no CFG
+    assert_matches_diffusers(path, sampler, steps, guidance)
+
+
+def test_an_exported_student_converts_to_a_pipeline_diffusers_samples_in_4_lcm_steps(tmp_path, tiny_t5_path,
+                                                                                     tiny_vae_path):
+    """A student as the LCD trainer exports it (this project's safetensors) -> tools/convert_checkpoint.py --to
+    pipeline --scheduler lcm -> diffusers.PixArtAlphaPipeline in 4 steps gives sample.py's LCM images."""
+    cfg = tiny_config(caption_channels=32, caption_tokens=120, latent_size=128, pe_interpolation=2.0,
+                      micro_conditions=True)
+    save_checkpoint(random_model(cfg, seed=7, std=0.05).state_dict(), cfg, tmp_path / "student.safetensors",
+                    "safetensors")
+    assert convert([str(tmp_path / "student.safetensors"), str(tmp_path / "pipe"), "--to", "pipeline", "--scheduler",
+                    "lcm", "--text-encoder", str(tiny_t5_path), "--vae", str(tiny_vae_path)]) == 0
+    assert assert_matches_diffusers(tmp_path / "pipe", "lcm", 4, 0.0)
+
+
+def assert_matches_diffusers(path, sampler, steps, guidance) -> bool:
     images, request = ours(path, sampler, steps, guidance)
     pipe = PixArtAlphaPipeline.from_pretrained(path)
     latents = initial_noise(request.seeds, (4, 6, 8), "cpu", torch.float32)  # the noise our seeds give
@@ -50,3 +69,4 @@ def test_images_match_diffusers_pipeline(folder):
                   use_resolution_binning=False, max_sequence_length=120).images
     assert theirs.shape == images.shape == (2, 3, 48, 64)
     assert (images - theirs).abs().max().item() < 1e-4
+    return True
