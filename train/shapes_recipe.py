@@ -250,7 +250,8 @@ def controlnet(recipe: Recipe, dry_run: bool) -> None:
 
 
 def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | None = None) -> None:
-    """fp16 weights (half the bytes; the evaluation runs on exactly these), and the T5 folder when given."""
+    """fp16 weights (half the bytes; the evaluation runs on exactly these), and the T5 folder when given; the
+    manifest's hashes follow at once (shipped files are verified on load, also by the evaluation that follows)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -265,6 +266,11 @@ def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | N
         with atomic_dir(t5_target, replace_existing=True) as tmp:
             shutil.copytree(t5, tmp, dirs_exist_ok=True)
     log.info("shipped %s (fp16)%s", target, f" and {t5_target}" if t5 is not None else "")
+    from models.shipped import MANIFEST_NAME, read_manifest, write_manifest
+
+    manifest = target.parent / MANIFEST_NAME
+    if manifest.is_file():  # rehash what it lists (a re-shipped file keeps its entry until the stage ends)
+        write_manifest(target.parent, read_manifest(manifest).get("models", {}))
 
 
 def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, config: str | None,
