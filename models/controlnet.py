@@ -224,7 +224,13 @@ def join_official(base_state: dict[str, torch.Tensor], branch_state: dict[str, t
 
 def read_branch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, torch.Tensor] | None]:
     """(branch state, metadata, base state or None) from this project's branch file or an official .pth."""
+    from models.shipped import ShippedWeightsError, verify_shipped
+
     path = Path(path)
+    try:
+        verify_shipped(path)  # a branch that lives in the repository: present and unchanged
+    except ShippedWeightsError as e:
+        raise ControlError(str(e)) from e
     if not path.is_file():
         raise ControlError(f"control checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -254,7 +260,13 @@ def read_branch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def branch_design(path: str | Path) -> tuple[str, int]:
     """(design, N) a branch file was trained with, from its header (safetensors) or its keys (official .pth)."""
+    from models.shipped import ShippedWeightsError, verify_shipped
+
     path = Path(path)
+    try:
+        verify_shipped(path)
+    except ShippedWeightsError as e:
+        raise ControlError(str(e)) from e
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
