@@ -51,7 +51,8 @@ class ControlConfig:
     design: str = "transformer"      # transformer | unet (DESIGNS)
     num_blocks: int = 13             # N copies of the base's first N blocks (the released model: 13 of 28)
     base: str | None = None          # training: the frozen base model's checkpoint (any format)
-    checkpoint: str | None = None    # sampling: a branch file (this project's safetensors, or an official .pth)
+    checkpoint: str | None = None    # sampling: a branch file (this project's safetensors, or an official .pth);
+                                     # training starts a fresh branch (train.init_from: from a trained one)
     scale: float = 1.0               # conditioning scale: multiplies every injected residual at sampling time
     check_base: bool = True          # refuse a branch recorded for another base; false: a model derived from that
                                      # base (e.g. the LCM student of the teacher the branch was trained on)

@@ -51,9 +51,9 @@ class ControlNetTask(Task):
         base, _, _ = load_checkpoint(cc.base, cfg.model, device=device)  # the config must fit the base
         base = base.float()  # shipped weights may be fp16; the loop's autocast gives bf16/fp16 compute
         self.base_hash = content_hash(cc.base)
-        if cc.checkpoint:  # continue from a trained branch (its N, design, width and base are checked)
-            branch = load_branch(cc.checkpoint, base, cc, self.base_hash).to(device)
-            log.info("branch from %s", cc.checkpoint)
+        if cfg.train.init_from:  # fine-tune a trained branch (its N, design, width and base are checked)
+            branch = load_branch(cfg.train.init_from, base, cc, self.base_hash).to(device)
+            log.info("branch from %s", cfg.train.init_from)
         else:
             branch = build_branch(base, cc)
         self.model = ControlledPixArt(base, branch.requires_grad_(True)).train()
