@@ -58,3 +58,24 @@ def test_hed_file_errors(tmp_path):
     (tmp_path / "corrupt.pth").write_bytes(b"garbage")
     with pytest.raises(HEDError, match="cannot read HED weights"):
         load_hed(tmp_path / "corrupt.pth")
+
+
+def test_make_control_maps_tool(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from data.synthetic import ShapeObject, render
+    from tools.make_control_maps import main
+
+    (tmp_path / "in").mkdir()
+    square = ShapeObject(kind="square", color="red", size="large", x=0.5, y=0.5)
+    render([square], 48, 32).save(tmp_path / "in" / "a.png")
+    torch.save(random_hed_state(), tmp_path / "hed.pth")
+    assert main([str(tmp_path / "in"), str(tmp_path / "canny"), "--type", "canny"]) == 0
+    edges = np.asarray(Image.open(tmp_path / "canny" / "a.png"))
+    assert edges.shape == (32, 48, 3) and set(np.unique(edges)) == {0, 255} and (edges > 0).mean() < 0.3
+    assert main([str(tmp_path / "in" / "a.png"), str(tmp_path / "hed"), "--type", "hed", "--hed-weights",
+                 str(tmp_path / "hed.pth")]) == 0
+    assert np.asarray(Image.open(tmp_path / "hed" / "a.png")).shape == (32, 48, 3)
+    assert main([str(tmp_path / "in"), str(tmp_path / "x"), "--type", "hed"]) == 2  # no weights: a message
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
