@@ -300,6 +300,17 @@ def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond:
                                   **s.sampler_options)
 
 
+@torch.no_grad()
+def preview_images(model, vae, schedule: NoiseSchedule, s: SampleConfig, cond: dict, latent_hw,
+                   prediction: str = "eps") -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for one batch of cached conditions: the trainers' sample grids. Image i uses
+    seed s.seed + i; guidance (if any) uses the learned null caption. Leaves the model in eval mode."""
+    seeds = [s.seed + i for i in range(len(cond["y"]))]
+    latents = denoise_batch(model.eval(), schedule, replace(s, uncond="null"), cond, seeds, tuple(latent_hw),
+                            prediction=prediction)
+    return ((vae.decode(latents).float() + 1) / 2).clamp(0, 1)
+
+
 def micro_conditions(model_cfg: PixArtConfig, gen_size, n: int, device, dtype) -> dict:
     """Image size (height, width) and aspect ratio (height / width) of the generation, for MS models."""
     if not model_cfg.micro_conditions:

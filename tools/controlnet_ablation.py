@@ -100,7 +100,6 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    sys.path.insert(0, str(ROOT))
     from configs import Config, load_config
 
     work = args.work.resolve()

@@ -12,7 +12,6 @@ mixed precision, DDP, logging, checkpoints, resume) is the shared loop in engine
 
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pixart import build_pixart
-from pipeline.generate import denoise_batch
+from pipeline.generate import preview_images
 
 log = logging.getLogger("train")
 
@@ -51,17 +50,12 @@ class PixArtAlphaTask(Task):
         return self.criterion.training_loss(model, batch["latent"], rng, self.cfg.train.class_dropout_prob,
                                             **batch_conditions(self.model, batch))
 
-    @torch.no_grad()
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions drawn with the sample config (DPM-Solver, CFG with the null caption)."""
         if self.vae is None:
             self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
-        s = replace(self.cfg.sample, uncond="null")
-        n = len(batch["latent"])
-        latents = denoise_batch(model.eval(), self.schedule, s, batch_conditions(self.model, batch),
-                                [s.seed + i for i in range(n)], tuple(batch["latent"].shape[-2:]),
-                                prediction=self.cfg.diffusion.prediction)
-        return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
+        return preview_images(model, self.vae, self.schedule, self.cfg.sample, batch_conditions(self.model, batch),
+                              batch["latent"].shape[-2:], self.cfg.diffusion.prediction)
 
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
         save_checkpoint(state_dict, self.cfg.model, path, "safetensors", metadata=metadata)

@@ -15,7 +15,6 @@ weights.safetensors is the branch alone (models/controlnet.py), with the base's 
 
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint
 from models.controlnet import ControlledPixArt, build_branch, load_branch, save_branch
 from models.shipped import content_hash
-from pipeline.generate import denoise_batch
+from pipeline.generate import preview_images
 
 log = logging.getLogger("train")
 
@@ -72,20 +71,16 @@ class ControlNetTask(Task):
         return self.criterion.training_loss(model, batch["latent"], rng, self.cfg.train.class_dropout_prob,
                                             **batch_conditions(self.model, batch), control=batch["control"])
 
-    @torch.no_grad()
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions and control maps drawn with the sample config; the control maps above the images."""
         if self.vae is None:
             self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
-        s = replace(self.cfg.sample, uncond="null")
-        n = len(batch["latent"])
         cond = {**batch_conditions(self.model, batch), "control": batch["control"],
                 "control_scale": self.cfg.control.scale}
-        latents = denoise_batch(model.eval(), self.schedule, s, cond, [s.seed + i for i in range(n)],
-                                tuple(batch["latent"].shape[-2:]), prediction=self.cfg.diffusion.prediction)
-        model.train()
-        images = ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
-        controls = ((self.vae.decode(batch["control"]).float() + 1) / 2).clamp(0, 1)
+        images = preview_images(model, self.vae, self.schedule, self.cfg.sample, cond, batch["latent"].shape[-2:],
+                                self.cfg.diffusion.prediction)
+        with torch.no_grad():
+            controls = ((self.vae.decode(batch["control"]).float() + 1) / 2).clamp(0, 1)
         return torch.cat([controls, images])
 
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:

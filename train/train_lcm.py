@@ -34,7 +34,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.lora import adapters_disabled, add_lora, merged_state_dict, save_diffusers_lora, scaling
 from models.pixart import build_pixart
 from models.shipped import content_hash
-from pipeline.generate import denoise_batch
+from pipeline.generate import preview_images
 
 log = logging.getLogger("train")
 
@@ -101,18 +101,12 @@ class LCMTask(Task):
     def load_state_dict(self, state: dict) -> None:
         self.target.load_state_dict(state["target"])
 
-    @torch.no_grad()
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions drawn by the student with the sample config (LCM steps, no CFG)."""
         if self.vae is None:
             self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
-        n = len(batch["latent"])
-        s = self.cfg.sample
-        latents = denoise_batch(model.eval(), self.schedule, s, batch_conditions(self.model, batch),
-                                [s.seed + i for i in range(n)], tuple(batch["latent"].shape[-2:]),
-                                prediction=self.cfg.diffusion.prediction)
-        model.train()
-        return ((self.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
+        return preview_images(model, self.vae, self.schedule, self.cfg.sample, batch_conditions(self.model, batch),
+                              batch["latent"].shape[-2:], self.cfg.diffusion.prediction)
 
     def student_config(self):
         return replace(self.cfg.model, guidance_embedding=self.cfg.distill.guidance_embedding)
