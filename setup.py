@@ -30,6 +30,7 @@ setup(
         "pillow>=10.0",
         "scipy>=1.11",
         "peft>=0.13",          # LoRA adapters for consistency distillation (LCM-LoRA)
+        "torchao==0.18.0",     # int8/fp8 inference (models/quantize.py); its releases follow torch releases
     ],
     extras_require={
         "demo": ["gradio>=5.0"],

@@ -93,6 +93,12 @@ class SDVAE:
         z = posterior.sample(generator) if sample else posterior.mode()  # (N, C, H/f, W/f)
         return (z * self.scale).to(images.dtype)
 
+    def compile(self) -> None:
+        """torch.compile the decoder (models/compiled.py: one graph per latent size, eager fallback)."""
+        from models.compiled import compile_module
+
+        self.vae.decoder = compile_module(self.vae.decoder, "the VAE decoder", self.device)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f), about [-1, 1] (not clamped)."""
@@ -115,6 +121,9 @@ class PixelSpace:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (N, 3, H, W) -> the same tensor."""
         return latents
+
+    def compile(self) -> None:
+        """Nothing to compile."""
 
 
 def load_autoencoder(cfg: AutoencoderConfig, device: str | torch.device = "cpu") -> SDVAE | PixelSpace:

@@ -528,6 +528,7 @@ class LoadReport:
 
     format: str
     null_caption: bool = True  # False when the file had no y_embedding (plain diffusers): null-caption CFG is off
+    quantization: str = "none"  # int8: the block linear layers hold int8 weights (models/quantize.py)
 
 
 def check_state_dict(
@@ -569,17 +570,34 @@ def load_checkpoint(
     ckpt = read_checkpoint(path)
     sd = ckpt.state_dict
     cfg = cfg or ckpt.config or _config_from_official(sd, ckpt.path)
-    report = LoadReport(format=ckpt.format, null_caption=NULL_CAPTION_KEY in sd)
+    report = LoadReport(format=ckpt.format, null_caption=NULL_CAPTION_KEY in sd,
+                        quantization=ckpt.metadata.get("quantization", "none"))
+    quantized = {}
+    if report.quantization != "none":  # int8 values + per-row scales, installed as they are (models/quantize.py)
+        from models.quantize import FILE_MODES, split_quantized
+
+        if report.quantization not in FILE_MODES:
+            raise CheckpointError(f"{path} is quantised as {report.quantization!r}, which this version cannot read "
+                                  f"(it reads {', '.join(FILE_MODES)})")
+        sd, quantized = split_quantized(sd)
     model = build_pixart(cfg, device="meta")
-    check_state_dict(model, cfg, sd, str(path))
+    check_state_dict(model, cfg, {**sd, **{k: q for k, (q, _) in quantized.items()}}, str(path))
     sd = {k: v for k, v in sd.items() if k != "pos_embed"}
     if not report.null_caption:
         # Plain diffusers folders drop the null caption. Keep the weights usable, with CFG from a negative prompt.
         log.debug("%s has no null caption (y_embedding): guidance needs an encoded negative prompt; the buffer is "
                   "zeros", path)
         sd[NULL_CAPTION_KEY] = torch.zeros(cfg.caption_tokens, cfg.caption_channels)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), cfg, report
+    if not quantized:
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval(), cfg, report
+    from models.quantize import assign_int8
+
+    dtype = dtype or torch.float32
+    assign_int8(model, quantized, device, dtype)
+    model.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()},
+                          strict=False, assign=True)
+    return model.eval(), cfg, report
 
 
 def _config_from_official(sd: dict[str, torch.Tensor], path: Path) -> PixArtConfig:
@@ -618,8 +636,14 @@ def save_checkpoint(
     cfg = cfg.resolved()
     sd = {k: v.detach().contiguous() for k, v in sd.items() if k != "pos_embed"}
     path = Path(path)
+    int8 = any(v.dtype == torch.int8 for v in sd.values())  # from models.quantize.quantized_state_dict
+    if int8 and fmt != "safetensors":
+        raise CheckpointError(f"int8 weights are saved as this project's safetensors only, not {fmt}: save the float "
+                              f"weights as {fmt}, or pass --to safetensors")
     if fmt == "safetensors":
         meta = {"format": FORMAT_TAG, "model_config": json.dumps(asdict(cfg)), **(metadata or {})}
+        if int8:
+            meta["quantization"] = "int8"
         with atomic_path(path) as tmp:
             save_file(sd, str(tmp), metadata=meta)
     elif fmt == "official":

@@ -11,7 +11,6 @@ import contextlib
 import gc
 import hashlib
 import html
-import importlib.util
 import json
 import logging
 import re
@@ -52,7 +51,7 @@ class TextEncoderConfig:
     max_tokens: int = 120         # captions are padded / truncated to this many tokens (PixArt-alpha: 120)
     clean_captions: bool = True   # lower-case and strip URLs, HTML, @mentions, junk punctuation before tokenizing
     dtype: str = "bf16"           # fp32 | bf16 | fp16 (T5-v1.1 overflows in fp16: prefer bf16)
-    load_in_8bit: bool = False    # int8 Linear weights: bitsandbytes on CUDA, torch dynamic quantization on CPU
+    load_in_8bit: bool = False    # int8 Linear weights (torchao weight-only, CPU and CUDA): half of bf16 memory
     cache_dir: str | None = None  # folder of cached caption embeddings (one safetensors file per prompt)
 
 
@@ -226,14 +225,16 @@ class T5TextEncoder:
                       metadata={"prompt": prompt, "encoder": self.identity})
 
 
-def _quantize_linear_int8_cpu(model):
-    """torch's dynamic int8 quantization of every nn.Linear (int8 weights, activations quantized per batch)."""
-    try:
-        from torch.ao.quantization import quantize_dynamic
-    except ImportError as e:
-        raise TextEncoderError(f"text_encoder.load_in_8bit on CPU needs torch.ao.quantization.quantize_dynamic, "
-                               f"which torch {torch.__version__} does not have; set load_in_8bit: false") from e
-    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+def _quantize_linear_int8(model, device: torch.device):
+    """int8 weights (one scale per row) for every nn.Linear, through torchao; activations stay float. T5 runs once
+    per prompt, so memory, not speed, is the point, and its activations' outliers make int8 activations risky."""
+    from models.quantize import _require_torchao
+
+    _require_torchao("int8 (text_encoder.load_in_8bit)")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, _name: isinstance(m, torch.nn.Linear), device=device)
+    return model
 
 
 def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> T5TextEncoder:
@@ -243,24 +244,17 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
     if cfg.max_tokens < 1:
         raise UserError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
     model_dir, tok_dir = resolve_text_encoder(cfg.path)
-    from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
+    from transformers import AutoTokenizer, T5EncoderModel
 
-    kwargs = dict(local_files_only=True)
-    if cfg.load_in_8bit and device.type == "cuda":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise TextEncoderError("text_encoder.load_in_8bit on CUDA needs bitsandbytes: pip install bitsandbytes")
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
-    elif cfg.load_in_8bit:
-        dtype = torch.float32  # dynamic int8 quantization computes in fp32
-        if device.type != "cpu":
-            raise TextEncoderError(f"text_encoder.load_in_8bit works on cuda or cpu, not {device.type}")
+    if cfg.load_in_8bit and device.type not in ("cpu", "cuda"):
+        raise TextEncoderError(f"text_encoder.load_in_8bit works on cuda or cpu, not {device.type}")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     with _quiet_transformers():
-        model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, **kwargs).eval().requires_grad_(False)
-    if cfg.load_in_8bit and device.type == "cpu":
-        model = _quantize_linear_int8_cpu(model)
-    elif not cfg.load_in_8bit:
-        model = model.to(device)
+        model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = model.eval().requires_grad_(False)
+    if cfg.load_in_8bit:  # each Linear moves to the device and is quantised there, one at a time: T5-XXL's float
+        model = _quantize_linear_int8(model, device)  # weights are never on the GPU all at once
+    model = model.to(device)
     identity = json.dumps(dict(path=str(model_dir), max_tokens=cfg.max_tokens, clean=cfg.clean_captions,
                                dtype=cfg.dtype, int8=cfg.load_in_8bit), sort_keys=True)
     log.info("text encoder %s: d_model %d, %d tokens, %s%s", model_dir, model.config.d_model, cfg.max_tokens,

@@ -32,6 +32,9 @@ class SampleConfig:
     device: str = "cpu"                  # cpu | cuda | cuda:N
     dtype: str = "fp32"                  # transformer dtype: fp32 | bf16 | fp16
     low_memory: bool = False             # the 8 GB recipe: T5 in 8 bit, VAE decodes one image at a time
+    quantize: str = "none"               # none | int8 (transformer blocks w8a8, T5 int8 weights) | fp8 (CUDA, sm89+);
+                                         # see models/quantize.py
+    compile: bool = False                # torch.compile the transformer and the VAE decoder (eager fallback)
     out_dir: str = "outputs"             # each run writes a numbered folder inside
     grid: bool = True                    # also write grid.png
     control: str | None = None           # a control image (with control.checkpoint: ControlNet-steered generation)

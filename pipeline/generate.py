@@ -64,9 +64,14 @@ def plan(cfg, prompts: list[str]) -> Plan:
     sampler_timesteps(s.sampler, s.steps, cfg.diffusion.num_steps)
     check_sampler_options(s.sampler, s.sampler_options)
     check_device(s.device, s.dtype)
+    check_quantize(s.quantize, s.device)
     if s.checkpoint is None:
         raise UserError("no transformer checkpoint: pass --checkpoint PATH (or set sample.checkpoint)")
     info = peek(s.checkpoint)
+    stored = info.metadata.get("quantization", "none")
+    if stored != "none" and s.quantize not in ("none", stored):
+        raise CheckpointError(f"{s.checkpoint} holds {stored} weights already; --quantize {s.quantize} needs the "
+                              f"float checkpoint (or drop --quantize to run the {stored} file as it is)")
     model_cfg = info.config or cfg.model
     vae_channels = latent_channels_of(cfg.autoencoder)
     if vae_channels != model_cfg.in_channels:
@@ -171,6 +176,12 @@ def check_device(device: str, dtype: str) -> None:
                             f"cuda:{torch.cuda.device_count() - 1})")
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: sampling runs on cpu or cuda, not {dev.type}")
+
+
+def check_quantize(mode: str, device: str) -> None:
+    from models.quantize import check_mode
+
+    check_mode(mode, device)
 
 
 def check_prediction(info, prediction: str, path) -> None:
@@ -363,8 +374,13 @@ def encode_prompts(text_encoder, s: SampleConfig, prompts: list[str], caption_ch
 def load_denoiser(cfg, request: Plan) -> PixArt:
     """The transformer of a request, on the sample device and dtype, checked against the guidance mode."""
     s = cfg.sample
+    dtype = parse_dtype(s.dtype, "sample.dtype")
+    if s.quantize != "none":
+        from models.quantize import compute_dtype
+
+        dtype = compute_dtype(s.quantize, s.device, dtype)
     model, _, report = load_checkpoint(s.checkpoint, None if request.use_file_config else cfg.model,
-                                       device=s.device, dtype=parse_dtype(s.dtype, "sample.dtype"))
+                                       device=s.device, dtype=dtype)
     if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption and not model.guidance_embedding:
         raise CheckpointError(f"{s.checkpoint} has no learned null caption, so guidance with the null caption is "
                               f'impossible: pass --negative-prompt "" (diffusers-style guidance), or --guidance 1 to '
@@ -376,6 +392,14 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
         branch = load_branch(cfg.control.checkpoint, model, cfg.control, content_hash(s.checkpoint))
         branch = branch.to(device=s.device, dtype=next(model.parameters()).dtype)
         model = ControlledPixArt(model, branch).eval()
+    if s.quantize != "none" and report.quantization == "none":
+        from models.quantize import quantize_transformer
+
+        quantize_transformer(model, s.quantize)
+    if s.compile:
+        from models.compiled import compile_module
+
+        model = compile_module(model, "the transformer", s.device)
     return model
 
 
@@ -427,7 +451,8 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
     s = cfg.sample
     timings = Timings()
     start = time.perf_counter()
-    t5_cfg = replace(cfg.text_encoder, load_in_8bit=True) if s.low_memory else cfg.text_encoder
+    eight_bit = s.low_memory or s.quantize != "none"
+    t5_cfg = replace(cfg.text_encoder, load_in_8bit=True) if eight_bit else cfg.text_encoder
     text_encoder = load_text_encoder(t5_cfg, s.device)
     prompts = encode_prompts(text_encoder, s, request.prompts, request.model_cfg.caption_channels)
     _sync(torch.device(s.device))
@@ -437,6 +462,8 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
     start = time.perf_counter()
     model = load_denoiser(cfg, request)
     vae = load_autoencoder(cfg.autoencoder, s.device)
+    if s.compile:
+        vae.compile()
     timings.loading = time.perf_counter() - start
     images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress,
                            cfg.diffusion.prediction, cfg.control.scale)

@@ -55,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--low-memory", action="store_true",
                    help="T5 in 8 bit and one-image VAE decoding (T5 is always freed before the transformer loads)")
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"],
+                   help="8-bit transformer (int8: int8 weights and activations, CPU or CUDA; fp8: CUDA sm89+) and "
+                        "int8 T5 weights; an int8 checkpoint file needs no flag (models/quantize.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer and VAE decoder (first call per size compiles; eager fallback)")
     p.add_argument("--out", help="output folder (a numbered run folder is made inside)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     c = p.add_argument_group("ControlNet", "steer the image with a control map (models/controlnet.py)")
@@ -84,6 +89,10 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
         s.negative_prompt, s.uncond = args.negative_prompt, "negative"
     if args.low_memory:
         s.low_memory = True
+    if args.quantize is not None:
+        s.quantize = args.quantize
+    if args.compile:
+        s.compile = True
     if args.aspect_ratio:
         s.aspect_ratio = args.aspect_ratio
     if args.control is not None:

@@ -131,16 +131,25 @@ def test_cache_hits_misses_and_identity(tiny_t5_path, tmp_path, monkeypatch):
         other.encode(PROMPTS[:1])  # another encoder identity misses the cache
 
 
-def test_int8_cpu_encoder_matches_fp32(tiny_t5_path):
-    reference, mask = load_text_encoder(t5_config(tiny_t5_path)).encode(PROMPTS)
+def test_int8_encoder_has_int8_weights_and_matches_fake_quantised_fp32(tiny_t5_path):
+    """Weight-only int8 (torchao): every Linear holds int8 values with one scale per row (max|w| / 127.5, w * (1 /
+    scale) rounded); the features equal fp32 T5 with those weights quantised and dequantised here."""
+    float_encoder = load_text_encoder(t5_config(tiny_t5_path))
+    reference, mask = float_encoder.encode(PROMPTS)
+    with torch.no_grad():
+        for m in float_encoder.model.modules():
+            if type(m) is torch.nn.Linear:
+                scale = m.weight.abs().amax(-1, keepdim=True) / 127.5
+                m.weight.copy_((m.weight * (1.0 / scale)).round().clamp(-128, 127) * scale)
+    fake_quantised, _ = float_encoder.encode(PROMPTS)
     encoder = load_text_encoder(t5_config(tiny_t5_path, load_in_8bit=True))
-    modules = list(encoder.model.modules())
-    quantized = [m for m in modules if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
-    assert len(quantized) == 2 * (4 + 3)  # q, k, v, o and wi_0, wi_1, wo in each of the 2 layers
-    assert all(m.weight().dtype == torch.qint8 for m in quantized)
-    assert not [m for m in modules if type(m) is torch.nn.Linear]  # no float Linear left
+    linears = [m for m in encoder.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * (4 + 3)  # q, k, v, o and wi_0, wi_1, wo in each of the 2 layers
+    assert all(m.weight.qdata.dtype == torch.int8 for m in linears)
     features, mask8 = encoder.encode(PROMPTS)
     assert features.dtype == torch.float32 and torch.equal(mask, mask8)
+    assert (features - fake_quantised).abs().max() < 1e-4 * fake_quantised.abs().max()
+    assert (features - reference).abs().max() > 1e-5  # quantised for real
     cos = torch.nn.functional.cosine_similarity(features, reference, dim=-1)[mask.bool()]  # (valid tokens,)
     assert cos.min() > 0.99
 

@@ -73,6 +73,9 @@ def main(argv=None) -> int:
                                                "tokenizer/) to copy in")
     parser.add_argument("--vae", help="pipeline only: an AutoencoderKL folder or pipeline root (vae/) to copy in")
     parser.add_argument("--base", help="a ControlNet branch to --to official: its base model (any format)")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="--to safetensors only: store the transformer blocks' linear weights as int8 with "
+                             "per-row scales (a quarter of fp32; loads without re-quantising; models/quantize.py)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -188,7 +191,13 @@ def convert(args, run_cfg) -> None:
     check_destination(args.to, dst, args.overwrite)
     if args.to == "pipeline" and not (args.text_encoder and args.vae):
         raise CheckpointError("--to pipeline needs --text-encoder PATH and --vae PATH (the pipeline's other parts)")
+    if args.quantize != "none" and args.to != "safetensors":
+        raise CheckpointError(f"--quantize {args.quantize} writes this project's safetensors: pass --to safetensors "
+                              f"(official and diffusers files hold float weights)")
     ckpt = read_checkpoint(args.src)
+    if ckpt.metadata.get("quantization"):
+        raise CheckpointError(f"{args.src} is a {ckpt.metadata['quantization']} checkpoint: quantised weights convert "
+                              f"no further (the float values are gone); convert the float checkpoint it came from")
     cfg = run_cfg.model if run_cfg is not None else ckpt.config
     if cfg is None:
         raise CheckpointError(f"{args.src} is an official checkpoint without a config (no {Path(args.src).stem}.yaml "
@@ -207,8 +216,27 @@ def convert(args, run_cfg) -> None:
                                   scheduler_config(args.scheduler, prediction_of(ckpt, run_cfg)))
         out = dst
     else:
-        out = save_checkpoint(sd, cfg, dst, args.to, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+        if args.quantize != "none":
+            sd = quantize_state_dict(sd, cfg, args.quantize)
+        # The run config a trainer recorded (prediction type, ...) travels with the weights.
+        metadata = {"config": ckpt.metadata["config"]} if args.to == "safetensors" and "config" in ckpt.metadata \
+            else None
+        out = save_checkpoint(sd, cfg, dst, args.to, metadata=metadata, max_shard_bytes=args.max_shard_size,
+                              overwrite=args.overwrite)
     log.info("%s (%s) -> %s (%s), %d tensors", args.src, ckpt.format, out, args.to, len(sd))
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], cfg, mode: str) -> dict[str, torch.Tensor]:
+    """Official-key float weights -> the same keys with the block linear weights as int8 (+ `<key>_scale`)."""
+    from models.quantize import quantize_transformer, quantized_state_dict
+
+    model = build_pixart(cfg, device="meta")
+    float_sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k != "pos_embed"}
+    model.load_state_dict(float_sd, strict=False, assign=True)  # only a missing null caption stays unassigned
+    quantized = quantized_state_dict(quantize_transformer(model.eval(), mode))
+    # the layers left in float keep the file's dtype
+    return {k: v if k.endswith("_scale") or v.dtype == torch.int8 else sd[k] for k, v in quantized.items()
+            if k in float_sd or k.endswith("_scale")}
 
 
 if __name__ == "__main__":
