@@ -43,29 +43,31 @@ class QuantizationError(UserError):
     """A quantisation mode this machine or this model cannot run, with what to do instead."""
 
 
-def check_mode(mode: str, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-    """Refuse a mode the device cannot run, before anything loads."""
+def resolve_mode(mode: str, device: torch.device | str) -> str:
+    """The mode to run on `device`, checked before anything loads: fp8 where the GPU has no fp8 matmuls (or on the
+    CPU) falls back to int8 with a warning; an unknown mode or a missing torchao is an error."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
     if mode == "none":
-        return
+        return mode
     _require_torchao(mode)
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise QuantizationError(f"--quantize {mode} runs on cpu or cuda, not {device.type}")
     if mode == "fp8":
-        if device.type != "cuda":
-            raise QuantizationError("--quantize fp8 needs a CUDA GPU of compute capability 8.9 or later (H100, "
-                                    "L40, RTX 4090); on this device use --quantize int8")
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise QuantizationError(f"--quantize fp8 needs compute capability 8.9 or later; "
-                                    f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use --quantize int8")
-    elif device.type not in ("cpu", "cuda"):
-        raise QuantizationError(f"--quantize int8 runs on cpu or cuda, not {device.type}")
+        where = "the CPU"
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) >= (8, 9):
+                return mode
+            where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        log.warning("--quantize fp8 needs a CUDA GPU of compute capability 8.9 or later (L4, L40, RTX 4090, H100); "
+                    "%s has no fp8 matmuls, so the transformer runs in int8 instead", where)
+        return "int8"
+    return mode
 
 
 def _require_torchao(mode: str) -> None:
-    # torchao's import registers an enum with torch's pytree, which logs a deprecation notice meant for torchao
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
     except ImportError as e:
@@ -115,12 +117,12 @@ def quantize_transformer(model: nn.Module, mode: str) -> nn.Module:
     _require_torchao(mode)
     from torchao.quantization import quantize_
 
-    targets = {id(m) for m in block_linears(model).values()}
-    if not targets:
+    linears = block_linears(model).values()
+    if not linears:
         raise QuantizationError(f"{type(model).__name__} has no transformer blocks to quantise")
-    if is_quantized(model):
-        raise QuantizationError("the model is quantised already (an int8 checkpoint): drop --quantize, or convert "
-                                "the float checkpoint instead")
+    targets = {id(m) for m in linears if not _is_quantized_tensor(m.weight)}  # e.g. a branch beside an int8 base
+    if not targets:
+        return model
     quantize_(model, _config(mode), filter_fn=lambda m, _name: id(m) in targets)
     log.info("quantised %d linear layers of the transformer blocks to %s", len(targets), mode)
     return model

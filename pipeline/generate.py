@@ -64,7 +64,7 @@ def plan(cfg, prompts: list[str]) -> Plan:
     sampler_timesteps(s.sampler, s.steps, cfg.diffusion.num_steps)
     check_sampler_options(s.sampler, s.sampler_options)
     check_device(s.device, s.dtype)
-    check_quantize(s.quantize, s.device)
+    s.quantize = resolve_quantize(s.quantize, s.device)
     if s.checkpoint is None:
         raise UserError("no transformer checkpoint: pass --checkpoint PATH (or set sample.checkpoint)")
     info = peek(s.checkpoint)
@@ -94,6 +94,8 @@ def plan(cfg, prompts: list[str]) -> Plan:
     if s.seed + len(prompts) > SEED_LIMIT:
         raise UserError(f"sample.seed {s.seed} + {len(prompts)} images exceeds the largest seed {SEED_LIMIT}")
     control = plan_control(cfg, model_cfg, gen_size)
+    if control is not None and stored != "none":
+        raise CheckpointError(int8_base_message(s.checkpoint, stored))
     return Plan(prompts, [s.seed + i for i in range(len(prompts))], model_cfg.resolved(), info.config is not None,
                 gen_size, out_size, control)
 
@@ -178,10 +180,15 @@ def check_device(device: str, dtype: str) -> None:
         raise UserError(f"--device {device}: sampling runs on cpu or cuda, not {dev.type}")
 
 
-def check_quantize(mode: str, device: str) -> None:
-    from models.quantize import check_mode
+def int8_base_message(path, stored: str) -> str:
+    return (f"{path} holds {stored} weights, but a ControlNet branch starts as a copy of its base's blocks in float: "
+            f"pass the float checkpoint with --quantize {stored} (base and branch are then quantised together)")
 
-    check_mode(mode, device)
+
+def resolve_quantize(mode: str, device: str) -> str:
+    from models.quantize import resolve_mode
+
+    return resolve_mode(mode, device)
 
 
 def check_prediction(info, prediction: str, path) -> None:
@@ -371,6 +378,12 @@ def encode_prompts(text_encoder, s: SampleConfig, prompts: list[str], caption_ch
     return PromptFeatures(features, masks, index, negative)
 
 
+def text_encoder_config(cfg):
+    """The text encoder section, with int8 weights for --low-memory and --quantize."""
+    s = cfg.sample
+    return replace(cfg.text_encoder, load_in_8bit=True) if s.low_memory or s.quantize != "none" else cfg.text_encoder
+
+
 def load_denoiser(cfg, request: Plan) -> PixArt:
     """The transformer of a request, on the sample device and dtype, checked against the guidance mode."""
     s = cfg.sample
@@ -392,7 +405,7 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
         branch = load_branch(cfg.control.checkpoint, model, cfg.control, content_hash(s.checkpoint))
         branch = branch.to(device=s.device, dtype=next(model.parameters()).dtype)
         model = ControlledPixArt(model, branch).eval()
-    if s.quantize != "none" and report.quantization == "none":
+    if s.quantize != "none":  # the block linears still in float (all of them, or a branch beside an int8 file)
         from models.quantize import quantize_transformer
 
         quantize_transformer(model, s.quantize)
@@ -451,9 +464,7 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
     s = cfg.sample
     timings = Timings()
     start = time.perf_counter()
-    eight_bit = s.low_memory or s.quantize != "none"
-    t5_cfg = replace(cfg.text_encoder, load_in_8bit=True) if eight_bit else cfg.text_encoder
-    text_encoder = load_text_encoder(t5_cfg, s.device)
+    text_encoder = load_text_encoder(text_encoder_config(cfg), s.device)
     prompts = encode_prompts(text_encoder, s, request.prompts, request.model_cfg.caption_channels)
     _sync(torch.device(s.device))
     timings.text_encoding = time.perf_counter() - start

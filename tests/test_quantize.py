@@ -86,8 +86,9 @@ def test_only_the_block_linears_are_quantised(tiny):
     assert len(names) == cfg_depth(model) * 7  # qkv, proj, cross q, kv, proj, fc1, fc2
     assert not Q._is_quantized_tensor(quantized.final_layer.linear.weight)
     assert not Q._is_quantized_tensor(quantized.t_block[1].weight)
-    with pytest.raises(UserError, match="quantised already"):
-        Q.quantize_transformer(quantized, "int8")
+    before = {n: p.qdata.clone() for n, p in quantized.named_parameters() if Q._is_quantized_tensor(p)}
+    Q.quantize_transformer(quantized, "int8")  # only float block linears are quantised: a second call changes nothing
+    assert all(torch.equal(p.qdata, before[n]) for n, p in quantized.named_parameters() if n in before)
 
 
 def cfg_depth(model) -> int:
@@ -147,12 +148,13 @@ def test_a_damaged_int8_file_is_named(tiny, tmp_path):
         load_checkpoint(path)
 
 
-def test_modes_this_machine_cannot_run_are_refused():
-    with pytest.raises(UserError, match="CUDA GPU of compute capability 8.9"):
-        Q.check_mode("fp8", "cpu")
+def test_fp8_without_fp8_hardware_falls_back_to_int8_and_unknown_modes_are_refused(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert Q.resolve_mode("fp8", "cpu") == "int8"
+    assert "compute capability 8.9" in caplog.text and "runs in int8 instead" in caplog.text
     with pytest.raises(UserError, match="unknown quantization 'int4'"):
-        Q.check_mode("int4", "cpu")
-    Q.check_mode("int8", "cpu")
+        Q.resolve_mode("int4", "cpu")
+    assert Q.resolve_mode("int8", "cpu") == "int8"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,9 +188,13 @@ def test_int8_file_samples_as_quantised_at_load_and_half_dtype_falls_back_on_cpu
     for a, b in zip(images(tmp_path / "file"), images(tmp_path / "flag"), strict=True):
         assert np.array_equal(a, b)  # the saved int8 weights are exactly the ones quantised at load
     caplog.clear()
-    assert shipped(tmp_path / "fp8", "--checkpoint", str(int8), "--quantize", "fp8") == 2
-    assert "needs a CUDA GPU" in caplog.text
-    assert not (tmp_path / "fp8" / "out").exists()
+    assert shipped(tmp_path / "control", "--checkpoint", str(int8), "--control", "docs/examples/triangle_edges.png") == 2
+    assert "pass the float checkpoint with --quantize int8" in caplog.text
+    assert not (tmp_path / "control" / "out").exists()
+    assert shipped(tmp_path / "fp8", "--quantize", "fp8") == 0  # no fp8 on this CPU: int8, said so
+    assert "runs in int8 instead" in caplog.text
+    for a, b in zip(images(tmp_path / "fp8"), images(tmp_path / "flag"), strict=True):
+        assert np.array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,3 +245,22 @@ def test_compiled_int8_transformer_matches_eager(tiny):
         eager, fast = quantized(x, t, y, mask), compiled(x, t, y, mask)
     assert not compiled.eager
     assert (fast - eager).abs().max() < 1e-3 * eager.abs().max()
+
+
+def test_demo_quantises_the_base_and_its_control_branch():
+    """The demo's controlled model (shipped student + shipped ControlNet branch) in int8: every block linear of both
+    is int8, and a steered image stays within a few levels of the float one."""
+    from configs import Config, load_config
+
+    demo = load_script("tools/demo.py")
+    edges = np.zeros((32, 32, 3), np.uint8)
+    edges[8:24, 8] = edges[8:24, 23] = edges[8, 8:24] = edges[23, 8:24] = 255
+    args = ("a large red square at the center", "lcm", 4, 0.0, 0, 32, 32, Image.fromarray(edges))
+    results = {}
+    for mode in ("none", "int8"):
+        d = demo.Demo(load_config(Config, "lcm_shapes", [f"sample.quantize={mode}"]), 64, 25)
+        linears = Q.block_linears(d.controlled)
+        assert any("branch" in name for name in linears)
+        assert all(Q._is_quantized_tensor(m.weight) == (mode == "int8") for m in linears.values())
+        results[mode] = np.asarray(d.generate(*args), dtype=np.float64) / 255
+    assert np.abs(results["int8"] - results["none"]).mean() < 0.01

@@ -5,6 +5,8 @@
     python tools/benchmark.py train --archs XL S --size 256 --batch 2
     python tools/benchmark.py lcd --archs S --size 256 --batch 2 --lora-ranks 0 32
     python tools/benchmark.py control --arch XL --size 256 --variants transformer:1 transformer:13 unet:14
+    python tools/benchmark.py quantize --size 512 --modes int8
+    python tools/benchmark.py memory --modes none int8 --device cuda
 
 transformer: one forward of this project's PixArt and of diffusers' PixArtTransformer2DModel on the same
 weights, batch 1, 120 caption tokens. Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
@@ -23,6 +25,14 @@ the matmul peak counting 6 x parameters x tokens FLOPs per sample (attention not
 lcd: one step of train/train_lcm.py's latent consistency distillation (student forward and backward, the frozen
 teacher with and without the caption, the EMA target, AdamW, the target update) on random teacher weights: full
 distillation against LCM-LoRA side by side, seconds per step and peak memory (GPU).
+
+quantize: one XL-2 forward (random weights) of diffusers in fp32 and of ours in fp32 and --modes (int8, fp8 on
+sm89+ GPUs), eager and torch.compile'd, interleaved: seconds, speed-up over diffusers fp32, the deviation from the
+fp32 output; then the final images of quantised vs fp32 generation (8-bit levels), on random XL-2 weights and on
+the shipped shapes student.
+
+memory: peak memory of one PixArt-delta image through the pipeline alone (T5 encodes and is freed, then the
+transformer and VAE run; --low-memory's one-image VAE decoding), float vs --quantize.
 
 control: one denoiser forward of the base alone and with a ControlNet branch (ControlNet-Transformer with N
 copies, ControlNet-UNet), interleaved: seconds, the branch's share of a sampling step, peak memory (GPU).
@@ -170,7 +180,15 @@ def bench_pipeline(args) -> list[dict]:
     from configs import Config, load_config
     from models.autoencoder import load_autoencoder
     from models.text_encoder import load_text_encoder
-    from pipeline.generate import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
+    from pipeline.generate import (
+        Timings,
+        encode_prompts,
+        initial_noise,
+        load_denoiser,
+        plan,
+        sample_images,
+        text_encoder_config,
+    )
     from tools.random_weights import write_random_pipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -190,11 +208,14 @@ def bench_pipeline(args) -> list[dict]:
         f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
         f"text_encoder.dtype={args.dtype}", f"autoencoder.dtype={args.dtype}", "text_encoder.clean_captions=false",
         f"sample.dtype={args.dtype}", f"sample.device={args.device}", "sample.uncond=negative",
-        "sample.resolution_binning=false", f"sample.width={args.size}", f"sample.height={args.size}"])
+        "sample.resolution_binning=false", f"sample.width={args.size}", f"sample.height={args.size}",
+        f"sample.quantize={args.quantize}", f"sample.compile={args.compile}"])
     request = plan(base, prompt)
-    t5 = load_text_encoder(base.text_encoder, device)
+    t5 = load_text_encoder(text_encoder_config(base), device)
     model = load_denoiser(base, request)
     vae = load_autoencoder(base.autoencoder, device)
+    if args.compile:
+        vae.compile()
     pipe = PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     side = args.size // 8
@@ -245,6 +266,8 @@ def bench_pipeline(args) -> list[dict]:
         n = args.reps
         ours_total = (timings.text_encoding + timings.denoising + timings.vae_decoding) / n
         theirs_total = (theirs.text_encoding + theirs.denoising + theirs.vae_decoding) / n
+        if args.quantize != "none" or args.compile:
+            name = f"{name} ({', '.join([args.quantize] * (args.quantize != 'none') + ['compiled'] * args.compile)})"
         rows.append(dict(case=f"{name} {steps} steps", ours=ours_total, diffusers=theirs_total,
                          ours_text=timings.text_encoding / n, ours_denoise=timings.denoising / n,
                          ours_vae=timings.vae_decoding / n, theirs_text=theirs.text_encoding / n,
@@ -418,6 +441,8 @@ def bench_control(args) -> list[dict]:
     return rows
 
 
+QUANTIZE_HEADER = ("| transformer | image | batch | s/forward | speed-up vs diffusers fp32 | max error | relative "
+                   "error | block weights (MB) |\n|---|---|---|---|---|---|---|---|")
 CONTROL_HEADER = ("| model | image | dtype | denoiser | s/forward | branch share | peak memory (MB) | parameters |\n"
                   "|---|---|---|---|---|---|---|---|")
 LCD_HEADER = ("| model | image | batch | student | grad. checkpointing | dtype | s/step | samples/s | peak memory (MB) "
@@ -428,6 +453,160 @@ PIPELINE_HEADER = ("| case | ours: text / denoise / VAE (s) | ours total (s) | d
                    "| diffusers total (s) | diffusers/ours | our overhead |\n|---|---|---|---|---|---|---|")
 HEADER = ("| image | dtype | TFLOP/forward | ours (s) | diffusers (s) | diffusers/ours | ours % of matmul peak "
           "| diffusers % of peak | matmul peak (TFLOP/s) |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def random_xl(size: int, micro: bool | None = None) -> tuple[PixArtConfig, dict]:
+    """XL-2 config for `size` and random weights (N(0, 0.02) everywhere: zero-initialised layers would make a
+    quantised model trivially exact)."""
+    latent, pe, ms = PIXART_PRESETS[size]
+    cfg = PixArtConfig(arch="XL", latent_size=latent, pe_interpolation=pe, micro_conditions=ms if micro is None
+                       else micro)
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in build_pixart(cfg).state_dict().items()}
+    return cfg, sd
+
+
+def bench_quantize(args) -> list[dict]:
+    """The transformer forward in float and 8 bit, eager and compiled, against diffusers' fp32, interleaved; then
+    the final images of int8 generation against fp32 generation."""
+    from models.compiled import compile_module
+    from models.quantize import block_linears, quantize_transformer
+
+    device = torch.device(args.device)
+    cfg, sd = random_xl(args.size)
+    if not args.timing:
+        return image_deviation(args, cfg, sd)
+    fp32 = build_pixart(cfg).eval()
+    fp32.load_state_dict(sd)
+    theirs = diffusers_twin(fp32, cfg)
+    x, t, y, mask, kw = pixart_inputs(cfg, args.size, device, torch.float32, args.batch)
+    added = kw or {"resolution": None, "aspect_ratio": None}
+    contenders = {"diffusers fp32": lambda: theirs(x, y, t, added_cond_kwargs=added, encoder_attention_mask=mask)}
+    models = {"ours fp32": fp32}
+    for mode in args.modes:
+        import copy
+
+        models[f"ours {mode}"] = quantize_transformer(copy.deepcopy(fp32), mode)
+    if args.compile:
+        for name in list(models):
+            models[f"{name} compiled"] = compile_module(models[name], name, device)
+    for name, model in models.items():
+        contenders[name] = lambda model=model: model(x, t, y, mask, **kw)
+    with torch.inference_mode():
+        reference = fp32(x, t, y, mask, **kw)
+        outputs = {}
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            outputs[name] = fn()  # also the warm-up (compiles)
+            log.info("warm-up %s: %.1f s", name, time.perf_counter() - start)
+        times = dict(zip(contenders, map(min, time_interleaved(list(contenders.values()), device, args.reps, 0))))
+    rows = []
+    base = times["diffusers fp32"]
+    for name, seconds in times.items():
+        out = outputs[name] if name == "diffusers fp32" else outputs[name]
+        out = out.sample if hasattr(out, "sample") else out
+        error = (out.float() - reference).abs()
+        model = models.get(name.removesuffix(" compiled"))
+        weight_mb = None
+        if model is not None:
+            weight_mb = sum(m.weight.qdata.numel() if hasattr(m.weight, "qdata") else m.weight.numel() * 4
+                            for m in block_linears(model).values()) / 2**20
+        rows.append(dict(name=name, seconds=seconds, speedup=base / seconds, max_error=error.max().item(),
+                         rel_error=(error.norm() / reference.norm()).item(), block_weights_mb=weight_mb))
+        r = rows[-1]
+        log.info("| %s | %dpx | %d | %.2f | %.2f | %.1e | %.1e | %s |", name, args.size, args.batch, seconds,
+                 r["speedup"], r["max_error"], r["rel_error"], f"{weight_mb:.0f}" if weight_mb else "-")
+    if args.images:
+        rows += image_deviation(args, cfg, sd)
+    return rows
+
+
+SHAPE_PROMPTS = ["a large red circle at the center", "a small blue square at the top left",
+                 "a medium green triangle at the bottom right", "a large yellow cross at the center",
+                 "a small purple diamond at the middle left", "a medium orange circle at the top center",
+                 "a large pink square at the bottom center", "a medium brown diamond at the center"]
+
+
+def image_deviation(args, cfg: PixArtConfig, sd: dict) -> list[dict]:
+    """Final images of --quantize MODE vs fp32 generation (same seeds): on random XL-2 weights (a random pipeline
+    folder at --size, PixArt-delta LCM 4 steps) and on the shipped shapes student (its default command)."""
+    from configs import Config, load_config
+    from pipeline.generate import generate, plan
+    from tools.random_weights import write_random_pipeline
+
+    tmp = tempfile.TemporaryDirectory()
+    folder = write_random_pipeline(tmp.name, sd, cfg, t5=dict(num_layers=2, num_heads=64, d_ff=10240, d_kv=64),
+                                   vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                            norm_num_groups=32), scheduler="lcm")
+    cases = {
+        "random XL-2": ("pixart_delta_lcm_1024", [
+            f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
+            "text_encoder.dtype=fp32", "autoencoder.dtype=fp32", "text_encoder.clean_captions=false",
+            "sample.resolution_binning=false", f"sample.width={args.size}", f"sample.height={args.size}",
+            "sample.device=" + args.device],
+            ["a photograph of an astronaut riding a horse on the moon"]),
+        "shipped student": ("lcm_shapes", ["sample.device=" + args.device, "sample.batch_size=8"], SHAPE_PROMPTS),
+    }
+    rows = []
+    for case, (config, overrides, prompts) in cases.items():
+        images = {}
+        for mode in ("none", *args.modes):
+            cfg_run = load_config(Config, config, [*overrides, f"sample.quantize={mode}"])
+            with torch.inference_mode():
+                images[mode] = generate(cfg_run, plan(cfg_run, prompts), progress=False).images
+        for mode in args.modes:
+            diff = (images[mode] - images["none"]).abs() * 255  # in 8-bit levels
+            rows.append(dict(name=f"images {case} {mode}", max_levels=diff.max().item(),
+                             mean_levels=diff.mean().item()))
+            log.info("| %s | %s | %d images | max %.1f | mean %.2f levels of 255 |", case, mode, len(prompts),
+                     rows[-1]["max_levels"], rows[-1]["mean_levels"])
+    tmp.cleanup()
+    return rows
+
+
+def bench_memory(args) -> list[dict]:
+    """Peak memory of one PixArt-delta image (LCM 4 steps) through pipeline.generate alone: T5 (random, d_model 4096,
+    --t5-layers layers; 24 = T5-XXL's real size) encodes and is freed, then the XL-2 1024-MS transformer and the
+    SD-size VAE run. GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident set (all of Python)."""
+    import resource
+
+    from configs import Config, load_config
+    from pipeline.generate import generate, plan
+    from tools.random_weights import write_random_pipeline
+
+    device = torch.device(args.device)
+    cfg, sd = random_xl(1024)
+    tmp = tempfile.TemporaryDirectory()
+    folder = write_random_pipeline(tmp.name, sd, cfg, t5=dict(num_layers=args.t5_layers, num_heads=64, d_ff=10240,
+                                                              d_kv=64),
+                                   vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                            norm_num_groups=32), scheduler="lcm")
+    del sd
+    rows = []
+    for mode in args.modes:
+        run = load_config(Config, "pixart_delta_lcm_1024", [
+            f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
+            f"sample.device={args.device}", f"sample.dtype={args.dtype}", f"text_encoder.dtype={args.dtype}",
+            f"autoencoder.dtype={args.dtype}", f"sample.quantize={mode}", "sample.low_memory=true",
+            f"sample.width={args.size}", f"sample.height={args.size}", "sample.resolution_binning=false"])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            generate(run, plan(run, ["a photograph of an astronaut riding a horse on the moon"]), progress=False)
+        seconds = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        rows.append(dict(mode=mode, peak_mb=peak, seconds=seconds))
+        log.info("| PixArt-δ LCM 4 steps | %dpx | %s | %s | T5 %d layers | %.0f | %.1f |", args.size, args.dtype, mode,
+                 args.t5_layers, peak, seconds)
+    tmp.cleanup()
+    return rows
+
+
+MEMORY_HEADER = ("| case | image | dtype | quantize | text encoder | peak memory (MB) | s (incl. loading) |\n"
+                 "|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
@@ -453,6 +632,10 @@ def main(argv=None) -> int:
     pl.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
                     help="T5-v1.1-XXL has 24; fewer keep a CPU run short (text encoding then costs less)")
     pl.add_argument("--reps", type=int, default=2)
+    pl.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
+                    help="our side only: 8-bit transformer and T5 (diffusers runs in --dtype)")
+    pl.add_argument("--compile", action="store_true", help="our side only: torch.compile transformer and VAE "
+                                                          "decoder (compiled in the warm-up round)")
     pl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     tn = sub.add_parser("train", help="training-step throughput and peak memory")
     tn.add_argument("--archs", nargs="+", default=["XL", "S"])
@@ -485,10 +668,35 @@ def main(argv=None) -> int:
                     help="DESIGN:N")
     cn.add_argument("--reps", type=int, default=3)
     cn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    qt = sub.add_parser("quantize", help="one forward in fp32/int8/fp8, eager and compiled, vs diffusers fp32")
+    qt.add_argument("--size", type=int, default=512, choices=sorted(PIXART_PRESETS))
+    qt.add_argument("--batch", type=int, default=1)
+    qt.add_argument("--modes", nargs="+", default=["int8"], choices=["int8", "fp8"])
+    qt.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the compiled models (first call compiles, outside the timing)")
+    qt.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare final images of quantised and fp32 generation")
+    qt.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the forwards (--no-timing: the image comparison only)")
+    qt.add_argument("--reps", type=int, default=3)
+    qt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mm = sub.add_parser("memory", help="peak memory of one 1024px PixArt-delta image, float vs 8-bit")
+    mm.add_argument("--size", type=int, default=1024)
+    mm.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", "int8", "fp8"])
+    mm.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    mm.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
+                    help="24: T5-v1.1-XXL's real size (19 GB of random fp32 weights written to a temporary folder)")
+    mm.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
-    if args.what == "transformer":
+    if args.what == "memory":
+        log.info(MEMORY_HEADER)
+        bench_memory(args)
+    elif args.what == "quantize":
+        log.info(QUANTIZE_HEADER)
+        bench_quantize(args)
+    elif args.what == "transformer":
         log.info(HEADER)
         bench_transformer(args)
     elif args.what == "control":

@@ -28,15 +28,27 @@ class Demo:
         import torch
 
         from models.autoencoder import load_autoencoder
+        from models.compiled import compile_module
+        from models.quantize import quantize_transformer
         from models.text_encoder import load_text_encoder
-        from pipeline.generate import load_denoiser, plan
+        from pipeline.generate import load_denoiser, plan, text_encoder_config
 
         self.cfg, self.max_side, self.max_steps = cfg, max_side, max_steps
+        s = cfg.sample
         request = plan(cfg, ["a test prompt"])  # checks every file before anything loads
-        self.text_encoder = load_text_encoder(cfg.text_encoder, cfg.sample.device)
-        self.model = load_denoiser(cfg, request)
+        self.text_encoder = load_text_encoder(text_encoder_config(cfg), s.device)
+        # Quantised and compiled below: a ControlNet branch is built from the float base, and wrapped before compiling.
+        plain = copy.deepcopy(cfg)
+        plain.sample.compile, plain.sample.quantize = False, "none"
+        self.model = load_denoiser(plain, request)
         self.controlled = None
         if cfg.control.checkpoint:  # the base steered by its ControlNet branch, for requests with a control image
+            from models.checkpoint import CheckpointError, peek
+            from pipeline.generate import int8_base_message
+
+            stored = peek(s.checkpoint).metadata.get("quantization", "none")
+            if stored != "none":
+                raise CheckpointError(int8_base_message(s.checkpoint, stored))
             from models.controlnet import ControlledPixArt, load_branch
             from models.shipped import content_hash
             from pipeline.generate import check_control_branch
@@ -44,8 +56,15 @@ class Demo:
             check_control_branch(cfg, request.model_cfg)
             branch = load_branch(cfg.control.checkpoint, self.model, cfg.control, content_hash(cfg.sample.checkpoint))
             branch = branch.to(device=cfg.sample.device, dtype=next(self.model.parameters()).dtype)
-            self.controlled = ControlledPixArt(self.model, branch).eval()
-        self.vae = load_autoencoder(cfg.autoencoder, cfg.sample.device)
+            self.controlled = quantize_transformer(ControlledPixArt(self.model, branch).eval(), s.quantize)
+        quantize_transformer(self.model, s.quantize)  # (a no-op for the base inside the controlled model already)
+        if s.compile:
+            self.model = compile_module(self.model, "the transformer", s.device)
+            if self.controlled is not None:
+                self.controlled = compile_module(self.controlled, "the controlled transformer", s.device)
+        self.vae = load_autoencoder(cfg.autoencoder, s.device)
+        if s.compile:
+            self.vae.compile()
         self.schedule = cfg.diffusion.build()
         self.lock = threading.Lock()  # one generation at a time: the models are shared
         torch.set_grad_enabled(False)
@@ -139,6 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline", help="a diffusers pipeline folder: transformer, text encoder and VAE from it")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--control-checkpoint", help="a ControlNet branch: requests may then upload a control image")
+    parser.add_argument("--quantize", choices=["none", "int8", "fp8"],
+                        help="8-bit transformer and T5 (as sample/sample.py --quantize)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer and VAE decoder")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-side", type=int, default=1024, help="largest width or height a request may ask for")
@@ -155,6 +177,10 @@ def main(argv=None) -> int:
             cfg.sample.device = args.device
         if args.control_checkpoint:
             cfg.control.checkpoint = args.control_checkpoint
+        if args.quantize:
+            cfg.sample.quantize = args.quantize
+        if args.compile:
+            cfg.sample.compile = True
         demo = Demo(cfg, args.max_side, args.max_steps)
     except UserError as e:
         log.error("error: %s", e)
