@@ -403,6 +403,8 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: the file may be corrupt or truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                               f"re-download or re-convert it") from e
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
+        raise CheckpointError(training_state_message(path))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -506,11 +508,14 @@ def peek(path: str | os.PathLike) -> CheckpointInfo:
         with contextlib.suppress(Exception):  # unreadable files are reported by the loader with their reason
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
-            raise CheckpointError(
-                f"{path} is a training checkpoint (model, optimiser and RNG state for --resume), not weights to "
-                f"sample from: use the run's ema.safetensors (or weights.safetensors), which every checkpoint "
-                f"step exports, or convert that with tools/convert_checkpoint.py")
+            raise CheckpointError(training_state_message(path))
     return CheckpointInfo(_read_sidecar_config(path) if fmt == "official" else None, None, {})
+
+
+def training_state_message(path) -> str:
+    return (f"{path} is a training checkpoint (model, optimiser and RNG state for --resume), not weights: use the "
+            f"run's ema.safetensors (or weights.safetensors), which every checkpoint step exports, or convert that "
+            f"with tools/convert_checkpoint.py")
 
 
 def peek_config(path: str | os.PathLike) -> PixArtConfig | None:

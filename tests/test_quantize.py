@@ -188,7 +188,8 @@ def test_int8_file_samples_as_quantised_at_load_and_half_dtype_falls_back_on_cpu
     for a, b in zip(images(tmp_path / "file"), images(tmp_path / "flag"), strict=True):
         assert np.array_equal(a, b)  # the saved int8 weights are exactly the ones quantised at load
     caplog.clear()
-    assert shipped(tmp_path / "control", "--checkpoint", str(int8), "--control", "docs/examples/triangle_edges.png") == 2
+    edges = "docs/examples/triangle_edges.png"
+    assert shipped(tmp_path / "control", "--checkpoint", str(int8), "--control", edges) == 2
     assert "pass the float checkpoint with --quantize int8" in caplog.text
     assert not (tmp_path / "control" / "out").exists()
     assert shipped(tmp_path / "fp8", "--quantize", "fp8") == 0  # no fp8 on this CPU: int8, said so

@@ -220,6 +220,8 @@ def bench_pipeline(args) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     side = args.size // 8
     for name, sampler, steps, guidance in PIPELINE_CASES:
+        if f"{sampler}{steps}" not in args.cases:
+            continue
         s = base.sample
         s.sampler, s.steps, s.guidance = sampler, steps, guidance
         timings = Timings()
@@ -632,6 +634,8 @@ def main(argv=None) -> int:
     pl.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
                     help="T5-v1.1-XXL has 24; fewer keep a CPU run short (text encoding then costs less)")
     pl.add_argument("--reps", type=int, default=2)
+    pl.add_argument("--cases", nargs="+", default=["lcm4", "dpm14", "dpm20"], choices=["lcm4", "dpm14", "dpm20"],
+                    help="PixArt-delta LCM 4 steps, PixArt-alpha DPM-Solver 14 / 20 steps")
     pl.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
                     help="our side only: 8-bit transformer and T5 (diffusers runs in --dtype)")
     pl.add_argument("--compile", action="store_true", help="our side only: torch.compile transformer and VAE "

@@ -1,0 +1,124 @@
+"""Bad inputs to the entry scripts, one table per script: each must exit with status 2 and an `error: ...` message
+that names the problem, before anything heavy loads and without leaving an output or run folder behind.
+
+(More tables live beside their features: tests/test_sample_cli.py, test_train_cli.py, test_controlnet.py,
+test_evaluation.py, test_data.py, test_quantize.py.)
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_script, random_model, tiny_config
+
+from models.checkpoint import TRAIN_STATE_FORMAT, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sample_main = load_script("sample/sample.py").main
+train_main = load_script("train/train.py").main
+convert_main = load_script("tools/convert_checkpoint.py").main
+
+
+def exits_2_with(main, argv, caplog, message) -> None:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own refusals (invalid choice) exit 2 with usage on stderr
+            code = e.code
+    assert code == 2
+    assert message in caplog.text or message == "(argparse)", caplog.text[-2000:]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    (root / "a_file").write_text("not a folder")
+    torch.save({"format": TRAIN_STATE_FORMAT, "model": {}}, root / "step_00000100.pt")
+    cfg = tiny_config()
+    save_checkpoint(random_model(cfg).state_dict(), cfg, root / "tiny.safetensors", "safetensors")
+    return root
+
+
+SAMPLE_CASES = [
+    (["--width", "0", "--height", "0"], "must be a positive number of pixels, got 0"),
+    (["--width", "-64"], "must be a positive number of pixels, got -64"),
+    (["--width", "100000", "--height", "100000"], "more than sample.max_pixels"),
+    (["--width", "512", "--aspect-ratio", "16:9"], "pass either --width/--height or --aspect-ratio, not both"),
+    (["--device", "tpu9"], "unknown device 'tpu9'"),
+    (["--guidance", "nan"], "sample.guidance must be a finite number"),
+    (["--guidance", "-1"], "sample.guidance must be a finite number >= 0"),
+    (["--steps", "0"], "LCM steps must be an integer in 1..50"),
+    (["--seed", str(2**63)], "sample.seed must be in"),
+    (["--checkpoint", "{root}/step_00000100.pt"], "is a training checkpoint"),
+    (["--checkpoint", "{root}/missing.safetensors"], "does not exist"),
+    (["--out", "{root}/a_file"], "is a file, not a folder"),
+    (["--prompts-file", "{root}/missing.txt"], "does not exist"),
+    (["--control", "{root}/missing.png"], "missing.png"),
+    (["--set", "sample.quantize=int4"], "unknown quantization 'int4'"),
+    (["--quantize", "int4"], "(argparse)"),
+    (["--set", "sample.stepz=3"], "did you mean 'sample.steps'"),
+]
+if not torch.cuda.is_available():
+    SAMPLE_CASES.append((["--device", "cuda"], "this machine has no CUDA GPU"))
+
+
+@pytest.mark.parametrize("args, message", SAMPLE_CASES, ids=[" ".join(a) for a, _ in SAMPLE_CASES])
+def test_sample(files, tmp_path, caplog, args, message):
+    args = [a.format(root=files) for a in args]
+    prompt = [] if "--prompts-file" in args else ["--prompt", "a large red circle at the center"]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    exits_2_with(sample_main, [*prompt, *out, "--no-progress", *args], caplog, message)
+    assert not (tmp_path / "out").exists()
+
+
+TRAIN_CASES = [
+    (["--set", "train.steps=0"], "train.steps must be"),
+    (["--set", "train.steps=-5"], "train.steps must be"),
+    (["--set", "train.runs_dir={root}/a_file"], "a_file"),
+    (["--resume", "{root}/missing-run"], "no such run folder"),
+    (["--resume", "{root}/tiny.safetensors"], "not a training checkpoint"),
+    (["--set", "train.batch_size=0"], "train.batch_size"),
+    (["--set", "train.lr=nan"], "train.lr"),
+    (["--config", "no_such_preset"], "no_such_preset"),
+]
+
+
+@pytest.mark.parametrize("args, message", TRAIN_CASES, ids=[" ".join(a) for a, _ in TRAIN_CASES])
+def test_train(files, tmp_path, caplog, args, message):
+    args = [a.format(root=files) for a in args]
+    config = [] if "--config" in args or "--resume" in args else ["--config", "shapes_teacher"]
+    runs = [] if any("runs_dir" in a for a in args) else ["--set", f"train.runs_dir={tmp_path / 'runs'}"]
+    exits_2_with(train_main, [*config, *runs, *args], caplog, message)
+    assert not (tmp_path / "runs").exists()
+
+
+CONVERT_CASES = [
+    (["{root}/tiny.safetensors", "{out}/x.safetensors", "--to", "official"], "name it e.g. x.pth"),
+    (["{root}/tiny.safetensors", "{out}/x.pth", "--to", "safetensors"], "name it e.g. x.safetensors"),
+    (["{root}/missing.pth", "{out}/x.safetensors", "--to", "safetensors"], "does not exist"),
+    (["{root}/a_file", "{out}/x.safetensors", "--to", "safetensors"], "cannot read"),
+    (["{root}/step_00000100.pt", "{out}/x.safetensors", "--to", "safetensors"], "training checkpoint"),
+    (["{root}/tiny.safetensors", "{out}/x.pth", "--to", "official", "--quantize", "int8"], "pass --to safetensors"),
+]
+
+
+@pytest.mark.parametrize("args, message", CONVERT_CASES, ids=[" ".join(a) for a, _ in CONVERT_CASES])
+def test_convert(files, tmp_path, caplog, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    exits_2_with(convert_main, [a.format(root=files, out=out) for a in args], caplog, message)
+    assert not list(out.iterdir())
+
+
+def test_convert_overwrite_of_a_diffusers_folder(files, tmp_path, caplog):
+    """An existing diffusers transformer/ folder is kept without --overwrite and replaced with it."""
+    src, dst = str(files / "tiny.safetensors"), tmp_path / "hf"
+    assert convert_main([src, str(dst), "--to", "diffusers"]) == 0
+    marker = dst / "transformer" / "marker.txt"
+    marker.write_text("old")
+    exits_2_with(convert_main, [src, str(dst), "--to", "diffusers"], caplog, "pass --overwrite")
+    assert marker.exists()
+    assert convert_main([src, str(dst), "--to", "diffusers", "--overwrite"]) == 0
+    assert not marker.exists() and (dst / "transformer" / "config.json").is_file()
