@@ -122,3 +122,35 @@ def test_convert_overwrite_of_a_diffusers_folder(files, tmp_path, caplog):
     assert marker.exists()
     assert convert_main([src, str(dst), "--to", "diffusers", "--overwrite"]) == 0
     assert not marker.exists() and (dst / "transformer" / "config.json").is_file()
+
+
+def test_nan_latents_stop_naming_the_step(tmp_path, caplog):
+    """Weights that make NaN (here one NaN bias of the final layer) stop the sampler at the first step, named."""
+    from models.checkpoint import load_checkpoint, read_checkpoint
+
+    student = ROOT / "weights" / "shapes" / "student.safetensors"
+    model, cfg, _ = load_checkpoint(student)
+    with torch.no_grad():
+        model.final_layer.linear.bias[0] = float("nan")
+    broken = save_checkpoint(model.state_dict(), cfg, tmp_path / "nan.safetensors", "safetensors",
+                             metadata={"config": read_checkpoint(student).metadata["config"]})
+    exits_2_with(sample_main, ["--prompt", "a large red circle at the center", "--checkpoint", str(broken),
+                               "--out", str(tmp_path / "out"), "--no-progress"], caplog,
+                 "the latents became NaN/inf at step 1 of 4")
+    assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    """Atomic writes go through temporary files (0600 by default); the result gets the usual 0666 & ~umask."""
+    import os
+
+    cfg = tiny_config()
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "w.safetensors", "safetensors")
+        folder = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "hf", "diffusers")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert (folder / "transformer").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (folder / "transformer").iterdir())
