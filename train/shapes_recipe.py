@@ -53,6 +53,7 @@ class Recipe:
     t5_layers: int = 2
     t5_vocab: int = 400
     config: str = "shapes_teacher"
+    variants: list[str] = field(default_factory=list)  # ControlNet designs to train (DESIGN:N); empty: the ablation's
 
     @property
     def data(self) -> Path:
@@ -209,8 +210,12 @@ def controlnet(recipe: Recipe, dry_run: bool) -> None:
         "tools/extract_features.py", recipe.data, edge_cache, "--config", recipe.config, "--base-size", 32,
         "--autoencoder", "pixel", "--control", "edge", "--batch-size", 256, "--no-progress",
         *sets([f"text_encoder.path={recipe.ship / 't5'}"])))
-    work = recipe.work.parent / "controlnet"
-    stages("ablation", False, python("tools/controlnet_ablation.py", "--work", work,
+    from models.shipped import content_hash
+
+    # One ablation folder per teacher: its finished variants are skipped on a re-run, never reused for another base.
+    work = recipe.work.parent / f"controlnet-{content_hash(recipe.ship / 'teacher.safetensors')[:8]}"
+    variants = ["--variants", *recipe.variants] if recipe.variants else []
+    stages("ablation", False, python("tools/controlnet_ablation.py", "--work", work, *variants,
                                      *sets([f"data.cache_dir={edge_cache}", *recipe.overrides])))
     if dry_run:
         return
@@ -235,7 +240,8 @@ def controlnet(recipe: Recipe, dry_run: bool) -> None:
         stages(f"evaluate {name}", False, python("tools/evaluate.py", "model", "--config", config, "--control",
                                                  *sets([branch, t5, *extra]), "--out", out, "--no-progress"))
         outs[name] = out
-    command = "python train/shapes_recipe.py controlnet"
+    command = "python train/shapes_recipe.py controlnet" + (" --variants " + " ".join(recipe.variants)
+                                                            if recipe.variants else "")
     update_manifest(recipe, "controlnet", ["controlnet.safetensors"], command, "controlnet_shapes",
                     outs["controlnet-student"], {
                         "what": f"ControlNet branch (fp16) of the teacher, design {fits[best]['design']}, N = "
@@ -300,10 +306,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ship", type=Path, default=ROOT / "weights" / "shapes", help="folder of shipped weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training config value, e.g. --set train.device=cuda (repeatable)")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="DESIGN:N",
+                        help="controlnet: train only these designs (e.g. transformer:2) instead of the whole ablation")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides)
+    recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides,
+                    variants=args.variants)
     start = time.perf_counter()
     try:
         {"teacher": teacher, "student": student, "controlnet": controlnet}[args.what](recipe, args.dry_run)
