@@ -23,6 +23,7 @@ class TrainConfig:
     ema_decay: float = 0.9999             # EMA of the weights (exported and sampled); 0: no EMA
     mixed_precision: str = "no"           # no | bf16 (autocast, CPU and GPU) | fp16 (autocast + grad scaler, GPU)
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    compile: bool = False                 # torch.compile the model's forward and backward (eager fallback, warned)
     distributed: str = "ddp"              # ddp | fsdp (blocks' parameters, gradients, optimiser state sharded)
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda

@@ -266,6 +266,11 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                 module.gradient_checkpointing = True
     fsdp = distributed.uses_fsdp(tc.distributed, d)
     dmodel = distributed.wrap(model, d, tc.distributed)
+    runner = dmodel  # what the loss calls: the wrapped model, or its compiled form
+    if tc.compile:
+        from models.compiled import compile_module
+
+        runner = compile_module(dmodel, "the model", d.device)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None  # after sharding: the shadows are sharded too
     groups = task.parameter_groups()  # after sharding, which replaces the parameters by sharded ones
     params = [p for g in groups for p in g["params"]]
@@ -337,7 +342,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                 rng = SampleRandomness(tc.seed, step * tc.grad_accumulation + micro, batch["index"])
                 with distributed.gradient_sync(dmodel, micro == tc.grad_accumulation - 1):
                     with autocast:
-                        loss, terms = task.loss(dmodel, batch, rng)
+                        loss, terms = task.loss(runner, batch, rng)
                     scaler.scale(loss / tc.grad_accumulation).backward()
                 loss_sum += loss.detach() / tc.grad_accumulation
                 for k, v in terms.items():

@@ -40,6 +40,7 @@ copies, ControlNet-UNet), interleaved: seconds, the branch's share of a sampling
 
 import argparse
 import contextlib
+import itertools
 import logging
 import sys
 import tempfile
@@ -284,13 +285,17 @@ def bench_pipeline(args) -> list[dict]:
     return rows
 
 
-def train_step_row(cfg: PixArtConfig, checkpointing: bool, dtype_name: str, args, device) -> dict:
-    """Time the training step of one configuration and read its peak memory."""
+def train_step_row(cfg: PixArtConfig, checkpointing: bool, dtype_name: str, args, device,
+                   compiled: bool = False) -> dict:
+    """Time the training step of one configuration and read its peak memory (compiled: the model's forward and
+    backward through torch.compile, compiled in the warm-up step)."""
     from diffusion.losses import DiffusionLoss
     from diffusion.schedule import NoiseSchedule
+    from models.compiled import compile_module
 
     model = build_pixart(cfg, device).train()
     model.gradient_checkpointing = checkpointing
+    runner = compile_module(model, "the transformer", device) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = DiffusionLoss(NoiseSchedule.linear())
     x, _, y, mask, kw = pixart_inputs(cfg, args.size, device, torch.float32, args.batch)
@@ -301,7 +306,7 @@ def train_step_row(cfg: PixArtConfig, checkpointing: bool, dtype_name: str, args
 
     def step():
         with autocast:
-            loss = loss_fn(model, x, t, noise, y=y, mask=mask, **kw)[0].mean()
+            loss = loss_fn(runner, x, t, noise, y=y, mask=mask, **kw)[0].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -322,14 +327,16 @@ def bench_train(args) -> list[dict]:
     rows = []
     for arch in args.archs:
         cfg = PixArtConfig(arch=arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
-        for ckpt in args.checkpointing:
-            for name in args.dtypes:
-                r = dict(arch=arch, ckpt=ckpt, dtype=name, **train_step_row(cfg, ckpt, name, args, device))
-                rows.append(r)
-                log.info("| %s/2 | %dpx | %d | %s | %s | %.2f | %.0f | %.0f%% |", arch, args.size, args.batch,
-                         "yes" if ckpt else "no", name, r["samples_s"], r["mem"], 100 * r["mfu"])
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for ckpt, name, compiled in itertools.product(args.checkpointing, args.dtypes,
+                                                      [False, True] if args.compile else [False]):
+            r = dict(arch=arch, ckpt=ckpt, dtype=name, compiled=compiled,
+                     **train_step_row(cfg, ckpt, name, args, device, compiled))
+            rows.append(r)
+            log.info("| %s/2 | %dpx | %d | %s | %s%s | %.2f | %.0f | %.0f%% |", arch, args.size, args.batch,
+                     "yes" if ckpt else "no", name, ", compiled" if compiled else "", r["samples_s"], r["mem"],
+                     100 * r["mfu"])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -648,6 +655,7 @@ def main(argv=None) -> int:
     tn.add_argument("--checkpointing", type=lambda v: v == "on", nargs="+", default=[False, True],
                     metavar="on|off")
     tn.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    tn.add_argument("--compile", action="store_true", help="also time each configuration through torch.compile")
     tn.add_argument("--reps", type=int, default=3)
     tn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     lc = sub.add_parser("lcd", help="latent consistency distillation step: full vs LoRA, time and peak memory")
