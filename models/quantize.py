@@ -9,7 +9,7 @@ Modes of the transformer (sample.quantize, --quantize):
   fp8   float8 e4m3 weights and activations, one scale per row/token (Float8DynamicActivationFloat8WeightConfig):
         CUDA GPUs of compute capability 8.9 or later (L4, L40, RTX 4090, H100, H200).
 
-Only the Linear layers inside the transformer blocks are quantised (self- and cross-attention, MLP: 96% of XL-2's
+Only the Linear layers inside the transformer blocks are quantised (self- and cross-attention, MLP: 97% of XL-2's
 parameters and nearly all of its FLOPs); the patch, timestep and caption embedders, adaLN-single's t_block and the
 final layer keep the sample dtype, as the precision-sensitive ends of the network.
 
