@@ -25,7 +25,6 @@ class Demo:
     """The loaded models of one config, and a checked generate() for one prompt."""
 
     def __init__(self, cfg, max_side: int, max_steps: int):
-        import torch
 
         from models.autoencoder import load_autoencoder
         from models.compiled import compile_module
@@ -67,7 +66,6 @@ class Demo:
             self.vae.compile()
         self.schedule = cfg.diffusion.build()
         self.lock = threading.Lock()  # one generation at a time: the models are shared
-        torch.set_grad_enabled(False)
 
     def check(self, prompt: str, steps: int, guidance: float, width: int, height: int) -> None:
         from configs.errors import UserError
@@ -85,6 +83,7 @@ class Demo:
     def generate(self, prompt: str, sampler: str, steps: int, guidance: float, seed: int, width: int, height: int,
                  control=None):
         """A PIL image for one prompt (steered by the PIL image `control` when given); UserError for a bad request."""
+        import torch
         from PIL import Image
 
         from configs.errors import UserError
@@ -107,7 +106,7 @@ class Demo:
             request = replace(request, control=control_map(control.convert("RGB"), "none", request.gen_size,
                                                            name="the control image")[None])
             model = self.controlled
-        with self.lock:
+        with self.lock, torch.inference_mode():  # (grad mode is per thread: set here, in gradio's worker thread)
             prompts = encode_prompts(self.text_encoder, s, request.prompts, request.model_cfg.caption_channels)
             images = sample_images(model, self.vae, self.schedule, s, request, prompts, Timings(),
                                    progress=False, prediction=cfg.diffusion.prediction,
