@@ -40,6 +40,7 @@ copies, ControlNet-UNet), interleaved: seconds, the branch's share of a sampling
 
 import argparse
 import contextlib
+import copy
 import itertools
 import logging
 import sys
@@ -493,8 +494,6 @@ def bench_quantize(args) -> list[dict]:
     contenders = {"diffusers fp32": lambda: theirs(x, y, t, added_cond_kwargs=added, encoder_attention_mask=mask)}
     models = {"ours fp32": fp32}
     for mode in args.modes:
-        import copy
-
         models[f"ours {mode}"] = quantize_transformer(copy.deepcopy(fp32), mode)
     if args.compile:
         for name in list(models):
@@ -512,8 +511,7 @@ def bench_quantize(args) -> list[dict]:
     rows = []
     base = times["diffusers fp32"]
     for name, seconds in times.items():
-        out = outputs[name] if name == "diffusers fp32" else outputs[name]
-        out = out.sample if hasattr(out, "sample") else out
+        out = outputs[name].sample if hasattr(outputs[name], "sample") else outputs[name]  # diffusers' output class
         error = (out.float() - reference).abs()
         model = models.get(name.removesuffix(" compiled"))
         weight_mb = None
