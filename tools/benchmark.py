@@ -582,6 +582,9 @@ def bench_memory(args) -> list[dict]:
     from tools.random_weights import write_random_pipeline
 
     device = torch.device(args.device)
+    if device.type == "cpu" and len(args.modes) > 1:
+        log.warning("on the CPU the peak is the process's largest resident set so far: the later modes include the "
+                    "earlier ones' peak; run one --modes value per process to compare")
     cfg, sd = random_xl(1024)
     tmp = tempfile.TemporaryDirectory()
     folder = write_random_pipeline(tmp.name, sd, cfg, t5=dict(num_layers=args.t5_layers, num_heads=64, d_ff=10240,
