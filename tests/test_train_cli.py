@@ -115,6 +115,17 @@ def test_fine_tuning_starts_from_the_given_weights(chain):
     end = load_checkpoint(tuned / "weights.safetensors")[0].state_dict()
     assert all(torch.equal(start[k], end[k]) for k in start)
 
+    # Half-precision weights (as shipped) start an fp32 run: the master weights are fp32, the values those of the file.
+    from models.checkpoint import save_checkpoint
+
+    cfg = synthetic_config(root, sets).model
+    half = save_checkpoint({k: v.half() for k, v in start.items()}, cfg, root / "half.safetensors", "safetensors")
+    tuned = train(synthetic_config(root, sets, "train.steps=1", "train.lr=0.0", "train.ema_decay=0.0",
+                                   f"train.init_from={half}", "train.name=tuned-half"),
+                  load_script("train/train.py").PixArtAlphaTask, feature_data)
+    end = load_checkpoint(tuned / "weights.safetensors")[0].state_dict()
+    assert all(end[k].dtype == torch.float32 and torch.equal(start[k].half().float(), end[k]) for k in start)
+
 
 @pytest.fixture(scope="module")
 def chain_teachers(chain):

@@ -36,7 +36,8 @@ class PixArtAlphaTask(Task):
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
         if cfg.train.init_from:
-            self.model, _, _ = load_checkpoint(cfg.train.init_from, cfg.model, device=device)
+            # fp32 master weights whatever the file holds (the shipped weights are fp16); autocast gives bf16/fp16
+            self.model, _, _ = load_checkpoint(cfg.train.init_from, cfg.model, device=device, dtype=torch.float32)
             log.info("fine-tuning from %s", cfg.train.init_from)
         else:
             self.model = build_pixart(cfg.model, device)
