@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from configs.errors import UserError
 from diffusion.schedule import NoiseSchedule
 
 
@@ -92,11 +93,15 @@ class DiffusionLoss:
     """
 
     def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True, prediction: str = "eps",
-                 min_snr_gamma: float = 0.0):
+                 min_snr_gamma: float = 0.0, timestep_power: float = 1.0):
+        if not math.isfinite(timestep_power) or timestep_power <= 0:
+            raise UserError(f"train.timestep_power must be a finite number > 0 (1: uniform timesteps), got "
+                            f"{timestep_power}")
         self.schedule = schedule
         self.learn_sigma = learn_sigma
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma  # > 0: Min-SNR-gamma weighting of the MSE term (Hang et al. 2023)
+        self.timestep_power = timestep_power  # training timesteps floor(T u^p): 1 uniform, > 1 more low-noise steps
         self.tables = PosteriorTables.from_schedule(schedule)
 
     def mse_weight(self, t: Tensor) -> Tensor:
@@ -115,11 +120,20 @@ class DiffusionLoss:
         """One training step's loss: per-sample timesteps, noise and caption dropout (to the learned null caption)
         drawn from `rng` (engine.randomness.SampleRandomness), so every trainer built on this objective shares
         them. Returns the batch mean and the mean of each term."""
-        t = rng.randint(self.schedule.num_steps, x0.device)  # (N,)
+        t = self.timesteps(rng, x0.device)  # (N,)
         noise = rng.randn(x0.shape[1:], x0.device)  # (N, C, H, W)
         drop = rng.rand(x0.device) < caption_dropout  # (N,) captions -> null caption
         per_sample, terms = self(net, x0, t, noise, drop_caption=drop, **cond)
         return per_sample.mean(), {k: v.mean().item() for k, v in terms.items()}
+
+    def timesteps(self, rng, device) -> Tensor:
+        """(N,) training timesteps, one per sample of `rng`: uniform on 0..T-1 (as PixArt trains) when
+        timestep_power is 1, else floor(T u^p) with u uniform, whose CDF is (t / T)^(1/p): p > 1 favours the
+        nearly clean steps."""
+        T = self.schedule.num_steps
+        if self.timestep_power == 1:
+            return rng.randint(T, device)
+        return (T * rng.rand(device) ** self.timestep_power).long().clamp(max=T - 1)
 
     def __call__(self, net, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> tuple[Tensor, dict[str, Tensor]]:
         x_t = self.schedule.q_sample(x0, t, noise)  # (N, C, H, W)

@@ -33,6 +33,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     class_dropout_prob: float = 0.1       # captions replaced by the null caption (CFG training)
     min_snr_gamma: float = 0.0            # > 0: Min-SNR-gamma weighting of the diffusion MSE (5 is usual); 0: off
+    timestep_power: float = 1.0           # training timesteps floor(T u^p), u ~ U[0, 1): 1 uniform (PixArt); 2 puts
+                                          # 71% of the steps below T/2 (the low-noise steps where outlines form)
 
 
 @dataclass
