@@ -25,7 +25,6 @@ class Demo:
     """The loaded models of one config, and a checked generate() for one prompt."""
 
     def __init__(self, cfg, max_side: int, max_steps: int):
-
         from models.autoencoder import load_autoencoder
         from models.compiled import compile_module
         from models.quantize import quantize_transformer
