@@ -1,4 +1,4 @@
-"""torch.compile for inference, with a fallback to eager mode that says why.
+"""torch.compile for sampling and training, with a fallback to eager mode that says why.
 
     denoiser = compile_module(model, "the transformer")        # sample.compile / --compile
 
@@ -75,8 +75,9 @@ class CompiledModule(nn.Module):
 
 
 def compile_module(module: nn.Module, what: str, device: torch.device | str, **options) -> nn.Module:
-    """`module` compiled for inference on `device`, or `module` itself (with a warning) where compiling cannot
-    work here."""
+    """`module` compiled on `device` (for sampling, or for training: backward compiles too), or `module` itself
+    (with a warning) where compiling cannot work here. A failure inside dynamo/inductor at a call also falls back
+    to eager; an error of the model itself then raises from the eager run, with its own traceback."""
     problem = compiler_problem(device)
     if problem:
         log.warning("--compile: %s; running %s eagerly", problem, what)
