@@ -128,10 +128,6 @@ def quantize_transformer(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return any(_is_quantized_tensor(p) for p in model.parameters())
-
-
 def _is_quantized_tensor(t: torch.Tensor) -> bool:
     return type(t) is not torch.Tensor and type(t) is not nn.Parameter and hasattr(t, "qdata")
 

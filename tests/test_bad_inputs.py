@@ -141,16 +141,15 @@ def test_nan_latents_stop_naming_the_step(tmp_path, caplog):
 
 
 def test_written_files_honour_the_umask(tmp_path):
-    """Atomic writes go through temporary files (0600 by default); the result gets the usual 0666 & ~umask."""
-    import os
-
+    """Atomic writes go through temporary files (0600 by default); the results get the permissions of a plain new
+    file and folder (0666 / 0777 less the umask), read off ones made here without touching the umask."""
     cfg = tiny_config()
-    old = os.umask(0o022)
-    try:
-        path = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "w.safetensors", "safetensors")
-        folder = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "hf", "diffusers")
-    finally:
-        os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o644
-    assert (folder / "transformer").stat().st_mode & 0o777 == 0o755
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (folder / "transformer").iterdir())
+    path = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "w.safetensors", "safetensors")
+    folder = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "hf", "diffusers")
+    (tmp_path / "plain.txt").write_text("")
+    (tmp_path / "plain").mkdir()
+    file_mode, dir_mode = ((tmp_path / p).stat().st_mode & 0o777 for p in ("plain.txt", "plain"))
+    assert file_mode != 0o600  # (a umask of 077 would make this test unable to tell the difference)
+    assert path.stat().st_mode & 0o777 == file_mode
+    assert (folder / "transformer").stat().st_mode & 0o777 == dir_mode
+    assert all(p.stat().st_mode & 0o777 == file_mode for p in (folder / "transformer").iterdir())

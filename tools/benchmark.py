@@ -191,7 +191,6 @@ def bench_pipeline(args) -> list[dict]:
         sample_images,
         text_encoder_config,
     )
-    from tools.random_weights import write_random_pipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     latent, pe, micro = PIXART_PRESETS[1024]  # the MS model, run at --size
@@ -200,9 +199,7 @@ def bench_pipeline(args) -> list[dict]:
     sd = {k: v for k, v in build_pixart(model_cfg).state_dict().items() if "y_embedding" not in k}
     for v in sd.values():  # zero-initialised layers would make the denoiser trivially cheap to verify, not to run
         v.normal_(0, 0.02)
-    folder = write_random_pipeline(
-        tmp.name, sd, model_cfg, t5=dict(num_layers=args.t5_layers, num_heads=64, d_ff=10240, d_kv=64),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32))
+    folder = xl_pipeline_folder(tmp.name, sd, model_cfg, args.t5_layers)
     del sd
     prompt = ["a photograph of an astronaut riding a horse on the moon, detailed, 8k"]
     rows = []
@@ -465,6 +462,16 @@ HEADER = ("| image | dtype | TFLOP/forward | ours (s) | diffusers (s) | diffuser
           "| diffusers % of peak | matmul peak (TFLOP/s) |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def xl_pipeline_folder(folder, sd: dict, cfg: PixArtConfig, t5_layers: int, scheduler: str = "dpm") -> Path:
+    """A random-weight diffusers PixArt pipeline folder of the real sizes around `sd`: T5 of width 4096 with
+    t5_layers layers (XXL has 24), the SD VAE's widths."""
+    from tools.random_weights import write_random_pipeline
+
+    return write_random_pipeline(folder, sd, cfg, t5=dict(num_layers=t5_layers, num_heads=64, d_ff=10240, d_kv=64),
+                                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                          norm_num_groups=32), scheduler=scheduler)
+
+
 def random_xl(size: int, micro: bool | None = None) -> tuple[PixArtConfig, dict]:
     """XL-2 config for `size` and random weights (N(0, 0.02) everywhere: zero-initialised layers would make a
     quantised model trivially exact)."""
@@ -539,12 +546,9 @@ def image_deviation(args, cfg: PixArtConfig, sd: dict) -> list[dict]:
     folder at --size, PixArt-delta LCM 4 steps) and on the shipped shapes student (its default command)."""
     from configs import Config, load_config
     from pipeline.generate import generate, plan
-    from tools.random_weights import write_random_pipeline
 
     tmp = tempfile.TemporaryDirectory()
-    folder = write_random_pipeline(tmp.name, sd, cfg, t5=dict(num_layers=2, num_heads=64, d_ff=10240, d_kv=64),
-                                   vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                            norm_num_groups=32), scheduler="lcm")
+    folder = xl_pipeline_folder(tmp.name, sd, cfg, t5_layers=2, scheduler="lcm")
     cases = {
         "random XL-2": ("pixart_delta_lcm_1024", [
             f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
@@ -579,7 +583,6 @@ def bench_memory(args) -> list[dict]:
 
     from configs import Config, load_config
     from pipeline.generate import generate, plan
-    from tools.random_weights import write_random_pipeline
 
     device = torch.device(args.device)
     if device.type == "cpu" and len(args.modes) > 1:
@@ -587,10 +590,7 @@ def bench_memory(args) -> list[dict]:
                     "earlier ones' peak; run one --modes value per process to compare")
     cfg, sd = random_xl(1024)
     tmp = tempfile.TemporaryDirectory()
-    folder = write_random_pipeline(tmp.name, sd, cfg, t5=dict(num_layers=args.t5_layers, num_heads=64, d_ff=10240,
-                                                              d_kv=64),
-                                   vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                            norm_num_groups=32), scheduler="lcm")
+    folder = xl_pipeline_folder(tmp.name, sd, cfg, args.t5_layers, scheduler="lcm")
     del sd
     rows = []
     for mode in args.modes:
@@ -703,27 +703,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
-    if args.what == "memory":
-        log.info(MEMORY_HEADER)
-        bench_memory(args)
-    elif args.what == "quantize":
-        log.info(QUANTIZE_HEADER)
-        bench_quantize(args)
-    elif args.what == "transformer":
-        log.info(HEADER)
-        bench_transformer(args)
-    elif args.what == "control":
-        log.info(CONTROL_HEADER)
-        bench_control(args)
-    elif args.what == "lcd":
-        log.info(LCD_HEADER)
-        bench_lcd(args)
-    elif args.what == "train":
-        log.info(TRAIN_HEADER)
-        bench_train(args)
-    else:
-        log.info(PIPELINE_HEADER)
-        bench_pipeline(args)
+    header, bench = {"memory": (MEMORY_HEADER, bench_memory), "quantize": (QUANTIZE_HEADER, bench_quantize),
+                     "transformer": (HEADER, bench_transformer), "control": (CONTROL_HEADER, bench_control),
+                     "lcd": (LCD_HEADER, bench_lcd), "train": (TRAIN_HEADER, bench_train),
+                     "pipeline": (PIPELINE_HEADER, bench_pipeline)}[args.what]
+    log.info(header)
+    bench(args)
     return 0
 
 
