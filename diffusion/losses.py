@@ -6,6 +6,7 @@ and L_vlb trains only that interpolation (the mean's gradient is stopped inside 
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +94,26 @@ class DiffusionLoss:
     """
 
     def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True, prediction: str = "eps",
-                 min_snr_gamma: float = 0.0, timestep_power: float = 1.0):
+                 min_snr_gamma: float = 0.0, timestep_power: float = 1.0,
+                 timestep_logit_normal: Sequence[float] | None = None):
         if not math.isfinite(timestep_power) or timestep_power <= 0:
             raise UserError(f"train.timestep_power must be a finite number > 0 (1: uniform timesteps), got "
                             f"{timestep_power}")
+        if timestep_logit_normal is not None:
+            if len(timestep_logit_normal) != 2 or not all(math.isfinite(v) for v in timestep_logit_normal) or \
+                    timestep_logit_normal[1] <= 0:
+                raise UserError(f"train.timestep_logit_normal must be [mean, std] with a finite mean and std > 0 "
+                                f"(e.g. [-0.2, 0.8]; null: off), got {timestep_logit_normal}")
+            if timestep_power != 1:
+                raise UserError("train.timestep_power and train.timestep_logit_normal both reshape the training "
+                                "timesteps: set one of them (timestep_power: 1 or timestep_logit_normal: null)")
         self.schedule = schedule
         self.learn_sigma = learn_sigma
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma  # > 0: Min-SNR-gamma weighting of the MSE term (Hang et al. 2023)
         self.timestep_power = timestep_power  # training timesteps floor(T u^p): 1 uniform, > 1 more low-noise steps
+        # training timesteps floor(T sigmoid(mean + std n)), n ~ N(0, 1): most steps around T sigmoid(mean)
+        self.timestep_logit_normal = tuple(float(v) for v in timestep_logit_normal) if timestep_logit_normal else None
         self.tables = PosteriorTables.from_schedule(schedule)
 
     def mse_weight(self, t: Tensor) -> Tensor:
@@ -129,8 +141,12 @@ class DiffusionLoss:
     def timesteps(self, rng, device) -> Tensor:
         """(N,) training timesteps, one per sample of `rng`: uniform on 0..T-1 (as PixArt trains) when
         timestep_power is 1, else floor(T u^p) with u uniform, whose CDF is (t / T)^(1/p): p > 1 favours the
-        nearly clean steps."""
+        nearly clean steps. With timestep_logit_normal (mean, std): floor(T sigmoid(mean + std n)) with n standard
+        normal (the logit-normal of Esser et al. 2024), which concentrates training on the mid-noise steps."""
         T = self.schedule.num_steps
+        if self.timestep_logit_normal is not None:
+            mean, std = self.timestep_logit_normal
+            return (T * torch.sigmoid(mean + std * rng.randn((), device))).long().clamp(max=T - 1)
         if self.timestep_power == 1:
             return rng.randint(T, device)
         return (T * rng.rand(device) ** self.timestep_power).long().clamp(max=T - 1)

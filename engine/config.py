@@ -35,6 +35,9 @@ class TrainConfig:
     min_snr_gamma: float = 0.0            # > 0: Min-SNR-gamma weighting of the diffusion MSE (5 is usual); 0: off
     timestep_power: float = 1.0           # training timesteps floor(T u^p), u ~ U[0, 1): 1 uniform (PixArt); 2 puts
                                           # 71% of the steps below T/2 (the low-noise steps where outlines form)
+    timestep_logit_normal: tuple[float, float] | None = None  # [mean, std]: timesteps floor(T sigmoid(mean + std n)),
+                                          # n ~ N(0, 1); [-0.2, 0.8] puts 72% of the steps in 250..650 (where the
+                                          # shapes teacher decides an object's kind); null: off
 
 
 @dataclass

@@ -114,3 +114,27 @@ def test_the_readme_controlled_generation_command(tmp_path):
     assert [(s.color, s.position) for s in read_shapes(image)] == [("blue", "center")]
     f1 = edge_scores(image_edges(image), control_edges(np.asarray(Image.open(edges).convert("RGB"))))[2]
     assert f1 > 0.5, f1  # it follows the map's outline (the base alone draws a round blob)
+
+
+def test_teacher_recipe_runs_stage_two_from_the_fp16_base_of_stage_one(tmp_path, caplog):
+    """The recipe's commands, in order: stage one, then stage two started from the shipped-format base file
+    (so the shipped teacher is reproducible from the printed commands); a present base skips stage one."""
+    from train.shapes_recipe import main as recipe_main
+
+    def dry_run() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="shapes_recipe"):
+            assert recipe_main(["teacher", "--dry-run", "--work", str(work), "--ship", str(ship)]) == 0
+        return [r.getMessage()[2:] for r in caplog.records if r.getMessage().startswith("$ ")]
+
+    work, ship = tmp_path / "work", tmp_path / "ship"
+    commands = dry_run()
+    trains = [c for c in commands if "train/train.py" in c]
+    assert [c.split("--config ")[1].split()[0] for c in trains] == ["shapes_teacher", "shapes_teacher_refine"]
+    assert f"train.init_from={work / 'teacher-base.safetensors'}" in trains[1]
+    assert commands.index(trains[1]) < next(i for i, c in enumerate(commands) if "tools/evaluate.py" in c)
+
+    work.mkdir()
+    (work / "teacher-base.safetensors").write_bytes(b"")
+    trains = [c for c in dry_run() if "train/train.py" in c]
+    assert len(trains) == 1 and "shapes_teacher_refine" in trains[0]

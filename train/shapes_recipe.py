@@ -13,8 +13,11 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   t5        tools/random_weights.py t5: a frozen random 2-layer T5 of width 64 whose tokenizer has one piece per
             caption word, plus known_words.txt (prompts with other words get a warning)
   features  tools/extract_features.py: the pixel "latents" and T5 features the trainer reads
-  train     train/train.py --config shapes_teacher
-  ship      the EMA weights in fp16 and the T5 folder into --ship, hashed into MANIFEST.json
+  train     train/train.py --config shapes_teacher: stage one, 8,000 steps (colour, place, size, count)
+  base      its EMA weights in fp16: work/teacher-base.safetensors (when present, stage one is not run again)
+  refine    train/train.py --config shapes_teacher_refine from the base: stage two, 4,000 steps on the mid-noise
+            timesteps where an object's kind is decided
+  ship      stage two's EMA weights in fp16 and the T5 folder into --ship, hashed into MANIFEST.json
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
 
 `student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
@@ -53,6 +56,7 @@ class Recipe:
     t5_layers: int = 2
     t5_vocab: int = 400
     config: str = "shapes_teacher"
+    refine_config: str = "shapes_teacher_refine"
     variants: list[str] = field(default_factory=list)  # ControlNet designs to train (DESIGN:N); empty: the ablation's
 
     @property
@@ -121,12 +125,14 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - start, 1)
 
 
-def train_stage(stages: Stages, recipe: Recipe, script: str, config: str, overrides: list[str]) -> Path:
-    """Train (or resume, or skip when finished) the run of a preset; returns its run folder."""
+def train_stage(stages: Stages, recipe: Recipe, script: str, config: str, overrides: list[str],
+                skip: bool = False) -> Path:
+    """Train (or resume, or skip when finished or when `skip`) the run of a preset; returns its run folder."""
     from configs import Config, load_config
 
     cfg = load_config(Config, config, overrides)
     run_dir, done = finished_run(recipe.runs, cfg.train.name, cfg.train.steps)
+    done = done or skip
     cmd = (python(script, "--resume", run_dir, *sets([f"train.steps={cfg.train.steps}"])) if run_dir is not None
            else python(script, "--config", config, *sets(overrides)))
     stages(f"train {config}", done, cmd)
@@ -153,7 +159,14 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
     stages("features", (recipe.cache / "index.jsonl").is_file(), python(
         "tools/extract_features.py", recipe.data, recipe.cache, "--config", recipe.config, "--base-size", 32,
         "--autoencoder", "pixel", "--batch-size", 256, "--no-progress", *sets(recipe.paths())))
-    run_dir = train_stage(stages, recipe, "train/train.py", recipe.config, recipe.paths() + recipe.overrides)
+    # Stage one (shapes_teacher): colour, place, size and count. Its EMA, in fp16 as it would ship, starts stage two
+    # (shapes_teacher_refine), which trains on the mid-noise steps where an object's kind is decided.
+    base = recipe.work / "teacher-base.safetensors"
+    base_run = train_stage(stages, recipe, "train/train.py", recipe.config, recipe.paths() + recipe.overrides,
+                           skip=base.is_file())
+    stages("ship base", base.is_file(), fn=lambda: ship(base_run / "ema.safetensors", base))
+    run_dir = train_stage(stages, recipe, "train/train.py", recipe.refine_config,
+                          recipe.paths() + [f"train.init_from={base}"] + recipe.overrides)
     stages("ship teacher", False, fn=lambda: ship(run_dir / "ema.safetensors", recipe.ship / "teacher.safetensors",
                                                   t5=recipe.t5, t5_target=recipe.ship / "t5"))
     shipped = [f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}"]
@@ -165,7 +178,7 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
         update_manifest(recipe, "t5", t5_files, command, None, None, {
             "what": f"frozen random T5 encoder, {recipe.t5_layers} layers of width {recipe.t5_width}; sentencepiece "
                     f"tokenizer ({recipe.t5_vocab} pieces) with one piece per training-caption word; known_words.txt"})
-        update_manifest(recipe, "teacher", ["teacher.safetensors"], command, recipe.config, out, {
+        update_manifest(recipe, "teacher", ["teacher.safetensors"], command, recipe.refine_config, out, {
             "what": "PixArt teacher (fp16 EMA weights); DPM-Solver++ 20 steps with CFG",
             "data": {"images": recipe.num_images, "seed": recipe.data_seed, "object_weights": recipe.object_weights,
                      "min_gap": recipe.min_gap, "cell_margin": recipe.cell_margin, "size": "32x32"},
