@@ -242,3 +242,52 @@ def test_evaluate_images_groups():
     assert results["groups"]["multi"]["images"] == 40 - singles
     assert results["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
     assert len(KINDS) == 5 and len(scores) == 40
+
+
+def test_denoise_from_with_the_true_noise_returns_the_image():
+    """DDIM fed the exact noise of x_t = alpha x0 + sigma eps (the ideal denoiser of one known image) lands on x0
+    from any t0 and with any number of steps: a property of the update, not a formula of the code's own."""
+    from diffusion.schedule import NoiseSchedule
+    from evaluation.probe import denoise_from, timestep_grid
+
+    schedule = NoiseSchedule.linear()
+    x0 = torch.rand(3, 3, 8, 8) * 2 - 1
+    noise = torch.randn(3, 3, 8, 8)
+
+    def ideal(x, t):
+        alpha, sigma = schedule.alpha_sigma(t, x)
+        return (x - alpha * x0) / sigma
+
+    for t0, steps in ((50, 1), (400, 3), (999, 10)):
+        assert torch.allclose(denoise_from(ideal, x0, schedule, t0, steps, noise), x0, atol=1e-4)
+    assert timestep_grid(500, 4) == [500, 375, 250, 125, 0]
+
+
+def test_swap_attribute_changes_only_that_attribute_and_spreads_the_values():
+    from evaluation.probe import swap_attribute
+
+    objects = [ShapeObject("circle", "red", "large", 0.5, 0.5)]
+    kinds = [swap_attribute(objects, "kind", i)[0] for i in range(8)]
+    assert all(o.kind != "circle" and (o.color, o.size, o.x, o.y) == ("red", "large", 0.5, 0.5) for o in kinds)
+    assert {o.kind for o in kinds} == set(KINDS) - {"circle"}
+    with pytest.raises(ValueError, match="swappable"):
+        swap_attribute(objects, "position", 0)
+
+
+def test_evaluate_probe_cli_on_the_shipped_teacher(tmp_path, caplog):
+    """Denoised from t0 = 100 (the image nearly clean), the shipped teacher gives back what the image shows; with
+    the kind word swapped it keeps the image's kind there. Bad arguments exit 2 and write nothing."""
+    out = ["--out", str(tmp_path / "out"), "--no-progress"]
+    code = evaluate.main(["probe", "--from", "100", "--steps", "4", "--swap", "kind", "--set",
+                          "evaluation.num_images=40", *out])
+    assert code == 0
+    record = json.loads(next((tmp_path / "out").iterdir()).joinpath("results.json").read_text())
+    (row,) = record["rows"]
+    assert record["scenes"] >= 10 and row["t0"] == 100
+    assert row["keeps_image"] >= 90 and row["follows_caption"] <= 10
+    assert row["color"] >= 90 and row["position"] >= 90 and row["count"] >= 90
+    for bad, message in ((["--from", "0"], "must lie in 1..999"), (["--swap", "position"], "swappable"),
+                         (["--steps", "0"], "--steps must be >= 1")):
+        assert evaluate.main(["probe", *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert message in caplog.text
+    assert not (tmp_path / "bad").exists()

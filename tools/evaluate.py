@@ -3,6 +3,7 @@
     python tools/evaluate.py model --config shapes_teacher                      # held-out captions -> images -> score
     python tools/evaluate.py model --config shapes_teacher --set sample.steps=4 --set sample.guidance=1
     python tools/evaluate.py folder outputs/shapes/00003 --real data/shapes-eval  # score a folder of images
+    python tools/evaluate.py probe --config shapes_teacher --swap kind           # where is the kind decided?
     python tools/evaluate.py fid GEN_DIR REAL_DIR --weights pt_inception-2015-12-05-6726825d.pth
     python tools/evaluate.py clip GEN_DIR --clip weights/clip-vit-large-patch14
 
@@ -176,6 +177,64 @@ def run_model(args) -> dict:
     return out, write_report(out, results, scores, images, captions, real, extra)
 
 
+def run_probe(args) -> dict:
+    """Real renders of the held-out single-object scenes, noised to each --from timestep and denoised back with the
+    config's model and guidance (DDIM, --steps steps); caption accuracy per t0 (evaluation/probe.py)."""
+    import torch
+
+    from configs import Config, load_config
+    from data.synthetic import render, scene_at
+    from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
+    from evaluation.probe import SWAPPABLE, markdown, probe_scenes
+    from models.checkpoint import load_checkpoint, peek
+    from models.text_encoder import load_text_encoder
+    from pipeline.generate import check_prediction, eps_model, text_encoder_config
+
+    if args.swap is not None and args.swap not in SWAPPABLE:
+        raise EvalError(f"--swap {args.swap!r}: swappable attributes are {', '.join(SWAPPABLE)}")
+    if args.steps < 1:
+        raise EvalError(f"--steps must be >= 1, got {args.steps}")
+    cfg = load_config(Config, args.config, args.overrides)
+    ec, s = cfg.evaluation, cfg.sample
+    schedule = cfg.diffusion.build()
+    bad = [t for t in args.timesteps if not 0 < t < schedule.num_steps]
+    if bad:
+        raise EvalError(f"--from timesteps must lie in 1..{schedule.num_steps - 1}, got {bad}")
+    scenes = [scene_at(ec.seed, i, [(ec.width, ec.height)], ec.scene()) for i in range(ec.num_images)]
+    scenes = [objects for _, _, objects in scenes if len(objects) == 1]
+    if not scenes:
+        raise EvalError(f"the {ec.num_images} held-out scenes hold no single-object scene: raise "
+                        f"evaluation.num_images")
+    real = torch.stack([torch.from_numpy(np.asarray(render(o, ec.width, ec.height))).permute(2, 0, 1)
+                        for o in scenes]).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+    if s.checkpoint is None:
+        raise EvalError("no checkpoint to probe: set sample.checkpoint (--set sample.checkpoint=PATH)")
+    check_prediction(peek(s.checkpoint), cfg.diffusion.prediction, s.checkpoint)
+    model, _, _ = load_checkpoint(s.checkpoint, dtype=torch.float32)
+    model.eval()
+    text_encoder = load_text_encoder(text_encoder_config(cfg))
+    fn = eps_model(model, schedule, cfg.diffusion.prediction)
+
+    def denoise_for(captions):
+        y, mask = text_encoder.encode(captions)
+        cond = {"y": y, "mask": mask}
+        if s.guidance <= 1.0:
+            return conditional_denoiser(fn, cond)
+        return classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
+
+    rows = probe_scenes(denoise_for, scenes, real, schedule, args.timesteps, args.steps, args.swap, seed=s.seed)
+    out = output_dir(args.out, "probe")
+    record = {"config": args.config, "overrides": list(args.overrides), "checkpoint": s.checkpoint,
+              "guidance": s.guidance, "steps": args.steps, "swap": args.swap, "scenes": len(scenes),
+              "held_out_seed": ec.seed, "rows": rows}
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    head = (f"Held-out single-object scenes: {len(scenes)}; real renders noised to t0 and denoised back by "
+            f"{s.checkpoint} (DDIM {args.steps} steps, guidance {s.guidance})"
+            + (f", captions naming another {args.swap} than the image shows" if args.swap else "") + "\n\n")
+    (out / "results.md").write_text(head + markdown(rows, args.swap) + "\n")
+    return out, record
+
+
 def run_fid(args) -> dict:
     import torch
 
@@ -282,6 +341,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     fid.add_argument("--device", default="cpu")
     fid.add_argument("--batch-size", type=int, default=32)
 
+    probe = sub.add_parser("probe", parents=[common], help="noise real renders to timestep t0, denoise them back "
+                           "with the caption, score: where does the model decide each attribute?")
+    add_config_arguments(probe, default="shapes_teacher")
+    probe.add_argument("--from", dest="timesteps", type=lambda v: [int(t) for t in v.split(",")],
+                       default=[100, 200, 300, 400, 500, 600, 800, 999], metavar="T0,T0,...",
+                       help="starting timesteps (default 100,200,300,400,500,600,800,999)")
+    probe.add_argument("--steps", type=int, default=10, help="DDIM steps from t0 to 0 (default 10)")
+    probe.add_argument("--swap", metavar="ATTRIBUTE",
+                       help="caption each image with another value of this attribute (kind, color, size) than it "
+                            "shows: does the model follow the caption or the image?")
+
     table = sub.add_parser("table", help="a Markdown table of `model` results (results.json files or their folders)")
     table.add_argument("results", type=Path, nargs="+")
     table.add_argument("--label", help="name of the model column (default: the checkpoint's file name)")
@@ -304,7 +374,8 @@ def main(argv=None) -> int:
     from models.checkpoint import CheckpointError
     from models.text_encoder import TextEncoderError
 
-    commands = {"model": run_model, "folder": run_folder, "fid": run_fid, "clip": run_clip, "table": run_table}
+    commands = {"model": run_model, "folder": run_folder, "probe": run_probe, "fid": run_fid, "clip": run_clip,
+                "table": run_table}
     try:
         out, record = commands[args.command](args)
         if out is None:

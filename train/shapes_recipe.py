@@ -1,7 +1,7 @@
 """The shipped shapes models, end to end on a laptop CPU: data, text encoder, features, training, evaluation, and
 shipping into weights/shapes/ with a manifest.
 
-    python train/shapes_recipe.py teacher                   # about 1.7 hours on 2 CPU cores
+    python train/shapes_recipe.py teacher                   # about 2 hours on 2 CPU cores
     python train/shapes_recipe.py student                   # distils the shipped teacher (after `teacher`)
     python train/shapes_recipe.py teacher --dry-run         # print the commands only
     python train/shapes_recipe.py teacher --set train.device=cuda --set train.batch_size=256   # on a GPU
