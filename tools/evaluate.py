@@ -205,7 +205,7 @@ def run_probe(args) -> dict:
     if not scenes:
         raise EvalError(f"the {ec.num_images} held-out scenes hold no single-object scene: raise "
                         f"evaluation.num_images")
-    real = torch.stack([torch.from_numpy(np.asarray(render(o, ec.width, ec.height))).permute(2, 0, 1)
+    real = torch.stack([torch.from_numpy(np.array(render(o, ec.width, ec.height))).permute(2, 0, 1)
                         for o in scenes]).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
     if s.checkpoint is None:
         raise EvalError("no checkpoint to probe: set sample.checkpoint (--set sample.checkpoint=PATH)")

@@ -179,7 +179,8 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
             "what": f"frozen random T5 encoder, {recipe.t5_layers} layers of width {recipe.t5_width}; sentencepiece "
                     f"tokenizer ({recipe.t5_vocab} pieces) with one piece per training-caption word; known_words.txt"})
         update_manifest(recipe, "teacher", ["teacher.safetensors"], command, recipe.refine_config, out, {
-            "what": "PixArt teacher (fp16 EMA weights); DPM-Solver++ 20 steps with CFG",
+            "what": "PixArt teacher (fp16 EMA weights of stage two, shapes_teacher_refine, trained from the fp16 "
+                    "EMA of stage one, shapes_teacher); DPM-Solver++ 20 steps with CFG",
             "data": {"images": recipe.num_images, "seed": recipe.data_seed, "object_weights": recipe.object_weights,
                      "min_gap": recipe.min_gap, "cell_margin": recipe.cell_margin, "size": "32x32"},
             "stage_seconds": stages.seconds})
