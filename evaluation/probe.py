@@ -95,9 +95,7 @@ def probe_scenes(denoise_for: Callable[[list[str]], Callable], scenes: list[list
 def markdown(rows: list[dict], swap: str | None) -> str:
     """The probe's table: one row per t0."""
     cols = list(ATTRIBUTES) + ["count"] + (["follows_caption", "keeps_image"] if swap else [])
-    names = [c.replace("_", " ") if c in ("follows_caption", "keeps_image") else c for c in cols]
-    if swap:
-        names[-2:] = [f"{swap} follows caption", f"{swap} keeps image"]
+    names = list(ATTRIBUTES) + ["count"] + ([f"{swap} follows caption", f"{swap} keeps image"] if swap else [])
     lines = ["| t0 | " + " | ".join(names) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {r['t0']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -287,7 +287,14 @@ def test_evaluate_probe_cli_on_the_shipped_teacher(tmp_path, caplog):
     assert row["keeps_image"] >= 90 and row["follows_caption"] <= 10
     assert row["color"] >= 90 and row["position"] >= 90 and row["count"] >= 90
     for bad, message in ((["--from", "0"], "must lie in 1..999"), (["--swap", "position"], "swappable"),
-                         (["--steps", "0"], "--steps must be >= 1")):
+                         (["--steps", "0"], "--steps must be >= 1"),
+                         (["--set", "sample.device=tpu9"], "unknown device")):
         assert evaluate.main(["probe", *bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in caplog.text
     assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_model_bad_sampling_settings_exit_2(tmp_path, caplog):
+    """A sampling setting the pipeline refuses (here 0 steps) is a message and exit 2, not a traceback."""
+    assert evaluate.main(["model", "--set", "sample.steps=0", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "steps must be an integer in 1..999" in caplog.text and not (tmp_path / "out").exists()

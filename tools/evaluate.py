@@ -188,7 +188,7 @@ def run_probe(args) -> dict:
     from evaluation.probe import SWAPPABLE, markdown, probe_scenes
     from models.checkpoint import load_checkpoint, peek
     from models.text_encoder import load_text_encoder
-    from pipeline.generate import check_prediction, eps_model, text_encoder_config
+    from pipeline.generate import check_device, check_prediction, eps_model, text_encoder_config
 
     if args.swap is not None and args.swap not in SWAPPABLE:
         raise EvalError(f"--swap {args.swap!r}: swappable attributes are {', '.join(SWAPPABLE)}")
@@ -210,9 +210,10 @@ def run_probe(args) -> dict:
     if s.checkpoint is None:
         raise EvalError("no checkpoint to probe: set sample.checkpoint (--set sample.checkpoint=PATH)")
     check_prediction(peek(s.checkpoint), cfg.diffusion.prediction, s.checkpoint)
-    model, _, _ = load_checkpoint(s.checkpoint, dtype=torch.float32)
+    check_device(s.device, "fp32")
+    model, _, _ = load_checkpoint(s.checkpoint, device=s.device, dtype=torch.float32)
     model.eval()
-    text_encoder = load_text_encoder(text_encoder_config(cfg))
+    text_encoder = load_text_encoder(text_encoder_config(cfg), s.device)
     fn = eps_model(model, schedule, cfg.diffusion.prediction)
 
     def denoise_for(captions):
@@ -222,7 +223,8 @@ def run_probe(args) -> dict:
             return conditional_denoiser(fn, cond)
         return classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
 
-    rows = probe_scenes(denoise_for, scenes, real, schedule, args.timesteps, args.steps, args.swap, seed=s.seed)
+    rows = probe_scenes(denoise_for, scenes, real.to(s.device), schedule, args.timesteps, args.steps, args.swap,
+                        seed=s.seed)
     out = output_dir(args.out, "probe")
     record = {"config": args.config, "overrides": list(args.overrides), "checkpoint": s.checkpoint,
               "guidance": s.guidance, "steps": args.steps, "swap": args.swap, "scenes": len(scenes),
@@ -368,19 +370,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    from configs import ConfigError
-    from data.synthetic import CaptionError
-    from evaluation.inception import WeightsError
-    from models.checkpoint import CheckpointError
-    from models.text_encoder import TextEncoderError
-
     commands = {"model": run_model, "folder": run_folder, "probe": run_probe, "fid": run_fid, "clip": run_clip,
                 "table": run_table}
     try:
         out, record = commands[args.command](args)
         if out is None:
             return 0
-    except (EvalError, CaptionError, ConfigError, WeightsError, CheckpointError, TextEncoderError) as e:
+    except UserError as e:  # every bad input: config, captions, weights, checkpoints, sampling settings
         log.error("error: %s", e)
         return 2
     log.info("results in %s", out)
