@@ -288,7 +288,8 @@ def test_evaluate_probe_cli_on_the_shipped_teacher(tmp_path, caplog):
     assert row["color"] >= 90 and row["position"] >= 90 and row["count"] >= 90
     for bad, message in ((["--from", "0"], "must lie in 1..999"), (["--swap", "position"], "swappable"),
                          (["--steps", "0"], "--steps must be >= 1"),
-                         (["--set", "sample.device=tpu9"], "unknown device")):
+                         (["--set", "sample.device=tpu9"], "unknown device"),
+                         (["--set", "autoencoder.kind=sd-vae"], "needs a pixel-space model")):
         assert evaluate.main(["probe", *bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in caplog.text
     assert not (tmp_path / "bad").exists()

@@ -196,6 +196,9 @@ def run_probe(args) -> dict:
         raise EvalError(f"--steps must be >= 1, got {args.steps}")
     cfg = load_config(Config, args.config, args.overrides)
     ec, s = cfg.evaluation, cfg.sample
+    if cfg.autoencoder.kind != "pixel":
+        raise EvalError(f"probe noises the renders themselves, so it needs a pixel-space model (autoencoder.kind: "
+                        f"pixel, as the shapes presets); {args.config} uses {cfg.autoencoder.kind!r}")
     schedule = cfg.diffusion.build()
     bad = [t for t in args.timesteps if not 0 < t < schedule.num_steps]
     if bad:
