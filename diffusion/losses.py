@@ -116,6 +116,14 @@ class DiffusionLoss:
         self.timestep_logit_normal = tuple(float(v) for v in timestep_logit_normal) if timestep_logit_normal else None
         self.tables = PosteriorTables.from_schedule(schedule)
 
+    @classmethod
+    def from_config(cls, cfg, schedule: NoiseSchedule) -> "DiffusionLoss":
+        """The objective a run config asks for: its model's learned sigma, its prediction type and the `train:`
+        section's weighting and timestep options (one place, so every trainer picks up a new option)."""
+        t = cfg.train
+        return cls(schedule, cfg.model.learn_sigma, cfg.diffusion.prediction, t.min_snr_gamma, t.timestep_power,
+                   t.timestep_logit_normal)
+
     def mse_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight of the MSE term: 1, or Min-SNR's min(SNR, gamma) in x0 terms, expressed for the
         prediction type (eps: / SNR, v: / (SNR + 1), x0: as is). Caps the weight of nearly clean steps, so the

@@ -286,6 +286,25 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device, dtype) 
     return torch.stack(noise).to(device, dtype)
 
 
+def guided_denoiser(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond: dict, *,
+                    negative: dict | None = None, prediction: str = "eps", timings: Timings | None = None):
+    """The sampler's denoise(x, t) -> eps for a batch of conditions, with the guidance `s` asks for: the guidance
+    embedding of an LCM student that takes w, none (s.guidance <= 1), or CFG against the learned null caption or
+    the negative prompt's features (`negative`, used when s.uncond is "negative")."""
+    fn = eps_model(model, schedule, prediction, timings)
+    if getattr(model, "guidance_embedding", False):  # an LCM student that takes w as input: no CFG
+        n = cond["y"].shape[0]
+        cond = {**cond, "guidance": torch.full((n,), max(float(s.guidance), 0.0), device=cond["y"].device)}
+        return conditional_denoiser(fn, cond)
+    if s.guidance <= 1.0:
+        return conditional_denoiser(fn, cond)
+    if s.uncond == "null":
+        return classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
+    uncond = {**cond, "y": negative["y"].to(cond["y"].dtype).expand_as(cond["y"]),
+              "mask": negative["mask"].expand_as(cond["mask"])}
+    return classifier_free_guidance(fn, cond, uncond, s.guidance)
+
+
 def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond: dict, seeds: list[int], latent_hw,
                   *, negative: dict | None = None, prediction: str = "eps", timings: Timings | None = None,
                   on_step=None) -> torch.Tensor:
@@ -300,18 +319,7 @@ def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond:
     device = cond["y"].device
     x = initial_noise(seeds, (model.in_channels, *latent_hw), device, dtype)  # (N, C, h, w)
     cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-    fn = eps_model(model, schedule, prediction, timings)
-    if getattr(model, "guidance_embedding", False):  # an LCM student that takes w as input: no CFG
-        cond["guidance"] = torch.full((len(seeds),), max(float(s.guidance), 0.0), device=device)
-        denoise = conditional_denoiser(fn, cond)
-    elif s.guidance <= 1.0:
-        denoise = conditional_denoiser(fn, cond)
-    elif s.uncond == "null":
-        denoise = classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
-    else:
-        uncond = {**cond, "y": negative["y"].to(dtype).expand_as(cond["y"]),
-                  "mask": negative["mask"].expand_as(cond["mask"])}
-        denoise = classifier_free_guidance(fn, cond, uncond, s.guidance)
+    denoise = guided_denoiser(model, schedule, s, cond, negative=negative, prediction=prediction, timings=timings)
     # Fresh noise of stochastic samplers (LCM, DDIM eta > 0): one generator per image, so batching changes nothing.
     generators = [torch.Generator().manual_seed(seed + 1_000_003) for seed in seeds]
     return get_sampler(s.sampler)(denoise, x, schedule, s.steps, generator=generators, callback=on_step,

@@ -184,11 +184,10 @@ def run_probe(args) -> dict:
 
     from configs import Config, load_config
     from data.synthetic import render, scene_at
-    from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
     from evaluation.probe import SWAPPABLE, markdown, probe_scenes
     from models.checkpoint import load_checkpoint, peek
     from models.text_encoder import load_text_encoder
-    from pipeline.generate import check_device, check_prediction, eps_model, text_encoder_config
+    from pipeline.generate import check_device, check_prediction, guided_denoiser, text_encoder_config
 
     if args.swap is not None and args.swap not in SWAPPABLE:
         raise EvalError(f"--swap {args.swap!r}: swappable attributes are {', '.join(SWAPPABLE)}")
@@ -217,14 +216,11 @@ def run_probe(args) -> dict:
     model, _, _ = load_checkpoint(s.checkpoint, device=s.device, dtype=torch.float32)
     model.eval()
     text_encoder = load_text_encoder(text_encoder_config(cfg), s.device)
-    fn = eps_model(model, schedule, cfg.diffusion.prediction)
 
     def denoise_for(captions):
         y, mask = text_encoder.encode(captions)
-        cond = {"y": y, "mask": mask}
-        if s.guidance <= 1.0:
-            return conditional_denoiser(fn, cond)
-        return classifier_free_guidance(fn, *null_caption_pair(cond), s.guidance)
+        return guided_denoiser(model, schedule, s, {"y": y.to(s.device), "mask": mask.to(s.device)},
+                               prediction=cfg.diffusion.prediction)
 
     rows = probe_scenes(denoise_for, scenes, real.to(s.device), schedule, args.timesteps, args.steps, args.swap,
                         seed=s.seed)

@@ -43,9 +43,7 @@ class PixArtAlphaTask(Task):
             self.model = build_pixart(cfg.model, device)
         self.model.train().requires_grad_(True)
         self.schedule = cfg.diffusion.build()
-        self.criterion = DiffusionLoss(self.schedule, cfg.model.learn_sigma, cfg.diffusion.prediction,
-                                       cfg.train.min_snr_gamma, cfg.train.timestep_power,
-                                       cfg.train.timestep_logit_normal)
+        self.criterion = DiffusionLoss.from_config(cfg, self.schedule)
         self.vae = None  # loaded at the first sample grid
 
     def loss(self, model, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:

@@ -57,9 +57,7 @@ class ControlNetTask(Task):
             branch = build_branch(base, cc)
         self.model = ControlledPixArt(base, branch.requires_grad_(True)).train()
         self.schedule = cfg.diffusion.build()
-        self.criterion = DiffusionLoss(self.schedule, cfg.model.learn_sigma, cfg.diffusion.prediction,
-                                       cfg.train.min_snr_gamma, cfg.train.timestep_power,
-                                       cfg.train.timestep_logit_normal)
+        self.criterion = DiffusionLoss.from_config(cfg, self.schedule)
         self.vae = None  # loaded at the first sample grid
 
     def references(self) -> dict[str, dict]:
