@@ -81,6 +81,8 @@ TRAIN_CASES = [
     (["--resume", "{root}/tiny.safetensors"], "not a training checkpoint"),
     (["--set", "train.batch_size=0"], "train.batch_size"),
     (["--set", "train.lr=nan"], "train.lr"),
+    (["--set", "train.timestep_logit_normal=[0, 0]"], "train.timestep_logit_normal must be [mean, std]"),
+    (["--set", "train.timestep_power=2", "--set", "train.timestep_logit_normal=[-0.2, 0.8]"], "set one of them"),
     (["--config", "no_such_preset"], "no_such_preset"),
 ]
 
