@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from configs.errors import UserError
 from diffusion.schedule import NoiseSchedule
+
+EDGE_RANGE = 0.5  # a pixel is on an edge when its 3x3 neighbourhood spans more than this in some channel ([-1, 1])
 
 
 def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
@@ -95,7 +98,9 @@ class DiffusionLoss:
 
     def __init__(self, schedule: NoiseSchedule, learn_sigma: bool = True, prediction: str = "eps",
                  min_snr_gamma: float = 0.0, timestep_power: float = 1.0,
-                 timestep_logit_normal: Sequence[float] | None = None):
+                 timestep_logit_normal: Sequence[float] | None = None, edge_weight: float = 0.0):
+        if not math.isfinite(edge_weight) or edge_weight < 0:
+            raise UserError(f"train.loss_edge_weight must be a finite number >= 0 (0: off), got {edge_weight}")
         if not math.isfinite(timestep_power) or timestep_power <= 0:
             raise UserError(f"train.timestep_power must be a finite number > 0 (1: uniform timesteps), got "
                             f"{timestep_power}")
@@ -114,6 +119,7 @@ class DiffusionLoss:
         self.timestep_power = timestep_power  # training timesteps floor(T u^p): 1 uniform, > 1 more low-noise steps
         # training timesteps floor(T sigmoid(mean + std n)), n ~ N(0, 1): most steps around T sigmoid(mean)
         self.timestep_logit_normal = tuple(float(v) for v in timestep_logit_normal) if timestep_logit_normal else None
+        self.edge_weight = edge_weight  # > 0: extra MSE weight on the clean image's edges (pixel_weights)
         self.tables = PosteriorTables.from_schedule(schedule)
 
     @classmethod
@@ -121,8 +127,12 @@ class DiffusionLoss:
         """The objective a run config asks for: its model's learned sigma, its prediction type and the `train:`
         section's weighting and timestep options (one place, so every trainer picks up a new option)."""
         t = cfg.train
+        if t.loss_edge_weight and cfg.autoencoder.kind != "pixel":
+            raise UserError(f"train.loss_edge_weight weighs the edges of the clean image, so it needs a pixel-space "
+                            f"model (autoencoder.kind: pixel); this config's autoencoder is {cfg.autoencoder.kind!r}: "
+                            f"set train.loss_edge_weight: 0")
         return cls(schedule, cfg.model.learn_sigma, cfg.diffusion.prediction, t.min_snr_gamma, t.timestep_power,
-                   t.timestep_logit_normal)
+                   t.timestep_logit_normal, t.loss_edge_weight)
 
     def mse_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight of the MSE term: 1, or Min-SNR's min(SNR, gamma) in x0 terms, expressed for the
@@ -135,6 +145,22 @@ class DiffusionLoss:
         capped = snr.clamp(max=self.min_snr_gamma)
         weight = {"eps": capped / snr, "v": capped / (snr + 1), "x0": capped}[self.prediction]
         return weight.float()
+
+    def pixel_weights(self, x0: Tensor) -> Tensor | None:
+        """(N, 1, H, W) weights of the MSE per pixel, or None (edge_weight 0: all equal).
+
+        A pixel is on an edge when its 3x3 neighbourhood in the clean image x0 (in [-1, 1]) spans more than
+        EDGE_RANGE in some channel: the two-pixel band along every outline of a flat-coloured shape. Edge pixels
+        weigh 1 + edge_weight, the others 1, normalised to mean 1 per image so the loss keeps its scale. An object's
+        outline is what tells its kind apart, but it holds a few percent of the pixels, so under a plain MSE its
+        gradient drowns in that of colour and background (docs/RESULTS.md, the shapes teacher)."""
+        if not self.edge_weight:
+            return None
+        x0 = x0.float()
+        spread = F.max_pool2d(x0, 3, 1, 1) + F.max_pool2d(-x0, 3, 1, 1)  # (N, C, H, W) max - min around each pixel
+        edge = (spread.amax(dim=1, keepdim=True) > EDGE_RANGE).float()  # (N, 1, H, W)
+        weight = 1 + self.edge_weight * edge
+        return weight / weight.mean(dim=(2, 3), keepdim=True)
 
     def training_loss(self, net, x0: Tensor, rng, caption_dropout: float, **cond) -> tuple[Tensor, dict[str, float]]:
         """One training step's loss: per-sample timesteps, noise and caption dropout (to the learned null caption)
@@ -165,7 +191,11 @@ class DiffusionLoss:
         c = x0.shape[1]
         pred, v = out[:, :c].float(), out[:, c:]
         target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
-        mse = (pred - target).square().mean(dim=(1, 2, 3)) * self.mse_weight(t)  # L_simple (N,)
+        err = (pred - target).square()  # (N, C, H, W)
+        weight = self.pixel_weights(x0)
+        if weight is not None:
+            err = err * weight
+        mse = err.mean(dim=(1, 2, 3)) * self.mse_weight(t)  # L_simple (N,)
         if not self.learn_sigma:
             return mse, {"mse": mse}
         # L_vlb with the mean's gradient stopped; x T / 1000 as IDDPM does for T-step schedules.

@@ -38,6 +38,9 @@ class TrainConfig:
     timestep_logit_normal: tuple[float, float] | None = None  # [mean, std]: timesteps floor(T sigmoid(mean + std n)),
                                           # n ~ N(0, 1); [-0.2, 0.8] puts 72% of the steps in 250..650 (where the
                                           # shapes teacher decides an object's kind); null: off
+    loss_edge_weight: float = 0.0         # pixel space: pixels on an edge of the clean image (3x3 neighbourhood
+                                          # spanning > 0.5 in some channel) weigh 1 + this in the MSE, normalised to
+                                          # mean 1 per image; 4 lets the shapes teacher learn an object's kind; 0: off
 
 
 @dataclass

@@ -92,6 +92,33 @@ def probe_scenes(denoise_for: Callable[[list[str]], Callable], scenes: list[list
     return rows
 
 
+def prediction_grid(denoise_for: Callable[[list[str]], Callable], scenes: list[list[ShapeObject]], real: Tensor,
+                    schedule: NoiseSchedule, timesteps: Sequence[int], attribute: str = "kind", seed: int = 0,
+                    zoom: int = 4) -> np.ndarray:
+    """What the model believes at each noise level, as an RGB uint8 picture: one row per (scene, t0), holding the
+    render of the scene noised to t0, then the model's data prediction from that one input under the caption with
+    each value of `attribute` (in SWAPPABLE order: for kind, circle square triangle diamond cross).
+
+    A model that reads the word draws each value's own shape wherever the noised image leaves it open; one that
+    ignores it draws the same thing in every column. real: (N, 3, H, W) renders of `scenes` in [-1, 1]."""
+    values = SWAPPABLE[attribute]
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed)).to(real)
+    rows = []
+    for scene, image, eps in zip(scenes, real, noise):
+        variants = [[replace(o, **{attribute: v}) for o in scene] for v in values]
+        denoise = denoise_for([caption(v) for v in variants])
+        batch, eps = image.expand(len(values), -1, -1, -1), eps.expand(len(values), -1, -1, -1)
+        for t0 in timesteps:
+            t = torch.full((1,), int(t0), dtype=torch.long, device=real.device)
+            with torch.inference_mode():
+                predictions = denoise_from(denoise, batch, schedule, int(t0), 1, eps)  # (K, 3, H, W)
+            tiles = to_uint8(torch.cat([schedule.q_sample(image[None], t, eps[:1]), predictions]))
+            rows.append(np.concatenate([np.pad(tile, ((1, 1), (1, 1), (0, 0)), constant_values=128)
+                                        for tile in tiles], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
 def markdown(rows: list[dict], swap: str | None) -> str:
     """The probe's table: one row per t0."""
     cols = list(ATTRIBUTES) + ["count"] + (["follows_caption", "keeps_image"] if swap else [])

@@ -83,6 +83,8 @@ TRAIN_CASES = [
     (["--set", "train.lr=nan"], "train.lr"),
     (["--set", "train.timestep_logit_normal=[0, 0]"], "train.timestep_logit_normal must be [mean, std]"),
     (["--set", "train.timestep_power=2", "--set", "train.timestep_logit_normal=[-0.2, 0.8]"], "set one of them"),
+    (["--set", "train.loss_edge_weight=-1"], "train.loss_edge_weight must be a finite number >= 0"),
+    (["--set", "autoencoder.kind=sd-vae", "--set", "train.loss_edge_weight=4"], "needs a pixel-space model"),
     (["--config", "no_such_preset"], "no_such_preset"),
 ]
 

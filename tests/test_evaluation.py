@@ -263,6 +263,38 @@ def test_denoise_from_with_the_true_noise_returns_the_image():
     assert timestep_grid(500, 4) == [500, 375, 250, 125, 0]
 
 
+def test_prediction_grid_of_the_ideal_denoiser_shows_the_image_under_every_caption():
+    """An ideal denoiser of the known render predicts that render from any t0 whatever the caption says, so every
+    prediction tile is the render itself; the first tile of a row is the render noised to t0 (mostly noise)."""
+    from data.synthetic import render
+    from diffusion.schedule import NoiseSchedule
+    from evaluation.probe import prediction_grid
+
+    schedule = NoiseSchedule.linear()
+    scenes = [[ShapeObject("square", "blue", "large", 0.5, 0.5)], [ShapeObject("cross", "red", "small", 0.2, 0.7)]]
+    renders = [np.array(render(s, 16, 16)) for s in scenes]
+    real = torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 127.5 - 1 for r in renders])
+    asked = []
+
+    def denoise_for(captions):
+        asked.append(captions)
+        x0 = real[len(asked) - 1]
+
+        def ideal(x, t):
+            alpha, sigma = schedule.alpha_sigma(t, x)
+            return (x - alpha * x0) / sigma
+        return ideal
+
+    grid = prediction_grid(denoise_for, scenes, real, schedule, [300, 900], zoom=2)
+    assert grid.shape == (2 * 2 * 18 * 2, 6 * 18 * 2, 3) and grid.dtype == np.uint8
+    assert [c.split(" ")[3] for c in asked[0]] == list(KINDS)  # one caption per kind, the scene otherwise kept
+    tiles = grid[::2, ::2].reshape(4, 18, 6, 18, 3)[:, 1:-1, :, 1:-1]  # (row, H, column, W, 3) without the frames
+    for row in range(4):
+        for column in range(1, 6):
+            assert np.abs(tiles[row, :, column].astype(int) - renders[row // 2]).max() <= 1
+        assert np.abs(tiles[row, :, 0].astype(int) - renders[row // 2]).mean() > 20  # the noised input
+
+
 def test_swap_attribute_changes_only_that_attribute_and_spreads_the_values():
     from evaluation.probe import swap_attribute
 
@@ -286,8 +318,11 @@ def test_evaluate_probe_cli_on_the_shipped_teacher(tmp_path, caplog):
     assert record["scenes"] >= 10 and row["t0"] == 100
     assert row["keeps_image"] >= 90 and row["follows_caption"] <= 10
     assert row["color"] >= 90 and row["position"] >= 90 and row["count"] >= 90
+    with Image.open(next((tmp_path / "out").iterdir()) / "predictions.png") as grid:  # 2 scenes x 1 t0, 1 + 5 tiles
+        assert grid.size == (6 * 34 * 4, 2 * 34 * 4)
     for bad, message in ((["--from", "0"], "must lie in 1..999"), (["--swap", "position"], "swappable"),
                          (["--steps", "0"], "--steps must be >= 1"),
+                         (["--grid-scenes", "-1"], "--grid-scenes must be >= 0"),
                          (["--set", "sample.device=tpu9"], "unknown device"),
                          (["--set", "autoencoder.kind=sd-vae"], "needs a pixel-space model")):
         assert evaluate.main(["probe", *bad, "--out", str(tmp_path / "bad")]) == 2

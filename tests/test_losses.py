@@ -157,3 +157,59 @@ def test_timestep_logit_normal_draws_the_stated_distribution():
             DiffusionLoss(schedule, timestep_logit_normal=bad)
     with pytest.raises(UserError, match="set one of them"):
         DiffusionLoss(schedule, timestep_power=2.0, timestep_logit_normal=(mean, std))
+
+
+def _outline_band(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood (clipped at the border) holds both shape and background, by brute force."""
+    height, width = mask.shape
+    band = np.zeros_like(mask)
+    for y in range(height):
+        for x in range(width):
+            window = mask[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+            band[y, x] = window.any() and not window.all()
+    return band
+
+
+def test_edge_weights_mark_the_outline_band_of_rendered_shapes():
+    """loss_edge_weight: the pixels weighted up are exactly those next to a shape's outline in the renderer's own
+    masks, by 1 + edge_weight against the rest, with mean 1 per image; a flat image keeps weight 1 everywhere."""
+    from data.synthetic import ShapeObject, render, shape_mask
+
+    objects = [ShapeObject("square", "pink", "small", 0.2, 0.25), ShapeObject("triangle", "yellow", "large", 0.7, 0.6),
+               ShapeObject("cross", "blue", "medium", 0.25, 0.8)]
+    image = torch.from_numpy(np.array(render(objects, 32, 32))).permute(2, 0, 1).float() / 127.5 - 1
+    white = torch.ones_like(image)
+    weights = DiffusionLoss(SCHEDULE, edge_weight=4.0).pixel_weights(torch.stack([image, white]))  # (2, 1, 32, 32)
+    band = _outline_band(np.logical_or.reduce([shape_mask(o, 32, 32) for o in objects]))
+    w = weights[0, 0].numpy()
+    assert band.any() and np.array_equal(w > w.min() + 1e-6, band)
+    assert w.max() / w.min() == pytest.approx(5.0) and w.mean() == pytest.approx(1.0)
+    assert torch.equal(weights[1], torch.ones_like(weights[1]))
+    assert DiffusionLoss(SCHEDULE).pixel_weights(image[None]) is None
+
+
+def test_edge_weight_moves_the_cost_of_an_error_towards_outlines():
+    """The same error costs more with the edge weight when it sits on outline pixels and less when it sits
+    elsewhere; on a flat image (no edges) the weighted and plain losses are equal."""
+    from configs.errors import UserError
+    from data.synthetic import ShapeObject, render
+
+    image = torch.from_numpy(np.array(render([ShapeObject("circle", "red", "large", 0.5, 0.5)], 32, 32)))
+    x0 = torch.stack([image.permute(2, 0, 1).float() / 127.5 - 1, torch.ones(3, 32, 32)])  # (2, 3, 32, 32)
+    t, noise = torch.tensor([400, 400]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    target = SCHEDULE.target("v", x0, t, noise)
+    on_edge = DiffusionLoss(SCHEDULE, edge_weight=4.0).pixel_weights(x0) > 1  # (2, 1, H, W)
+
+    def loss(edge_weight, where):
+        net = lambda x_t, t: target + 0.1 * where.float()  # noqa: E731 - exact except on `where`
+        per_sample, _ = DiffusionLoss(SCHEDULE, learn_sigma=False, prediction="v", edge_weight=edge_weight)(
+            net, x0, t, noise)
+        return per_sample
+
+    for where, costlier in ((on_edge, True), (~on_edge, False)):
+        plain, weighted = loss(0.0, where), loss(4.0, where)
+        assert (weighted[0] > plain[0] * 1.5) if costlier else (weighted[0] < plain[0] / 1.2)
+        assert weighted[1] == pytest.approx(plain[1].item(), rel=1e-6)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(UserError, match="loss_edge_weight"):
+            DiffusionLoss(SCHEDULE, edge_weight=bad)

@@ -184,7 +184,7 @@ def run_probe(args) -> dict:
 
     from configs import Config, load_config
     from data.synthetic import render, scene_at
-    from evaluation.probe import SWAPPABLE, markdown, probe_scenes
+    from evaluation.probe import SWAPPABLE, markdown, prediction_grid, probe_scenes
     from models.checkpoint import load_checkpoint, peek
     from models.text_encoder import load_text_encoder
     from pipeline.generate import check_device, check_prediction, guided_denoiser, text_encoder_config
@@ -193,6 +193,8 @@ def run_probe(args) -> dict:
         raise EvalError(f"--swap {args.swap!r}: swappable attributes are {', '.join(SWAPPABLE)}")
     if args.steps < 1:
         raise EvalError(f"--steps must be >= 1, got {args.steps}")
+    if args.grid_scenes < 0:
+        raise EvalError(f"--grid-scenes must be >= 0, got {args.grid_scenes}")
     cfg = load_config(Config, args.config, args.overrides)
     ec, s = cfg.evaluation, cfg.sample
     if cfg.autoencoder.kind != "pixel":
@@ -224,7 +226,14 @@ def run_probe(args) -> dict:
 
     rows = probe_scenes(denoise_for, scenes, real.to(s.device), schedule, args.timesteps, args.steps, args.swap,
                         seed=s.seed)
+    grid = None
+    if args.grid_scenes:
+        n = min(args.grid_scenes, len(scenes))
+        grid = prediction_grid(denoise_for, scenes[:n], real[:n].to(s.device), schedule, args.timesteps,
+                               args.swap or "kind", seed=s.seed)
     out = output_dir(args.out, "probe")
+    if grid is not None:
+        Image.fromarray(grid).save(out / "predictions.png")
     record = {"config": args.config, "overrides": list(args.overrides), "checkpoint": s.checkpoint,
               "guidance": s.guidance, "steps": args.steps, "swap": args.swap, "scenes": len(scenes),
               "held_out_seed": ec.seed, "rows": rows}
@@ -232,7 +241,11 @@ def run_probe(args) -> dict:
     head = (f"Held-out single-object scenes: {len(scenes)}; real renders noised to t0 and denoised back by "
             f"{s.checkpoint} (DDIM {args.steps} steps, guidance {s.guidance})"
             + (f", captions naming another {args.swap} than the image shows" if args.swap else "") + "\n\n")
-    (out / "results.md").write_text(head + markdown(rows, args.swap) + "\n")
+    attribute = args.swap or "kind"
+    tail = "" if grid is None else (
+        f"\npredictions.png: per scene and t0 (rows {', '.join(map(str, args.timesteps))}), the noised render, then "
+        f"the one-step data prediction under each {attribute} ({', '.join(SWAPPABLE[attribute])})\n")
+    (out / "results.md").write_text(head + markdown(rows, args.swap) + "\n" + tail)
     return out, record
 
 
@@ -352,6 +365,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     probe.add_argument("--swap", metavar="ATTRIBUTE",
                        help="caption each image with another value of this attribute (kind, color, size) than it "
                             "shows: does the model follow the caption or the image?")
+    probe.add_argument("--grid-scenes", type=int, default=2, metavar="N",
+                       help="predictions.png: for the first N scenes, the model's data prediction from each t0 "
+                            "under every value of the --swap attribute (default kind); 0: none (default 2)")
 
     table = sub.add_parser("table", help="a Markdown table of `model` results (results.json files or their folders)")
     table.add_argument("results", type=Path, nargs="+")
