@@ -152,7 +152,7 @@ class DiffusionLoss:
         A pixel is on an edge when its 3x3 neighbourhood in the clean image x0 (in [-1, 1]) spans more than
         EDGE_RANGE in some channel: the two-pixel band along every outline of a flat-coloured shape. Edge pixels
         weigh 1 + edge_weight, the others 1, normalised to mean 1 per image so the loss keeps its scale. An object's
-        outline is what tells its kind apart, but it holds a few percent of the pixels, so under a plain MSE its
+        outline is what tells its kind apart, but it holds about a tenth of the pixels, so under a plain MSE its
         gradient drowns in that of colour and background (docs/RESULTS.md, the shapes teacher)."""
         if not self.edge_weight:
             return None

@@ -99,8 +99,9 @@ def prediction_grid(denoise_for: Callable[[list[str]], Callable], scenes: list[l
     render of the scene noised to t0, then the model's data prediction from that one input under the caption with
     each value of `attribute` (in SWAPPABLE order: for kind, circle square triangle diamond cross).
 
-    A model that reads the word draws each value's own shape wherever the noised image leaves it open; one that
-    ignores it draws the same thing in every column. real: (N, 3, H, W) renders of `scenes` in [-1, 1]."""
+    A model that ignores the word draws the same thing in every column; one that reads it changes the columns
+    where the noised image leaves the value open (at high t0 the prediction is a blur: compare size and outline).
+    real: (N, 3, H, W) renders of `scenes` in [-1, 1]."""
     values = SWAPPABLE[attribute]
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed)).to(real)
     rows = []
