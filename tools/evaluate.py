@@ -226,11 +226,12 @@ def run_probe(args) -> dict:
 
     rows = probe_scenes(denoise_for, scenes, real.to(s.device), schedule, args.timesteps, args.steps, args.swap,
                         seed=s.seed)
+    attribute = args.swap or "kind"  # what predictions.png varies
     grid = None
     if args.grid_scenes:
         n = min(args.grid_scenes, len(scenes))
-        grid = prediction_grid(denoise_for, scenes[:n], real[:n].to(s.device), schedule, args.timesteps,
-                               args.swap or "kind", seed=s.seed)
+        grid = prediction_grid(denoise_for, scenes[:n], real[:n].to(s.device), schedule, args.timesteps, attribute,
+                               seed=s.seed)
     out = output_dir(args.out, "probe")
     if grid is not None:
         Image.fromarray(grid).save(out / "predictions.png")
@@ -241,7 +242,6 @@ def run_probe(args) -> dict:
     head = (f"Held-out single-object scenes: {len(scenes)}; real renders noised to t0 and denoised back by "
             f"{s.checkpoint} (DDIM {args.steps} steps, guidance {s.guidance})"
             + (f", captions naming another {args.swap} than the image shows" if args.swap else "") + "\n\n")
-    attribute = args.swap or "kind"
     tail = "" if grid is None else (
         f"\npredictions.png: per scene and t0 (rows {', '.join(map(str, args.timesteps))}), the noised render, then "
         f"the one-step data prediction under each {attribute} ({', '.join(SWAPPABLE[attribute])})\n")
