@@ -184,6 +184,35 @@ def test_dpm_solver_heun_matches_diffusers(steps, order):
 
 
 @pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("order,solver_type", [(1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint")])
+def test_sde_dpm_solver_matches_diffusers(steps, order, solver_type):
+    # Both draw each step's noise from the generator in the same order, so the same seed gives the same path.
+    x = initial_noise()
+    ours = sample_dpm_solver(fake_denoise, x, SCHEDULE, steps, order=order, solver_type=solver_type,
+                             algorithm_type="sde-dpmsolver++", generator=torch.Generator().manual_seed(7))
+    scheduler = DPMSolverMultistepScheduler(**PIXART_BETAS, solver_order=order, solver_type=solver_type,
+                                            algorithm_type="sde-dpmsolver++")
+    theirs = run_diffusers(scheduler, x, steps, generator=torch.Generator().manual_seed(7))
+    alpha_999 = SCHEDULE.alphas_cumprod[999].sqrt().item()
+    assert_parity(ours, theirs, 1e-5 if steps > 1 else 1e-5 / alpha_999)
+
+
+def test_sde_dpm_solver_noise_comes_from_the_generator():
+    x = initial_noise()
+    run = lambda seed: sample_dpm_solver(fake_denoise, x, SCHEDULE, 8, algorithm_type="sde-dpmsolver++",  # noqa: E731
+                                         generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(3), run(3))
+    assert (run(3) - run(4)).abs().max() > 1e-2
+    ode = sample_dpm_solver(fake_denoise, x, SCHEDULE, 8)
+    assert (run(3) - ode).abs().max() > 1e-2
+
+
+def test_dpm_solver_rejects_an_unknown_algorithm():
+    with pytest.raises(ValueError, match="algorithm_type 'sde-dpmsolver'.*valid: dpmsolver\\+\\+, sde-dpmsolver\\+\\+"):
+        sample_dpm_solver(fake_denoise, initial_noise(), SCHEDULE, 4, algorithm_type="sde-dpmsolver")
+
+
+@pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_matches_diffusers(steps, eta):
     x = initial_noise()

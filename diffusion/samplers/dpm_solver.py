@@ -1,9 +1,13 @@
-"""Multistep DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095): data-prediction ODE solver, orders 1 to 3.
+"""Multistep DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095): data-prediction solver, orders 1 to 3, of the
+probability-flow ODE ("dpmsolver++", deterministic) or of the reverse SDE ("sde-dpmsolver++", fresh noise each step).
 
 Works in alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and the half log-SNR
 lambda_t = log(alpha_t / sigma_t). With h = lambda_t - lambda_s, the exact solution of the probability-flow
 ODE from s to t is x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda,
-and each order approximates x0(lambda) by a polynomial through the last 1, 2 or 3 data predictions.
+and each order approximates x0(lambda) by a polynomial through the last 1, 2 or 3 data predictions. The SDE's
+solution is x_t = (sigma_t / sigma_s) e^{-h} x_s + 2 alpha_t int e^{-2 (lambda_t - lambda)} x0(lambda) dlambda
++ sigma_t sqrt(1 - e^{-2h}) z: the same polynomial terms with the step doubled in the weights, plus noise that
+corrects part of the model's error at every step (diffusers' algorithm_type of the same name).
 """
 
 import math
@@ -14,10 +18,11 @@ import torch
 from torch import Tensor
 
 from configs.errors import UserError
-from diffusion.samplers.common import Denoise, StepInfo, check_steps, timestep_batch
+from diffusion.samplers.common import Denoise, StepInfo, check_steps, randn_like, timestep_batch
 from diffusion.schedule import NoiseSchedule
 
 SOLVER_TYPES = ("midpoint", "heun")
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 LOWER_ORDER_FINAL_BELOW = 15  # with fewer steps the last two steps drop to order <= 2 and 1 (diffusers)
 
 
@@ -49,27 +54,40 @@ def _alpha_sigma_lambda(schedule: NoiseSchedule, timesteps: list[int]) -> tuple[
     return alpha, sigma, lam
 
 
-def _update(x: Tensor, x0s: list[Tensor], order: int, i: int, alpha, sigma, lam, solver_type: str) -> Tensor:
-    """Advance x from grid point i to i + 1 using the last `order` data predictions x0s[-order:]."""
+def _update(x: Tensor, x0s: list[Tensor], order: int, i: int, alpha, sigma, lam, solver_type: str,
+            noise: Tensor | None = None) -> Tensor:
+    """Advance x from grid point i to i + 1 using the last `order` data predictions x0s[-order:].
+
+    noise (like x) selects the SDE update; None the ODE one. In the SDE the integral's weight e^{-2(lambda_t -
+    lambda)} halves its length scale, so each coefficient is the ODE's with h replaced by 2h where it weighs x0
+    (the third-order term follows diffusers' coefficient, which the tests pin).
+    """
     h = lam[i + 1] - lam[i]  # step in lambda
-    phi1 = -math.expm1(-h)  # 1 - e^{-h}
-    # First-order term (DDIM in lambda): x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D0
-    out = (sigma[i + 1] / sigma[i]) * x + (alpha[i + 1] * phi1) * x0s[-1]
+    if noise is None:
+        g = h  # length of the exponential weight: h for the ODE, 2h for the SDE
+        out = (sigma[i + 1] / sigma[i]) * x
+    else:
+        g = 2.0 * h
+        out = (sigma[i + 1] / sigma[i] * math.exp(-h)) * x + (sigma[i + 1] * math.sqrt(-math.expm1(-g))) * noise
+    phi1 = -math.expm1(-g)  # 1 - e^{-g}
+    # First-order term: x_t = (decay) x_s + alpha_t (1 - e^{-g}) D0 (+ noise)
+    out = out + (alpha[i + 1] * phi1) * x0s[-1]
     if order == 1:
         return out
     r0 = (lam[i] - lam[i - 1]) / h  # previous step size relative to h
     d1_0 = (x0s[-1] - x0s[-2]) / r0  # h * dx0/dlambda, backward difference
     if order == 2:
-        if solver_type == "midpoint":  # + 0.5 alpha_t (1 - e^{-h}) D1
+        if solver_type == "midpoint":  # + 0.5 alpha_t (1 - e^{-g}) D1
             return out + (0.5 * alpha[i + 1] * phi1) * d1_0
-        return out + (alpha[i + 1] * (1.0 - phi1 / h)) * d1_0  # heun: + alpha_t ((e^{-h} - 1) / h + 1) D1
+        return out + (alpha[i + 1] * (1.0 - phi1 / g)) * d1_0  # heun: + alpha_t ((e^{-g} - 1) / g + 1) D1
     r1 = (lam[i - 1] - lam[i - 2]) / h
     d1_1 = (x0s[-2] - x0s[-3]) / r1
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h * dx0/dlambda, second-order accurate
     d2 = (d1_0 - d1_1) / (r0 + r1)  # h^2 / 2 * d2x0/dlambda2
-    phi2 = (h - phi1) / h**2  # (e^{-h} - 1 + h) / h^2
-    # x_t = first-order term + alpha_t ((e^{-h} - 1) / h + 1) D1 - alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2) D2
-    return out + (alpha[i + 1] * (1.0 - phi1 / h)) * d1 - (alpha[i + 1] * (phi2 - 0.5)) * d2
+    d1_term = alpha[i + 1] * (1.0 - phi1 / g)  # alpha_t ((e^{-g} - 1) / g + 1)
+    if noise is None:  # - alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2) D2
+        return out + d1_term * d1 - (alpha[i + 1] * ((h - phi1) / h**2 - 0.5)) * d2
+    return out + d1_term * d1 + (alpha[i + 1] * ((phi1 - g) / g**2 - 0.5)) * d2  # + alpha_t ((1-e^{-g}-g)/g^2 - 1/2) D2
 
 
 def sample_dpm_solver(
@@ -82,15 +100,19 @@ def sample_dpm_solver(
     callback: Callable[[StepInfo], None] | None = None,
     order: int = 2,
     solver_type: str = "midpoint",
+    algorithm_type: str = "dpmsolver++",
 ) -> Tensor:
     """Run multistep DPM-Solver++ from noise x (N, C, H, W) with `steps` denoiser calls; returns the clean sample.
 
-    Deterministic: `generator` is accepted for the shared sampler signature and unused.
+    algorithm_type "dpmsolver++" is deterministic (`generator` unused); "sde-dpmsolver++" draws fresh noise from
+    `generator` (one per sample, or a list of them) at every step, the last included, as diffusers does.
     """
     if order not in (1, 2, 3):
         raise UserError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}")
     if solver_type not in SOLVER_TYPES:
         raise UserError(f"unknown DPM-Solver solver_type {solver_type!r}; valid: {', '.join(SOLVER_TYPES)}")
+    if algorithm_type not in ALGORITHMS:
+        raise UserError(f"unknown DPM-Solver algorithm_type {algorithm_type!r}; valid: {', '.join(ALGORITHMS)}")
     timesteps = dpm_solver_timesteps(steps, schedule.num_steps).tolist()
     alpha, sigma, lam = _alpha_sigma_lambda(schedule, timesteps)  # (steps + 1,) each
     x0s: list[Tensor] = []  # the last `order` data predictions, oldest first
@@ -98,7 +120,8 @@ def sample_dpm_solver(
         eps = denoise(x, timestep_batch(t, x))  # (N, C, H, W)
         x0 = (x - sigma[i] * eps) / alpha[i]  # data prediction x_0 = (x_t - sigma_t eps) / alpha_t
         x0s = (x0s + [x0])[-order:]
-        x = _update(x, x0s, step_order(i, steps, order), i, alpha, sigma, lam, solver_type)
+        noise = randn_like(x, generator) if algorithm_type == "sde-dpmsolver++" else None
+        x = _update(x, x0s, step_order(i, steps, order), i, alpha, sigma, lam, solver_type, noise)
         if callback is not None:
             callback(StepInfo(index=i, total=steps, timestep=t, x=x, denoised=x0))
     return x
