@@ -58,9 +58,9 @@ def _update(x: Tensor, x0s: list[Tensor], order: int, i: int, alpha, sigma, lam,
             noise: Tensor | None = None) -> Tensor:
     """Advance x from grid point i to i + 1 using the last `order` data predictions x0s[-order:].
 
-    noise (like x) selects the SDE update; None the ODE one. In the SDE the integral's weight e^{-2(lambda_t -
-    lambda)} halves its length scale, so each coefficient is the ODE's with h replaced by 2h where it weighs x0
-    (the third-order term follows diffusers' coefficient, which the tests pin).
+    noise (like x) selects the SDE update; None the ODE one. The SDE's weight e^{-2(lambda_t - lambda)} halves the
+    integral's length scale, so its first- and second-order coefficients are the ODE's with h replaced by g = 2h;
+    its third-order D2 coefficient is diffusers' (-1/2 where the ODE has +1/2), which the tests pin.
     """
     h = lam[i + 1] - lam[i]  # step in lambda
     if noise is None:
@@ -85,9 +85,9 @@ def _update(x: Tensor, x0s: list[Tensor], order: int, i: int, alpha, sigma, lam,
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h * dx0/dlambda, second-order accurate
     d2 = (d1_0 - d1_1) / (r0 + r1)  # h^2 / 2 * d2x0/dlambda2
     d1_term = alpha[i + 1] * (1.0 - phi1 / g)  # alpha_t ((e^{-g} - 1) / g + 1)
-    if noise is None:  # - alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2) D2
-        return out + d1_term * d1 - (alpha[i + 1] * ((h - phi1) / h**2 - 0.5)) * d2
-    return out + d1_term * d1 + (alpha[i + 1] * ((phi1 - g) / g**2 - 0.5)) * d2  # + alpha_t ((1-e^{-g}-g)/g^2 - 1/2) D2
+    phi2 = (g - phi1) / g**2  # (e^{-g} - 1 + g) / g^2
+    half = 0.5 if noise is None else -0.5
+    return out + d1_term * d1 - (alpha[i + 1] * (phi2 - half)) * d2  # - alpha_t (phi2 -+ 1/2) D2
 
 
 def sample_dpm_solver(
