@@ -75,9 +75,12 @@ def test_same_seed_same_images_other_seed_other_images(parts, tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "lcm"])
-def test_image_does_not_depend_on_batching(parts, tmp_path, sampler):
-    args = ["--prompt", "a small circle", "--images-per-prompt", "3", "--steps", "2", "--sampler", sampler]
+@pytest.mark.parametrize("sampler,options", [("ddim", "{eta: 1.0}"), ("lcm", "{}"),
+                                             ("dpm", "{algorithm_type: sde-dpmsolver++}")])
+def test_image_does_not_depend_on_batching(parts, tmp_path, sampler, options):
+    # Stochastic samplers draw each image's fresh noise from its own seeded generator.
+    args = ["--prompt", "a small circle", "--images-per-prompt", "3", "--steps", "2", "--sampler", sampler,
+            "--set", f"sample.sampler_options={options}"]
     assert run(parts, tmp_path, *args, "--batch-size", "1") == 0
     assert run(parts, tmp_path, *args, "--batch-size", "3") == 0
     one, three = run_dirs(tmp_path)
