@@ -50,6 +50,10 @@ def markdown_table(results: dict) -> str:
     for group, summary in results["groups"].items():
         cells = " | ".join(f"{summary[c]:.1f}" for c in COLUMNS)
         lines.append(f"| {group} | {summary['images']} | {cells} | {summary['mean_iou']:.3f} |")
+    for group, summary in results["groups"].items():
+        by_kind = ", ".join(f"{k} {v:.1f}" for k, v in summary.get("kind_by_kind", {}).items())
+        if by_kind:
+            lines.append(f"\nKind accuracy by captioned kind ({group}): {by_kind}")
     if "frechet_distance" in results:
         lines.append("")
         lines.append(f"Frechet distance to {results['real_images']} real images (evaluator features): "

@@ -196,6 +196,10 @@ def summarise(scores: list[ImageScore]) -> dict:
     out["all"] = 100.0 * sum(s.all_ok for s in scores) / len(scores)
     out["mean_iou"] = float(np.mean([d.iou for s in scores for d in s.detected])) if any(
         s.detected for s in scores) else 0.0
+    # Kind accuracy of the captioned objects of each kind: which outline the model fails to draw.
+    pairs = [(w["kind"], m["kind"]) for s in scores for w, m in zip(s.expected, s.matched)]
+    out["kind_by_kind"] = {k: 100.0 * sum(ok for kk, ok in pairs if kk == k) / n
+                           for k in KINDS if (n := sum(kk == k for kk, _ in pairs))}
     return out
 
 

@@ -72,6 +72,17 @@ def test_reader_counts_and_ignores_specks():
     assert missing.errors() == 5 and not any(missing.matched[0].values())
 
 
+def test_kind_by_kind_names_the_kind_that_fails():
+    """Squares drawn as circles: square's accuracy is 0, the others' 100, and the per-kind accuracies weighted by
+    their object counts give the overall kind accuracy."""
+    wanted = [ShapeObject(kind, "red", "large", 0.5, 0.5) for kind in ("circle", "square", "square", "cross")]
+    drawn = [ShapeObject("circle" if o.kind == "square" else o.kind, "red", "large", 0.5, 0.5) for o in wanted]
+    scores = [score_image([w], read_shapes(np.asarray(render([d], 32, 32)))) for w, d in zip(wanted, drawn)]
+    summary = summarise(scores)
+    assert summary["kind_by_kind"] == {"circle": 100.0, "square": 0.0, "cross": 100.0}
+    assert summary["kind"] == (100.0 * 1 + 0.0 * 2 + 100.0 * 1) / 4
+
+
 def test_caption_round_trip():
     rng = np.random.default_rng(0)
     for _ in range(100):
