@@ -13,9 +13,9 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   t5        tools/random_weights.py t5: a frozen random 2-layer T5 of width 64 whose tokenizer has one piece per
             caption word, plus known_words.txt (prompts with other words get a warning)
   features  tools/extract_features.py: the pixel "latents" and T5 features the trainer reads
-  train     train/train.py --config shapes_teacher: stage one, 8,000 steps (colour, place, size, count)
+  train     train/train.py --config shapes_teacher: stage one, 3,500 steps (colour, place, size, count)
   base      its EMA weights in fp16: work/teacher-base.safetensors (when present, stage one is not run again)
-  refine    train/train.py --config shapes_teacher_refine from the base: stage two, 4,000 steps on the mid-noise
+  refine    train/train.py --config shapes_teacher_refine from the base: stage two, 8,000 steps on the mid-noise
             timesteps where an object's kind is decided
   ship      stage two's EMA weights in fp16 and the T5 folder into --ship, hashed into MANIFEST.json
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
