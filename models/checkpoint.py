@@ -514,8 +514,48 @@ def peek(path: str | os.PathLike) -> CheckpointInfo:
 
 def training_state_message(path) -> str:
     return (f"{path} is a training checkpoint (model, optimiser and RNG state for --resume), not weights: use the "
-            f"run's ema.safetensors (or weights.safetensors), which every checkpoint step exports, or convert that "
-            f"with tools/convert_checkpoint.py")
+            f"run's ema.safetensors (or weights.safetensors), which every checkpoint step exports, or export this "
+            f"step's weights with `python tools/convert_checkpoint.py {path} OUT.safetensors --to safetensors`")
+
+
+def is_training_state(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training checkpoint of engine/state.py (read memory-mapped, so cheap)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT
+
+
+def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkpoint:
+    """The PixArt weights inside a training checkpoint: its EMA ("ema", what the run exports) or the raw training
+    weights ("model"), with the run's model config and the run config as metadata (like the exported files).
+
+    Only runs that train a whole PixArt (train.py, train_lcm.py) have one; a ControlNet run trains a branch."""
+    path = Path(path)
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"weights={weights!r}: a training checkpoint holds 'ema' or 'model' weights")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project")
+    if not state.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise CheckpointError(f"{path} is a training checkpoint without its model weights or run config (truncated, "
+                              f"or written by another version?)")
+    sd = dict(state["model"])
+    if any(k.startswith("branch.") for k in sd):
+        raise CheckpointError(f"{path} is the training state of a ControlNet branch, not of a PixArt: use the "
+                              f"branch its run exports (control.safetensors)")
+    if weights == "ema":
+        if not state.get("ema"):
+            raise CheckpointError(f"{path} kept no EMA (the run had train.ema_decay 0): export --weights model")
+        sd.update(state["ema"]["shadow"])
+    run = state["config"]
+    cfg = _config_from_json(json.dumps(run["model"]), path)
+    metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"]), "weights": weights}
+    return Checkpoint(sd, "training-state", path, cfg, metadata)
 
 
 def peek_config(path: str | os.PathLike) -> PixArtConfig | None:

@@ -36,6 +36,10 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("files")
     (root / "a_file").write_text("not a folder")
     torch.save({"format": TRAIN_STATE_FORMAT, "model": {}}, root / "step_00000100.pt")
+    torch.save({"format": TRAIN_STATE_FORMAT, "model": {"branch.x": torch.zeros(1)}, "ema": None, "step": 5,
+                "config": {"model": {}}}, root / "cn_step.pt")
+    torch.save({"format": TRAIN_STATE_FORMAT, "model": {"x_embedder.proj.weight": torch.zeros(1)}, "ema": None,
+                "step": 5, "config": {"model": {}}}, root / "noema_step.pt")
     cfg = tiny_config()
     save_checkpoint(random_model(cfg).state_dict(), cfg, root / "tiny.safetensors", "safetensors")
     return root
@@ -103,7 +107,9 @@ CONVERT_CASES = [
     (["{root}/tiny.safetensors", "{out}/x.pth", "--to", "safetensors"], "name it e.g. x.safetensors"),
     (["{root}/missing.pth", "{out}/x.safetensors", "--to", "safetensors"], "does not exist"),
     (["{root}/a_file", "{out}/x.safetensors", "--to", "safetensors"], "cannot read"),
-    (["{root}/step_00000100.pt", "{out}/x.safetensors", "--to", "safetensors"], "training checkpoint"),
+    (["{root}/step_00000100.pt", "{out}/x.safetensors", "--to", "safetensors"], "training checkpoint without"),
+    (["{root}/cn_step.pt", "{out}/x.safetensors", "--to", "safetensors"], "training state of a ControlNet branch"),
+    (["{root}/noema_step.pt", "{out}/x.safetensors", "--to", "safetensors"], "export --weights model"),
     (["{root}/tiny.safetensors", "{out}/x.pth", "--to", "official", "--quantize", "int8"], "pass --to safetensors"),
 ]
 

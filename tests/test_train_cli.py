@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import load_script
 from PIL import Image
 
@@ -42,6 +43,34 @@ def test_extract_train_sample(chain, caplog):
     assert code == 0
     (image,) = (root / "out").glob("*/*.png")
     assert Image.open(image).size == (32, 32) and np.asarray(Image.open(image)).std() > 0
+
+
+def test_a_training_checkpoint_exports_the_weights_of_its_step(chain, tmp_path, caplog):
+    """tools/convert_checkpoint.py on a step_*.pt gives that step's EMA, equal to what the run exported then."""
+    from models.checkpoint import load_checkpoint, read_checkpoint
+
+    convert_main = load_script("tools/convert_checkpoint.py").main
+    root, sets = chain
+    assert train_main(["--config", "shapes_tiny", *sets, "--set", "train.name=export"]) == 0
+    run = next(p for p in (root / "runs").iterdir() if p.name.endswith("export"))
+    step4, step2 = run / "checkpoints" / "step_00000004.pt", run / "checkpoints" / "step_00000002.pt"
+    assert convert_main([str(step4), str(tmp_path / "ema4.safetensors"), "--to", "safetensors"]) == 0
+    exported, ours = read_checkpoint(run / "ema.safetensors"), read_checkpoint(tmp_path / "ema4.safetensors")
+    assert exported.state_dict.keys() == ours.state_dict.keys()
+    for k, v in exported.state_dict.items():
+        assert torch.equal(v, ours.state_dict[k]), k
+    assert ours.metadata["step"] == "4" and "prediction" in ours.metadata["config"]
+    # the raw weights of step 2 are another model, still loadable with the run's architecture
+    assert convert_main([str(step2), str(tmp_path / "raw2.safetensors"), "--to", "safetensors",
+                         "--weights", "model"]) == 0
+    raw2 = read_checkpoint(tmp_path / "raw2.safetensors").state_dict
+    assert any(not torch.equal(raw2[k], v) for k, v in exported.state_dict.items() if v.is_floating_point())
+    load_checkpoint(tmp_path / "raw2.safetensors")
+    # --weights means nothing for a weights file
+    caplog.clear()
+    assert convert_main([str(run / "ema.safetensors"), str(tmp_path / "x.safetensors"), "--to", "safetensors",
+                         "--weights", "model"]) == 2
+    assert "leave --weights out" in caplog.text and not (tmp_path / "x.safetensors").exists()
 
 
 def test_resume_from_the_command_line(chain):

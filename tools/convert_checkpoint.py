@@ -14,6 +14,11 @@ the official layout:
     python tools/convert_checkpoint.py out/cn512/control.safetensors cn512.pth --to official \
         --base out/cn512/base.safetensors
 
+A training checkpoint (a run's checkpoints/step_*.pt) gives the weights of that step: its EMA, or with
+--weights model the raw training weights (to evaluate or ship an intermediate step of a run):
+
+    python tools/convert_checkpoint.py runs/00001-x/checkpoints/step_00004000.pt x-4000.safetensors --to safetensors
+
 The source format is detected. The weights are checked against the architecture (from the file, from --config,
 or read off the weights) before anything is written; every output is written under a temporary name first.
 Converting A -> B -> A reproduces A bit for bit.
@@ -36,7 +41,9 @@ from models.checkpoint import (
     CheckpointError,
     atomic_dir,
     check_state_dict,
+    is_training_state,
     read_checkpoint,
+    read_training_state,
     save_checkpoint,
 )
 from models.pipeline_folder import scheduler_config, write_pipeline_folder
@@ -72,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--text-encoder", help="pipeline only: a T5 folder or pipeline root (text_encoder/, "
                                                "tokenizer/) to copy in")
     parser.add_argument("--vae", help="pipeline only: an AutoencoderKL folder or pipeline root (vae/) to copy in")
+    parser.add_argument("--weights", choices=("ema", "model"),
+                        help="a training checkpoint (step_*.pt) as source: its EMA (default) or raw training weights")
     parser.add_argument("--base", help="a ControlNet branch to --to official: its base model (any format)")
     parser.add_argument("--quantize", choices=("none", "int8"), default="none",
                         help="--to safetensors only: store the transformer blocks' linear weights as int8 with "
@@ -194,7 +203,13 @@ def convert(args, run_cfg) -> None:
     if args.quantize != "none" and args.to != "safetensors":
         raise CheckpointError(f"--quantize {args.quantize} writes this project's safetensors: pass --to safetensors "
                               f"(official and diffusers files hold float weights)")
-    ckpt = read_checkpoint(args.src)
+    if is_training_state(args.src):
+        ckpt = read_training_state(args.src, args.weights or "ema")
+    elif args.weights:
+        raise CheckpointError(f"--weights {args.weights} picks the weights of a training checkpoint (step_*.pt); "
+                              f"{args.src} holds one set of weights: leave --weights out")
+    else:
+        ckpt = read_checkpoint(args.src)
     if ckpt.metadata.get("quantization"):
         raise CheckpointError(f"{args.src} is a {ckpt.metadata['quantization']} checkpoint: quantised weights convert "
                               f"no further (the float values are gone); convert the float checkpoint it came from")
@@ -219,8 +234,8 @@ def convert(args, run_cfg) -> None:
         if args.quantize != "none":
             sd = quantize_state_dict(sd, cfg, args.quantize)
         # The run config a trainer recorded (prediction type, ...) travels with the weights.
-        metadata = {"config": ckpt.metadata["config"]} if args.to == "safetensors" and "config" in ckpt.metadata \
-            else None
+        keep = ("config", "step") if ckpt.format == "training-state" else ("config",)
+        metadata = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata} if args.to == "safetensors" else None
         out = save_checkpoint(sd, cfg, dst, args.to, metadata=metadata, max_shard_bytes=args.max_shard_size,
                               overwrite=args.overwrite)
     log.info("%s (%s) -> %s (%s), %d tensors", args.src, ckpt.format, out, args.to, len(sd))
