@@ -15,8 +15,8 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   features  tools/extract_features.py: the pixel "latents" and T5 features the trainer reads
   train     train/train.py --config shapes_teacher: stage one, 3,500 steps (colour, place, size, count)
   base      its EMA weights in fp16: work/teacher-base.safetensors (when present, stage one is not run again)
-  refine    train/train.py --config shapes_teacher_refine from the base: stage two, 8,000 steps on the mid-noise
-            timesteps where an object's kind is decided
+  refine    train/train.py --config shapes_teacher_refine from the base: stage two, 8,000 steps at lr 6e-4 on the
+            mid-noise timesteps where an object's kind is decided, edges weighted
   ship      stage two's EMA weights in fp16 and the T5 folder into --ship, hashed into MANIFEST.json
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
 
