@@ -538,7 +538,7 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
     path = Path(path)
     if weights not in ("ema", "model"):
         raise CheckpointError(f"weights={weights!r}: a training checkpoint holds 'ema' or 'model' weights")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the optimiser state is never read
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project")
     if not state.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
@@ -554,7 +554,7 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
         sd.update(state["ema"]["shadow"])
     run = state["config"]
     cfg = _config_from_json(json.dumps(run["model"]), path)
-    metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"]), "weights": weights}
+    metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}
     return Checkpoint(sd, "training-state", path, cfg, metadata)
 
 
