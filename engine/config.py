@@ -23,6 +23,9 @@ class TrainConfig:
     ema_decay: float = 0.9999             # EMA of the weights (exported and sampled); 0: no EMA
     mixed_precision: str = "no"           # no | bf16 (autocast, CPU and GPU) | fp16 (autocast + grad scaler, GPU)
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    frozen_dtype: str = "fp32"            # fp32 | bf16 | fp16: how frozen networks (an LCD teacher, a ControlNet's
+                                          # base, LoRA's base weights) are stored; under autocast their matmuls run
+                                          # in the autocast dtype anyway, so bf16 halves their memory for free
     compile: bool = False                 # torch.compile the model's forward and backward (eager fallback, warned)
     distributed: str = "ddp"              # ddp | fsdp (blocks' parameters, gradients, optimiser state sharded)
     seed: int = 0

@@ -93,10 +93,14 @@ class SDVAE:
         z = posterior.sample(generator) if sample else posterior.mode()  # (N, C, H/f, W/f)
         return (z * self.scale).to(images.dtype)
 
-    def compile(self) -> None:
-        """torch.compile the decoder (models/compiled.py: one graph per latent size, eager fallback)."""
+    def compile(self, channels_last: bool = False) -> None:
+        """torch.compile the decoder (models/compiled.py: one graph per latent size, eager fallback); channels_last
+        stores its convolution weights (and so its activations) channels-last, the layout GPU convolutions run
+        fastest in."""
         from models.compiled import compile_module
 
+        if channels_last:
+            self.vae.decoder.to(memory_format=torch.channels_last)
         self.vae.decoder = compile_module(self.vae.decoder, "the VAE decoder", self.device)
 
     @torch.no_grad()
@@ -122,7 +126,7 @@ class PixelSpace:
         """Latents (N, 3, H, W) -> the same tensor."""
         return latents
 
-    def compile(self) -> None:
+    def compile(self, channels_last: bool = False) -> None:
         """Nothing to compile."""
 
 

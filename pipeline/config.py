@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 UNCOND_MODES = ("null", "negative")
+COMPILE_SCOPES = ("blocks", "model")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class SampleConfig:
     quantize: str = "none"               # none | int8 (transformer blocks w8a8, T5 int8 weights) | fp8 (CUDA, sm89+);
                                          # see models/quantize.py
     compile: bool = False                # torch.compile the transformer and the VAE decoder (eager fallback)
+    compile_scope: str = "blocks"        # blocks: each transformer block compiled (seconds) | model: one whole graph
+    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+                                         # | max-autotune-no-cudagraphs
     out_dir: str = "outputs"             # each run writes a numbered folder inside
     grid: bool = True                    # also write grid.png
     control: str | None = None           # a control image (with control.checkpoint: ControlNet-steered generation)

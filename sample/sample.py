@@ -192,12 +192,21 @@ def main(argv=None) -> int:
     h, w = request.gen_size
     log.info("%d images, %s %d steps, guidance %s, generating at %dx%d (WxH) -> %s", len(request.prompts),
              cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance, w, h, run)
+    import torch
+
     try:
         from pipeline.generate import generate
 
         result = generate(cfg, request, progress=not args.no_progress)
     except UserError as e:
         log.error("error: %s (the run folder %s keeps config.yaml and log.txt)", e, run)
+        return 2
+    except torch.OutOfMemoryError:
+        s = cfg.sample
+        log.error("error: out of %s memory generating %d image(s) of %dx%d in batches of %d: pass a smaller "
+                  "--batch-size%s%s (the run folder %s keeps config.yaml and log.txt)", s.device, len(request.prompts),
+                  w, h, s.batch_size, "" if s.low_memory else ", --low-memory (8-bit T5, one-image VAE decoding)",
+                  "" if s.quantize != "none" else ", --quantize int8", run)
         return 2
     paths = save_outputs(run, result, cfg, request)
     t = result.timings

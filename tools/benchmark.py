@@ -169,14 +169,49 @@ def bench_transformer(args) -> list[dict]:
     return rows
 
 
-PIPELINE_CASES = (("PixArt-delta LCM", "lcm", 4, 0.0), ("PixArt-alpha DPM", "dpm", 14, 4.5),
-                  ("PixArt-alpha DPM", "dpm", 20, 4.5))
+PIPELINE_CASES = {"lcm4": ("PixArt-delta LCM", "lcm", 4, 0.0), "dpm14": ("PixArt-alpha DPM", "dpm", 14, 4.5),
+                  "dpm20": ("PixArt-alpha DPM", "dpm", 20, 4.5)}
+# Our side of the pipeline table: (quantize, compile, compile mode). The first must be "float" (the eager --dtype
+# pipeline): every other variant's images are compared with its images.
+PIPELINE_VARIANTS = {"float": ("none", False, "default"), "int8": ("int8", False, "default"),
+                     "fp8": ("fp8", False, "default"), "compiled": ("none", True, "default"),
+                     "compiled-cg": ("none", True, "reduce-overhead"), "fp8-compiled": ("fp8", True, "default"),
+                     "fp8-compiled-cg": ("fp8", True, "reduce-overhead"), "int8-compiled": ("int8", True, "default")}
+
+
+def shared_xl_folder(args, scheduler: str = "dpm") -> tuple[Path, PixArtConfig, object]:
+    """The random-weight XL-2 1024-MS pipeline folder of --folder (written there if it holds none yet, so several
+    benchmark runs share one T5-XXL), else a temporary one. Returns (folder, transformer config, cleanup handle)."""
+    latent, pe, micro = PIXART_PRESETS[1024]  # the MS model, run at --size
+    model_cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+    tmp = None
+    folder = Path(args.folder) if args.folder else None
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory()
+        folder = Path(tmp.name) / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(0)
+        # N(0, 0.02) everywhere: zero-initialised layers would make the denoiser trivially cheap to verify, not to run
+        sd = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in build_pixart(model_cfg).state_dict().items()
+              if "y_embedding" not in k}
+        xl_pipeline_folder(folder, sd, model_cfg, args.t5_layers, scheduler, device=args.device,
+                           t5_dtype=DTYPES[args.dtype] if args.device != "cpu" else torch.float32)
+        log.info("wrote the random XL-2 pipeline folder %s (T5 with %d layers) in %.0f s", folder, args.t5_layers,
+                 time.perf_counter() - start)
+    return folder, model_cfg, tmp
+
+
+def image_levels(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) absolute difference of two image batches in [0, 1], in 8-bit levels."""
+    diff = (a.float() - b.float()).abs() * 255
+    return diff.max().item(), diff.mean().item()
 
 
 def bench_pipeline(args) -> list[dict]:
-    """Stage times of our pipeline and of diffusers' on the same folder, interleaved per case."""
-    import tempfile
-
+    """One image end to end, our pipeline variants against diffusers.PixArtAlphaPipeline (its default settings, in
+    --dtype) on the same folder and seeds, interleaved per case; our images are compared with our eager --dtype
+    images and with diffusers'."""
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler, PixArtAlphaPipeline
 
     from configs import Config, load_config
@@ -189,97 +224,165 @@ def bench_pipeline(args) -> list[dict]:
         load_denoiser,
         plan,
         sample_images,
-        text_encoder_config,
     )
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    latent, pe, micro = PIXART_PRESETS[1024]  # the MS model, run at --size
-    model_cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
-    tmp = tempfile.TemporaryDirectory()
-    sd = {k: v for k, v in build_pixart(model_cfg).state_dict().items() if "y_embedding" not in k}
-    for v in sd.values():  # zero-initialised layers would make the denoiser trivially cheap to verify, not to run
-        v.normal_(0, 0.02)
-    folder = xl_pipeline_folder(tmp.name, sd, model_cfg, args.t5_layers)
-    del sd
+    folder, model_cfg, tmp = shared_xl_folder(args)
     prompt = ["a photograph of an astronaut riding a horse on the moon, detailed, 8k"]
-    rows = []
-    base = load_config(Config, "pixart_alpha_1024", [
-        f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
-        f"text_encoder.dtype={args.dtype}", f"autoencoder.dtype={args.dtype}", "text_encoder.clean_captions=false",
-        f"sample.dtype={args.dtype}", f"sample.device={args.device}", "sample.uncond=negative",
-        "sample.resolution_binning=false", f"sample.width={args.size}", f"sample.height={args.size}",
-        f"sample.quantize={args.quantize}", f"sample.compile={args.compile}"])
-    request = plan(base, prompt)
-    t5 = load_text_encoder(text_encoder_config(base), device)
-    model = load_denoiser(base, request)
-    vae = load_autoencoder(base.autoencoder, device)
-    if args.compile:
-        vae.compile()
+    side = args.size // 8
     pipe = PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    side = args.size // 8
-    for name, sampler, steps, guidance in PIPELINE_CASES:
-        if f"{sampler}{steps}" not in args.cases:
+    rows, reference, vae_fast = [], {}, None
+
+    def config_for(variant: str, case: str):
+        quantize, compiled, mode = PIPELINE_VARIANTS[variant]
+        _, sampler, steps, guidance = PIPELINE_CASES[case]
+        return load_config(Config, "pixart_alpha_1024", [
+            f"sample.checkpoint={folder}", f"text_encoder.path={folder}", f"autoencoder.path={folder}",
+            f"text_encoder.dtype={args.dtype}", f"autoencoder.dtype={args.dtype}", "text_encoder.clean_captions=false",
+            f"sample.dtype={args.dtype}", f"sample.device={args.device}", "sample.uncond=negative",
+            "sample.resolution_binning=false", f"sample.width={args.size}", f"sample.height={args.size}",
+            f"sample.quantize={quantize}", f"sample.compile={compiled}", f"sample.compile_mode={mode}",
+            f"sample.compile_scope={args.compile_scope}", f"sample.sampler={sampler}", f"sample.steps={steps}",
+            f"sample.guidance={guidance}"])
+
+    base = config_for("float", args.cases[0])
+    request = plan(base, prompt)
+    t5 = load_text_encoder(base.text_encoder, device)  # float T5 for every variant: the table compares denoisers
+    vae = load_autoencoder(base.autoencoder, device)
+    for variant in args.variants:
+        cfg = config_for(variant, args.cases[0])
+        request = plan(cfg, prompt)
+        start = time.perf_counter()
+        model = load_denoiser(cfg, request)
+        load_s = time.perf_counter() - start
+        if cfg.sample.compile and vae_fast is None:
+            vae_fast = load_autoencoder(base.autoencoder, device)
+            vae_fast.compile(channels_last=device.type == "cuda")
+        our_vae = vae_fast if cfg.sample.compile else vae
+        for case in args.cases:
+            name, sampler, steps, guidance = PIPELINE_CASES[case]
+            s = config_for(variant, case).sample
+            timings, theirs = Timings(), Timings()
+
+            def run_ours(timings=timings, s=s, model=model, our_vae=our_vae, request=request):
+                start = time.perf_counter()
+                feats = encode_prompts(t5, s, request.prompts, model_cfg.caption_channels)
+                sync(device)
+                timings.text_encoding += time.perf_counter() - start
+                return sample_images(model, our_vae, base.diffusion.build(), s, request, feats, timings,
+                                     progress=False)
+
+            def run_theirs(theirs=theirs, steps=steps, guidance=guidance):
+                start = time.perf_counter()
+                embeds = pipe.encode_prompt(prompt, guidance > 1, negative_prompt="", device=device,
+                                            clean_caption=False, max_sequence_length=120)
+                sync(device)
+                theirs.text_encoding += time.perf_counter() - start
+                start = time.perf_counter()
+                pe_, pm, ne, nm = embeds
+                latents = pipe(prompt_embeds=pe_, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                               negative_prompt_attention_mask=nm, negative_prompt=None, num_inference_steps=steps,
+                               guidance_scale=guidance, height=args.size, width=args.size, output_type="latent",
+                               latents=initial_noise([0], (4, side, side), device, dtype),
+                               use_resolution_binning=False).images
+                sync(device)
+                theirs.denoising += time.perf_counter() - start
+                start = time.perf_counter()
+                image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+                image = pipe.image_processor.postprocess(image, output_type="pt")
+                sync(device)
+                theirs.vae_decoding += time.perf_counter() - start
+                return image
+
+            pipe.scheduler = (LCMScheduler if sampler == "lcm" else DPMSolverMultistepScheduler).from_config(
+                pipe.scheduler.config)
+            with torch.inference_mode():
+                start = time.perf_counter()
+                ours_image = run_ours()  # warm-up: compiles a compiled variant for this batch shape
+                warmup_s = time.perf_counter() - start
+                their_image = run_theirs().cpu()
+                for t in (timings, theirs):
+                    for f in ("text_encoding", "denoising", "vae_decoding"):
+                        setattr(t, f, 0.0)
+                time_interleaved([run_ours, run_theirs], device, args.reps, warmup=0)
+                forwards = Timings(per_forward=True)  # one more run, synchronised around each forward
+                sample_images(model, our_vae, base.diffusion.build(), s, request,
+                              encode_prompts(t5, s, request.prompts, model_cfg.caption_channels), forwards,
+                              progress=False)
+            reference.setdefault(case, ours_image)
+            n = args.reps
+            ours_total = (timings.text_encoding + timings.denoising + timings.vae_decoding) / n
+            theirs_total = (theirs.text_encoding + theirs.denoising + theirs.vae_decoding) / n
+            vs_float, vs_diffusers = image_levels(ours_image, reference[case]), image_levels(ours_image, their_image)
+            rows.append(dict(
+                case=f"{name} {steps} steps", variant=variant, ours=ours_total, diffusers=theirs_total,
+                speedup=theirs_total / ours_total, ours_text=timings.text_encoding / n,
+                ours_denoise=timings.denoising / n, ours_vae=timings.vae_decoding / n,
+                theirs_text=theirs.text_encoding / n, theirs_denoise=theirs.denoising / n,
+                theirs_vae=theirs.vae_decoding / n,
+                overhead=(forwards.denoising - forwards.transformer_forwards) / max(forwards.denoising, 1e-9),
+                warmup_s=warmup_s, load_s=load_s, max_levels_vs_float=vs_float[0], mean_levels_vs_float=vs_float[1],
+                max_levels_vs_diffusers=vs_diffusers[0], mean_levels_vs_diffusers=vs_diffusers[1]))
+            log.info("%s", format_pipeline_row(rows[-1]))
+            emit(args, rows)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if tmp is not None:
+        tmp.cleanup()
+    return rows
+
+
+def format_pipeline_row(r: dict) -> str:
+    return (f"| {r['case']} | {r['variant']} | {r['ours_text']:.3f} / {r['ours_denoise']:.3f} / {r['ours_vae']:.3f} "
+            f"| {r['ours']:.3f} | {r['theirs_text']:.3f} / {r['theirs_denoise']:.3f} / {r['theirs_vae']:.3f} "
+            f"| {r['diffusers']:.3f} | {r['speedup']:.2f} | {100 * r['overhead']:.1f}% | {r['warmup_s']:.1f} "
+            f"| {r['max_levels_vs_float']:.1f} / {r['mean_levels_vs_float']:.2f} "
+            f"| {r['max_levels_vs_diffusers']:.1f} / {r['mean_levels_vs_diffusers']:.2f} |")
+
+
+def bench_vae(args) -> list[dict]:
+    """The SD VAE's decoder at --size alone, diffusers' default (NCHW, eager) against channels-last, compiled and
+    both, interleaved: where the pipeline's VAE time goes and what each change buys."""
+    from models.autoencoder import AutoencoderConfig, load_autoencoder
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    folder, _, tmp = shared_xl_folder(args)
+    latents = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(device, dtype)
+    variants = {}
+    for name, channels_last, compiled in (("default", False, False), ("channels-last", True, False),
+                                          ("compiled", False, True), ("compiled + channels-last", True, True)):
+        if compiled and not args.compile:
             continue
-        s = base.sample
-        s.sampler, s.steps, s.guidance = sampler, steps, guidance
-        timings = Timings()
-
-        def run_ours(timings=timings, s=s):
+        vae = load_autoencoder(AutoencoderConfig(path=str(folder), dtype=args.dtype), device)
+        if compiled:
+            torch.backends.cudnn.benchmark = True
+            vae.compile(channels_last=channels_last)
+        elif channels_last:
+            vae.vae.decoder.to(memory_format=torch.channels_last)
+        variants[name] = vae
+    rows = []
+    with torch.inference_mode():
+        warm = {}
+        for name, vae in variants.items():
             start = time.perf_counter()
-            feats = encode_prompts(t5, s, request.prompts, model_cfg.caption_channels)
+            vae.decode(latents)
             sync(device)
-            timings.text_encoding += time.perf_counter() - start
-            sample_images(model, vae, base.diffusion.build(), s, request, feats, timings, progress=False)
-
-        theirs = Timings()
-
-        def run_theirs(theirs=theirs, steps=steps, guidance=guidance):
-            start = time.perf_counter()
-            embeds = pipe.encode_prompt(prompt, guidance > 1, negative_prompt="", device=device,
-                                        clean_caption=False, max_sequence_length=120)
-            sync(device)
-            theirs.text_encoding += time.perf_counter() - start
-            start = time.perf_counter()
-            pe_, pm, ne, nm = embeds
-            latents = pipe(prompt_embeds=pe_, prompt_attention_mask=pm, negative_prompt_embeds=ne,
-                           negative_prompt_attention_mask=nm, negative_prompt=None, num_inference_steps=steps,
-                           guidance_scale=guidance, height=args.size, width=args.size, output_type="latent",
-                           latents=initial_noise([0], (4, side, side), device, dtype),
-                           use_resolution_binning=False).images
-            sync(device)
-            theirs.denoising += time.perf_counter() - start
-            start = time.perf_counter()
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-            pipe.image_processor.postprocess(image, output_type="pt")
-            sync(device)
-            theirs.vae_decoding += time.perf_counter() - start
-
-        scheduler = LCMScheduler if sampler == "lcm" else DPMSolverMultistepScheduler
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-        with torch.inference_mode():
-            run_ours()
-            run_theirs()  # warm-up
-            for t in (timings, theirs):
-                for f in vars(t):
-                    setattr(t, f, 0.0)
-            time_interleaved([run_ours, run_theirs], device, args.reps, warmup=0)
-        n = args.reps
-        ours_total = (timings.text_encoding + timings.denoising + timings.vae_decoding) / n
-        theirs_total = (theirs.text_encoding + theirs.denoising + theirs.vae_decoding) / n
-        if args.quantize != "none" or args.compile:
-            name = f"{name} ({', '.join([args.quantize] * (args.quantize != 'none') + ['compiled'] * args.compile)})"
-        rows.append(dict(case=f"{name} {steps} steps", ours=ours_total, diffusers=theirs_total,
-                         ours_text=timings.text_encoding / n, ours_denoise=timings.denoising / n,
-                         ours_vae=timings.vae_decoding / n, theirs_text=theirs.text_encoding / n,
-                         theirs_denoise=theirs.denoising / n, theirs_vae=theirs.vae_decoding / n,
-                         overhead=(timings.denoising - timings.transformer_forwards) / n / ours_total))
-        r = rows[-1]
-        log.info("| %s | %.2f / %.2f / %.2f | %.2f | %.2f / %.2f / %.2f | %.2f | %.2f | %.1f%% |", r["case"],
-                 r["ours_text"], r["ours_denoise"], r["ours_vae"], r["ours"], r["theirs_text"],
-                 r["theirs_denoise"], r["theirs_vae"], r["diffusers"], r["diffusers"] / r["ours"],
-                 100 * r["overhead"])
-    tmp.cleanup()
+            warm[name] = time.perf_counter() - start
+        times = time_interleaved([lambda vae=vae: vae.decode(latents) for vae in variants.values()], device,
+                                 args.reps, warmup=1)
+        reference = variants["default"].decode(latents).float()
+        for (name, vae), ts in zip(variants.items(), times):
+            error = (vae.decode(latents).float() - reference).abs().max().item()
+            rows.append(dict(variant=name, size=args.size, dtype=args.dtype, seconds=min(ts), warmup_s=warm[name],
+                             max_error=error))
+            log.info("| %s | %dpx | %s | %.4f | %.1f | %.1e |", name, args.size, args.dtype, min(ts), warm[name],
+                     error)
+            emit(args, rows)
+    if tmp is not None:
+        tmp.cleanup()
     return rows
 
 
@@ -333,12 +436,14 @@ def bench_train(args) -> list[dict]:
             log.info("| %s/2 | %dpx | %d | %s | %s%s | %.2f | %.0f | %.0f%% |", arch, args.size, args.batch,
                      "yes" if ckpt else "no", name, ", compiled" if compiled else "", r["samples_s"], r["mem"],
                      100 * r["mfu"])
+            emit(args, rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
-def lcd_step_row(arch: str, lora_rank: int, checkpointing: bool, dtype_name: str, args, device, teacher: Path) -> dict:
+def lcd_step_row(arch: str, lora_rank: int, checkpointing: bool, dtype_name: str, args, device, teacher: Path,
+                 frozen: str = "fp32") -> dict:
     """Time one latent-consistency-distillation step of train/train_lcm.py's task (student forward and backward,
     teacher forwards with and without the caption, target forward, AdamW, target EMA) and read its peak memory."""
     import importlib.util
@@ -355,7 +460,8 @@ def lcd_step_row(arch: str, lora_rank: int, checkpointing: bool, dtype_name: str
     latent, pe, micro = PIXART_PRESETS[args.size]
     cfg = load_config(Config, "lcm_512", [f"model.arch={arch}", f"model.latent_size={latent}",
                                           f"model.pe_interpolation={pe}", f"model.micro_conditions={micro}",
-                                          f"distill.teacher={teacher}", f"distill.lora_rank={lora_rank}"])
+                                          f"distill.teacher={teacher}", f"distill.lora_rank={lora_rank}",
+                                          f"train.frozen_dtype={frozen}"])
     task = LCMTask(cfg, device)
     model = task.model.train()
     for module in model.modules():
@@ -395,17 +501,77 @@ def bench_lcd(args) -> list[dict]:
             cfg = PixArtConfig(arch=arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
             teacher = Path(tmp) / f"{arch}.safetensors"
             save_checkpoint(build_pixart(cfg).state_dict(), cfg, teacher, "safetensors")
-            for rank in args.lora_ranks:
-                for ckpt in args.checkpointing:
-                    for name in args.dtypes:
-                        r = dict(arch=arch, rank=rank, ckpt=ckpt, dtype=name,
-                                 **lcd_step_row(arch, rank, ckpt, name, args, device, teacher))
-                        rows.append(r)
-                        log.info("| %s/2 | %dpx | %d | %s | %s | %s | %.2f | %.1f | %.0f | %.1fM |", arch, args.size,
-                                 args.batch, f"LoRA r{rank}" if rank else "full", "yes" if ckpt else "no", name,
-                                 r["seconds"], args.batch / r["seconds"], r["mem"], r["trainable"] / 1e6)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+            for rank, ckpt, name, frozen in itertools.product(args.lora_ranks, args.checkpointing, args.dtypes,
+                                                              args.frozen_dtypes):
+                r = dict(arch=arch, rank=rank, ckpt=ckpt, dtype=name, frozen=frozen,
+                         **lcd_step_row(arch, rank, ckpt, name, args, device, teacher, frozen))
+                r["samples_s"] = args.batch / r["seconds"]
+                rows.append(r)
+                log.info("| %s/2 | %dpx | %d | %s | %s | %s | %s | %.2f | %.1f | %.0f | %.1fM |", arch, args.size,
+                         args.batch, f"LoRA r{rank}" if rank else "full", "yes" if ckpt else "no", name, frozen,
+                         r["seconds"], r["samples_s"], r["mem"], r["trainable"] / 1e6)
+                emit(args, rows)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def control_train_rows(args) -> list[dict]:
+    """One training step of the PixArt-alpha model (every weight trains) beside one of each ControlNet branch (the
+    base frozen, stored as train.frozen_dtype, only the branch trains: train/train_controlnet.py's task), batch
+    --batch, gradient checkpointing on, --dtype autocast: seconds, samples/s, peak memory, the step's cost over the
+    base's own training step."""
+    from diffusion.losses import DiffusionLoss
+    from diffusion.schedule import NoiseSchedule
+    from engine.precision import store_frozen
+    from models.controlnet import ControlConfig, ControlledPixArt, build_branch
+
+    device = torch.device(args.device)
+    latent, pe, micro = PIXART_PRESETS[args.size]
+    cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+    loss_fn = DiffusionLoss(NoiseSchedule.linear())
+    x, _, y, mask, kw = pixart_inputs(cfg, args.size, device, torch.float32, args.batch)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    noise, control = torch.randn_like(x), torch.randn_like(x)
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype]) if args.dtype != "fp32" else \
+        contextlib.nullcontext()
+    rows = []
+    for name, cc in [("PixArt-alpha (all weights train)", None)] + [
+            (f"ControlNet {d} N={n} (base frozen, {args.frozen_dtype})", ControlConfig(design=d, num_blocks=int(n)))
+            for d, n in (v.split(":") for v in args.variants)]:
+        base = build_pixart(cfg, device).train()
+        if cc is None:
+            model, extra = base, {}
+        else:
+            branch = build_branch(base, cc).to(device).requires_grad_(True)
+            store_frozen(base.requires_grad_(False), args.frozen_dtype)
+            model, extra = ControlledPixArt(base, branch).train(), {"control": control}
+        for module in model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+        def step(model=model, optimizer=optimizer, extra=extra):
+            with autocast:
+                loss = loss_fn(model, x, t, noise, y=y, mask=mask, **kw, **extra)[0].mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timeit(step, device, args.reps)
+        rows.append(dict(name=name, seconds=seconds, samples_s=args.batch / seconds, mem=peak_memory_mb(device),
+                         trainable=sum(p.numel() for p in params) / 1e6, vs_base=seconds / rows[0]["seconds"] - 1
+                         if rows else 0.0))
+        r = rows[-1]
+        log.info("| %s/2 | %dpx | %d | %s | %.3f | %.1f | %.0f | %.0fM | %+.0f%% |", args.arch, args.size, args.batch,
+                 name, r["seconds"], r["samples_s"], r["mem"] or 0, r["trainable"], 100 * r["vs_base"])
+        emit(args, rows)
+        del model, base, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -414,6 +580,8 @@ def bench_control(args) -> list[dict]:
     interleaved in one process: seconds, the branch's share of the step, peak memory (GPU)."""
     from models.controlnet import ControlConfig, ControlledPixArt, build_branch
 
+    if args.train:
+        return control_train_rows(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     latent, pe, micro = PIXART_PRESETS[args.size]
     cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
@@ -445,31 +613,56 @@ def bench_control(args) -> list[dict]:
                              params=sum(p.numel() for p in model.parameters()) / 1e6))
             log.info("| %s/2 | %dpx | %s | %s | %.3f | %.0f%% | %s | %.0fM |", args.arch, args.size, args.dtype, name,
                      seconds, 100 * rows[-1]["share"], f"{mem:.0f}" if mem is not None else "-", rows[-1]["params"])
+            emit(args, rows)
     return rows
 
 
 QUANTIZE_HEADER = ("| transformer | image | batch | s/forward | speed-up vs diffusers fp32 | max error | relative "
                    "error | block weights (MB) |\n|---|---|---|---|---|---|---|---|")
+CONTROL_TRAIN_HEADER = ("| model | image | batch | step | s/step | samples/s | peak memory (MB) | trainable | "
+                        "step cost vs PixArt-alpha's |\n|---|---|---|---|---|---|---|---|---|")
 CONTROL_HEADER = ("| model | image | dtype | denoiser | s/forward | branch share | peak memory (MB) | parameters |\n"
                   "|---|---|---|---|---|---|---|---|")
-LCD_HEADER = ("| model | image | batch | student | grad. checkpointing | dtype | s/step | samples/s | peak memory (MB) "
-              "| trainable params |\n|---|---|---|---|---|---|---|---|---|---|")
+LCD_HEADER = ("| model | image | batch | student | grad. checkpointing | dtype | frozen teacher | s/step | samples/s | "
+              "peak memory (MB) | trainable params |\n|---|---|---|---|---|---|---|---|---|---|---|")
 TRAIN_HEADER = ("| model | image | batch | grad. checkpointing | dtype | samples/s | peak memory (MB) "
                 "| % of matmul peak |\n|---|---|---|---|---|---|---|---|")
-PIPELINE_HEADER = ("| case | ours: text / denoise / VAE (s) | ours total (s) | diffusers: text / denoise / VAE (s) "
-                   "| diffusers total (s) | diffusers/ours | our overhead |\n|---|---|---|---|---|---|---|")
+PIPELINE_HEADER = ("| case | ours | ours: text / denoise / VAE (s) | ours total (s) | diffusers: text / denoise / "
+                   "VAE (s) | diffusers total (s) | diffusers/ours | our overhead | warm-up (s) | image vs ours bf16: "
+                   "max / mean levels | vs diffusers: max / mean |\n|---|---|---|---|---|---|---|---|---|---|---|")
+VAE_HEADER = ("| VAE decoder | image | dtype | s/decode | warm-up (s) | max error vs default |\n"
+              "|---|---|---|---|---|---|")
 HEADER = ("| image | dtype | TFLOP/forward | ours (s) | diffusers (s) | diffusers/ours | ours % of matmul peak "
           "| diffusers % of peak | matmul peak (TFLOP/s) |\n|---|---|---|---|---|---|---|---|---|")
 
 
-def xl_pipeline_folder(folder, sd: dict, cfg: PixArtConfig, t5_layers: int, scheduler: str = "dpm") -> Path:
+def xl_pipeline_folder(folder, sd: dict, cfg: PixArtConfig, t5_layers: int, scheduler: str = "dpm",
+                       device: str = "cpu", t5_dtype: torch.dtype = torch.float32) -> Path:
     """A random-weight diffusers PixArt pipeline folder of the real sizes around `sd`: T5 of width 4096 with
-    t5_layers layers (XXL has 24), the SD VAE's widths."""
+    t5_layers layers (XXL has 24; drawn on `device`, stored in t5_dtype), the SD VAE's widths."""
     from tools.random_weights import write_random_pipeline
 
-    return write_random_pipeline(folder, sd, cfg, t5=dict(num_layers=t5_layers, num_heads=64, d_ff=10240, d_kv=64),
-                                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                          norm_num_groups=32), scheduler=scheduler)
+    t5 = dict(num_layers=t5_layers, num_heads=64, d_ff=10240, d_kv=64, device=device, dtype=t5_dtype)
+    return write_random_pipeline(folder, sd, cfg, t5=t5, vae=dict(block_out_channels=(128, 256, 512, 512),
+                                                                  layers_per_block=2, norm_num_groups=32),
+                                 scheduler=scheduler)
+
+
+def emit(args, rows: list[dict]) -> None:
+    """Write the rows so far to --json (after every row: a run cut short keeps what it measured)."""
+    if getattr(args, "json", None):
+        import json
+
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"benchmark": args.what, "device": device_name(args.device),
+                                    "torch": torch.__version__, "rows": rows}, indent=1, default=str) + "\n")
+
+
+def device_name(device: str) -> str:
+    """The GPU's name (e.g. NVIDIA H200) or 'cpu'."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def random_xl(size: int, micro: bool | None = None) -> tuple[PixArtConfig, dict]:
@@ -588,10 +781,7 @@ def bench_memory(args) -> list[dict]:
     if device.type == "cpu" and len(args.modes) > 1:
         log.warning("on the CPU the peak is the process's largest resident set so far: the later modes include the "
                     "earlier ones' peak; run one --modes value per process to compare")
-    cfg, sd = random_xl(1024)
-    tmp = tempfile.TemporaryDirectory()
-    folder = xl_pipeline_folder(tmp.name, sd, cfg, args.t5_layers, scheduler="lcm")
-    del sd
+    folder, _, tmp = shared_xl_folder(args)
     rows = []
     for mode in args.modes:
         run = load_config(Config, "pixart_delta_lcm_1024", [
@@ -611,7 +801,9 @@ def bench_memory(args) -> list[dict]:
         rows.append(dict(mode=mode, peak_mb=peak, seconds=seconds))
         log.info("| PixArt-δ LCM 4 steps | %dpx | %s | %s | T5 %d layers | %.0f | %.1f |", args.size, args.dtype, mode,
                  args.t5_layers, peak, seconds)
-    tmp.cleanup()
+        emit(args, rows)
+    if tmp is not None:
+        tmp.cleanup()
     return rows
 
 
@@ -636,19 +828,26 @@ def main(argv=None) -> int:
     tr.add_argument("--reps", type=int, default=4, help="timed rounds; the best of each is reported")
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     pl = sub.add_parser("pipeline", help="one image end to end: ours vs diffusers.PixArtAlphaPipeline")
-    pl.add_argument("--size", type=int, default=1024 if torch.cuda.is_available() else 256)
-    pl.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
-    pl.add_argument("--arch", default="XL")
-    pl.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
-                    help="T5-v1.1-XXL has 24; fewer keep a CPU run short (text encoding then costs less)")
-    pl.add_argument("--reps", type=int, default=2)
-    pl.add_argument("--cases", nargs="+", default=["lcm4", "dpm14", "dpm20"], choices=["lcm4", "dpm14", "dpm20"],
-                    help="PixArt-delta LCM 4 steps, PixArt-alpha DPM-Solver 14 / 20 steps")
-    pl.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
-                    help="our side only: 8-bit transformer and T5 (diffusers runs in --dtype)")
-    pl.add_argument("--compile", action="store_true", help="our side only: torch.compile transformer and VAE "
-                                                          "decoder (compiled in the warm-up round)")
-    pl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    vae_p = sub.add_parser("vae", help="the VAE decoder alone: default vs channels-last vs compiled")
+    for q in (pl, vae_p):
+        q.add_argument("--size", type=int, default=1024 if torch.cuda.is_available() else 256)
+        q.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+        q.add_argument("--arch", default="XL")
+        q.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
+                       help="T5-v1.1-XXL has 24; fewer keep a CPU run short (text encoding then costs less)")
+        q.add_argument("--folder", help="the random pipeline folder to use, written there if absent (so several "
+                                        "runs share one T5-XXL); default: a temporary folder")
+        q.add_argument("--reps", type=int, default=3)
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    vae_p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time the compiled decoder")
+    pl.add_argument("--cases", nargs="+", default=["lcm4", "dpm14"], choices=sorted(PIPELINE_CASES),
+                    help="PixArt-delta LCM 4 steps, PixArt-alpha DPM-Solver 14 / 20 steps (CFG 4.5)")
+    pl.add_argument("--variants", nargs="+", default=["float", "compiled"], choices=sorted(PIPELINE_VARIANTS),
+                    help="our side: quantisation and torch.compile (compiled: transformer and VAE decoder; -cg: CUDA "
+                         "graphs); the first is the float reference of the image columns (diffusers runs in --dtype)")
+    pl.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                    help="sample.compile_scope of the compiled variants")
     tn = sub.add_parser("train", help="training-step throughput and peak memory")
     tn.add_argument("--archs", nargs="+", default=["XL", "S"])
     tn.add_argument("--size", type=int, default=256)
@@ -669,6 +868,8 @@ def main(argv=None) -> int:
                     default=[True] if torch.cuda.is_available() else [False], metavar="on|off")
     lc.add_argument("--dtypes", nargs="+", default=["bf16"] if torch.cuda.is_available() else ["fp32"],
                     choices=sorted(DTYPES))
+    lc.add_argument("--frozen-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                    help="train.frozen_dtype: how the teacher (LoRA: the base weights) is stored")
     lc.add_argument("--reps", type=int, default=3)
     lc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     cn = sub.add_parser("control", help="one forward: base alone vs base + ControlNet branch (N, design)")
@@ -680,6 +881,10 @@ def main(argv=None) -> int:
     cn.add_argument("--variants", nargs="+", default=["transformer:1", "transformer:13", "unet:14"],
                     help="DESIGN:N")
     cn.add_argument("--reps", type=int, default=3)
+    cn.add_argument("--train", action="store_true",
+                    help="time a training step (base alone vs base + branch) instead of a sampling forward")
+    cn.add_argument("--frozen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                    help="--train: how the frozen base is stored (train.frozen_dtype)")
     cn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     qt = sub.add_parser("quantize", help="one forward in fp32/int8/fp8, eager and compiled, vs diffusers fp32")
     qt.add_argument("--size", type=int, default=512, choices=sorted(PIXART_PRESETS))
@@ -700,15 +905,23 @@ def main(argv=None) -> int:
     mm.add_argument("--t5-layers", type=int, default=24 if torch.cuda.is_available() else 2,
                     help="24: T5-v1.1-XXL's real size (19 GB of random fp32 weights written to a temporary folder)")
     mm.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mm.add_argument("--folder", help="the random pipeline folder to use, written there if absent (shared with the "
+                                     "pipeline benchmark); default: a temporary folder")
+    mm.add_argument("--arch", default="XL")
+    for q in sub.choices.values():
+        q.add_argument("--json", help="also write the rows to this JSON file (updated after each row)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
     header, bench = {"memory": (MEMORY_HEADER, bench_memory), "quantize": (QUANTIZE_HEADER, bench_quantize),
-                     "transformer": (HEADER, bench_transformer), "control": (CONTROL_HEADER, bench_control),
+                     "transformer": (HEADER, bench_transformer),
+                     "control": (CONTROL_TRAIN_HEADER if getattr(args, "train", False) else CONTROL_HEADER,
+                                 bench_control),
                      "lcd": (LCD_HEADER, bench_lcd), "train": (TRAIN_HEADER, bench_train),
-                     "pipeline": (PIPELINE_HEADER, bench_pipeline)}[args.what]
+                     "pipeline": (PIPELINE_HEADER, bench_pipeline), "vae": (VAE_HEADER, bench_vae)}[args.what]
     log.info(header)
-    bench(args)
+    rows = bench(args)
+    emit(args, rows)
     return 0
 
 

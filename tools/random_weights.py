@@ -88,9 +88,11 @@ def write_tiny_tokenizer(folder: str | Path, vocab_size: int = 256, corpus: tupl
 
 
 def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0, num_layers: int = 2, num_heads: int = 2,
-                  d_ff: int = 64, d_kv: int = 16, vocab_size: int = 256, corpus: tuple[str, ...] = ()) -> Path:
+                  d_ff: int = 64, d_kv: int = 16, vocab_size: int = 256, corpus: tuple[str, ...] = (),
+                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
     """A real transformers T5 encoder folder (random weights; default 2 layers, 2 heads, d_ff 64) + tokenizer
-    (sentencepiece of `vocab_size` pieces trained on generic captions plus `corpus`)."""
+    (sentencepiece of `vocab_size` pieces trained on generic captions plus `corpus`). device: where the random
+    weights are drawn (a GPU draws T5-XXL's 4.7B in a second); dtype: how they are stored."""
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -102,7 +104,9 @@ def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0, num_laye
                       num_heads=num_heads,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
     torch.manual_seed(seed)
-    T5EncoderModel(config).save_pretrained(folder)
+    with torch.device(device):
+        model = T5EncoderModel(config)
+    model.to(dtype).save_pretrained(folder)
     return folder
 
 

@@ -25,6 +25,7 @@ from data.features import batch_conditions
 from diffusion.losses import DiffusionLoss
 from engine.cli import run_trainer
 from engine.loop import Task
+from engine.precision import store_frozen
 from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint
@@ -55,6 +56,7 @@ class ControlNetTask(Task):
             log.info("branch from %s", cfg.train.init_from)
         else:
             branch = build_branch(base, cc)
+        store_frozen(base.requires_grad_(False), cfg.train.frozen_dtype)  # after the branch copied its blocks in fp32
         self.model = ControlledPixArt(base, branch.requires_grad_(True)).train()
         self.schedule = cfg.diffusion.build()
         self.criterion = DiffusionLoss.from_config(cfg, self.schedule)

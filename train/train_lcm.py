@@ -28,6 +28,7 @@ from diffusion.guidance import null_caption_pair
 from engine.cli import run_trainer
 from engine.ema import EMA
 from engine.loop import Task
+from engine.precision import store_frozen
 from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -55,7 +56,9 @@ class LCMTask(Task):
             missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
             assert not unexpected and all(k.startswith("w_embedder.") for k in missing), (missing, unexpected)
             self.model = student.train().requires_grad_(True)
-            self.teacher = teacher.eval().requires_grad_(False)
+            self.teacher = store_frozen(teacher.eval().requires_grad_(False), cfg.train.frozen_dtype)
+        if dc.lora_rank:
+            store_frozen(self.model, cfg.train.frozen_dtype)  # the base weights under the adapters
         self.target = EMA(self.model, dc.target_decay, warmup=False)  # mu = 0.95 from the first step
         self.schedule = cfg.diffusion.build()
         self.criterion = ConsistencyDistillationLoss(self.schedule, cfg.diffusion.prediction, dc.ddim_steps, dc.loss,
