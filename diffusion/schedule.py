@@ -61,8 +61,16 @@ class NoiseSchedule:
         """float32 alpha_bar at timesteps t (N,), on like's device, shaped (N, 1, ..., 1) to broadcast."""
         if t.ndim != 1:
             raise ValueError(f"timesteps must be a LongTensor of shape (N,), got shape {tuple(t.shape)}")
-        abar = self.alphas_cumprod.to(like.device)[t.to(like.device)]  # (N,)
+        abar = self._alphas_cumprod_on(like.device)[t.to(like.device)]  # (N,)
         return abar.view(-1, *([1] * (like.ndim - 1)))  # (N, 1, ..., 1)
+
+    def _alphas_cumprod_on(self, device: torch.device) -> Tensor:
+        """alpha_bar on `device`, copied there once: a fresh host-to-GPU copy every step would make the CPU wait for
+        the GPU's queue to drain at each sampler step."""
+        cache = self.__dict__.setdefault("_device_tables", {})  # the dataclass is frozen; this is a cache, not state
+        if device not in cache:
+            cache[device] = self.alphas_cumprod.to(device)
+        return cache[device]
 
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
         """alpha_bar_t at timesteps t (N,), shaped (N, 1, ..., 1), in like's device and dtype."""

@@ -224,10 +224,11 @@ def write_report(out: Path, env: dict, results: list[dict]) -> None:
     lines = [f"# GPU checks: {env.get('gpu', 'no GPU')}, torch {env['torch']}, CUDA {env.get('cuda')}",
              "", "`" + json.dumps(env) + "`", ""]
     for r in results:
-        status = {0: "ok", None: "TIMED OUT"}.get(r["exit_code"], f"FAILED (exit {r['exit_code']})")
+        status = {0: "ok", None: "TIMED OUT", "skipped": "skipped"}.get(r["exit_code"],
+                                                                         f"FAILED (exit {r['exit_code']})")
         lines += [f"## {r['title']}", "", f"`{r['command']}`: {status} in {r['seconds']:.0f} s", ""]
         lines += r["table"] or ["(no rows)"]
-        if r["exit_code"] != 0:
+        if r["exit_code"] not in (0, "skipped"):
             lines += ["", "```", *r["output_tail"].splitlines()[-25:], "```"]
         lines.append("")
     (out / "gpu_checks.md").write_text("\n".join(lines) + "\n")

@@ -29,9 +29,16 @@ def check_steps(sampler: str, steps: int, high: int, why: str) -> None:
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> Tensor:
-    """A number, or one value per sample (N,), as a tensor that broadcasts against like (N, C, H, W)."""
-    value = torch.as_tensor(value, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
-    return value.view(-1, *([1] * (like.ndim - 1))) if value.ndim == 1 else value
+    """A number, or one value per sample (N,), as a tensor that broadcasts against like (N, C, H, W).
+
+    A number becomes a 0-dim tensor on the CPU, which torch passes to GPU kernels as a scalar argument: moving it to
+    the GPU would be a host-to-device copy that waits for the GPU's queue at every sampler step.
+    """
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if not isinstance(value, Tensor) or value.ndim == 0:
+        return torch.as_tensor(value, dtype=dtype, device="cpu" if not isinstance(value, Tensor) else value.device)
+    value = torch.as_tensor(value, dtype=dtype, device=like.device)
+    return value.view(-1, *([1] * (like.ndim - 1)))
 
 
 def timestep_batch(t: int, x: Tensor) -> Tensor:
@@ -48,4 +55,7 @@ def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | N
     if isinstance(generator, (list, tuple)):
         return torch.stack([randn_like(x[i], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    if noise.device.type == "cpu" and x.device.type == "cuda":  # a pinned copy does not wait for the GPU's queue
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)
