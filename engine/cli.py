@@ -57,6 +57,9 @@ def check_train_config(cfg) -> None:
                           f"{tc.warmup_steps}")
     if not 0.0 <= tc.class_dropout_prob <= 1.0:
         raise ConfigError(f"train.class_dropout_prob must be in [0, 1], got {tc.class_dropout_prob}")
+    from engine.precision import frozen_dtype
+
+    frozen_dtype(tc.frozen_dtype)  # a UserError naming the valid values
     runs = Path(tc.runs_dir)
     if runs.exists() and not runs.is_dir():
         raise ConfigError(f"train.runs_dir {runs} is a file; point it at a folder (run folders are made inside)")

@@ -41,13 +41,14 @@ class FiniteCheck:
     step). On the CPU the check is immediate.
     """
 
-    def __init__(self):
+    def __init__(self, defer: bool | None = None):
+        self.defer = defer  # None: defer on GPUs, check at once on the CPU
         self.pending: list[tuple[tuple[int, int, int], torch.Tensor]] = []  # ((step, total, timestep), finite flag)
 
     def __call__(self, info) -> None:
         finite = torch.isfinite(info.x).all()
         where = (info.index, info.total, info.timestep)
-        if info.x.device.type == "cpu":
+        if not (self.defer if self.defer is not None else info.x.device.type != "cpu"):
             if not finite:
                 raise self.error(*where)
         else:
