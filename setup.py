@@ -11,7 +11,7 @@ setup(
     # train/ and sample/ hold entry scripts (train/train.py, sample/sample.py), not packages: a package named
     # like a script in its own folder would be shadowed by that script when it runs.
     packages=find_packages(include=["models*", "diffusion*", "data*", "engine*", "configs*", "evaluation*", "pipeline*",
-                                    "tools*"]),
+                                    "tasks*", "tools*"]),
     package_data={"configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         # These two pins take the wheels on this project's machines' disk; others download gigabytes.

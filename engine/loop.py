@@ -13,6 +13,7 @@ import contextlib
 import math
 import signal
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,28 +36,80 @@ from engine.state import (
 )
 
 
-class Task:
-    """What a trainer supplies; everything else is the loop's. Subclasses set `model` and implement `loss`.
+@dataclass
+class Trainable:
+    """One network a task trains and how: its own AdamW, learning-rate schedule, gradient clipping, EMA and rhythm.
 
-    A task may own more networks than `model`: frozen ones (a teacher, a ControlNet's base) it loads from files and
-    names in `references()` (recorded in every checkpoint; a resume whose references changed is refused), and
-    state that follows training (an EMA target) it returns from `state_dict()` and updates in `after_step()`.
-    Frozen parameters inside `model` (requires_grad False, e.g. under LoRA adapters) are never copied into the EMA
-    or written into training checkpoints.
+    Fields left None take the `train:` section's value, so a single-network task needs only its module.
     """
 
-    model: nn.Module  # holds the trainable parameters; DDP wraps it, the EMA follows its trainable parameters
+    module: nn.Module                       # holds the trainable parameters (frozen ones inside are skipped)
+    param_groups: list[dict] | None = None  # AdamW groups {"params": [...], "lr_scale": x}; None: every trainable one
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str | None = None          # constant | cosine
+    grad_clip: float | None = None          # <= 0: no clipping (the norm is still logged)
+    ema_decay: float | None = None          # 0: no EMA of this network
+    updates_per_step: int = 1               # optimiser updates of this network per training step (each on its own
+                                            # batch): DMD2 updates its fake score ~5 times per generator update
+
+    def resolved(self, tc) -> "Trainable":
+        """A copy with every None field taken from the `train:` section tc."""
+        defaults = dict(lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay,
+                        warmup_steps=tc.warmup_steps, lr_schedule=tc.lr_schedule, grad_clip=tc.grad_clip,
+                        ema_decay=tc.ema_decay)
+        out = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if out.updates_per_step < 1:
+            raise UserError(f"a network's updates per training step must be >= 1, got {out.updates_per_step}")
+        if out.param_groups is None:
+            out.param_groups = [{"params": [p for p in out.module.parameters() if p.requires_grad]}]
+        return out
+
+
+class Task:
+    """What a trainer supplies; everything else is the loop's.
+
+    A single-network task sets `model` and implements `loss(model, batch, rng)`; the loop trains it with the
+    `train:` section's optimiser settings. A task that trains several networks (DMD2: a generator and a fake score)
+    returns them from `networks()` as name -> Trainable, in the order they update within a training step, and
+    implements `update(name, model, batch, rng)`, the loss of one optimiser update of network `name`. The first
+    network is the exported and sampled one (its EMA, if any, is what export() receives).
+
+    A task may own more networks than it trains: frozen ones (a teacher, a ControlNet's base) it loads from files
+    and names in `references()` (recorded in every checkpoint; a resume whose references changed is refused), and
+    state that follows training (an EMA target) it returns from `state_dict()` and updates in `after_update()`.
+    Frozen parameters inside a trained network (requires_grad False, e.g. under LoRA adapters) are never copied into
+    the EMA or written into training checkpoints.
+    """
+
+    model: nn.Module  # a single-network task's network; DDP wraps it, the EMA follows its trainable parameters
+
+    def networks(self) -> dict[str, Trainable]:
+        """The trained networks in update order (default: `model`, as the `train:` section says)."""
+        return {"model": Trainable(self.model, self.parameter_groups())}
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW parameter groups: {"params": [...], optional "lr_scale": multiplier of train.lr, ...}."""
+        """AdamW parameter groups of `model`: {"params": [...], optional "lr_scale": multiplier of train.lr}."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def update(self, name: str, model: nn.Module, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
+        """Scalar loss of one micro-batch for an update of network `name` (model: that network as the loop runs
+        it, wrapped for DDP/FSDP/compile) and per-term scalars to log. Default: loss() for a single network."""
+        return self.loss(model, batch, rng)
 
     def loss(self, model: nn.Module, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
         """Scalar loss of one micro-batch (mean over its samples) and per-term scalars to log."""
         raise NotImplementedError
 
+    def after_update(self, name: str, model: nn.Module) -> None:
+        """Called after every optimiser update of network `name` (default: after_step for a single network)."""
+        self.after_step(model)
+
     def after_step(self, model: nn.Module) -> None:
-        """Called after every optimiser step (e.g. to update an EMA target)."""
+        """Called after every optimiser step of a single-network task (e.g. to update an EMA target)."""
 
     def state_dict(self) -> dict:
         """Task-owned state to checkpoint for an exact resume (tensors, numbers, strings)."""
@@ -211,6 +264,9 @@ def _resume_state(cfg, resume) -> tuple[Path, dict]:
         raise ResumeError(f"cannot resume {ckpt}: the model config differs from the checkpoint's:\n  "
                           + "\n  ".join(differences) + "\nresume with the run's own config.yaml, or start a "
                           "new run with train.init_from to fine-tune from those weights")
+    if "networks" not in state:  # a checkpoint of a single-network run written before tasks had several networks
+        state["networks"] = {"model": {k: state.pop(k) for k in ("model", "ema", "optimizer", "scheduler", "scaler")}}
+        state["updates"] = state["step"]
     return run_dir, state
 
 
@@ -232,66 +288,110 @@ def _check_references(saved: dict, current: dict, ckpt_step: int) -> None:
                           f"\n  " + "\n  ".join(changed) + "\nresume with the original files, or start a new run")
 
 
-def _load_model(model: nn.Module, weights: dict, frozen: set[str], fsdp: bool) -> None:
-    """Load a checkpoint's model entries; the frozen ones must be the only ones it lacks."""
-    missing = sorted(set(model.state_dict()) - set(weights) - frozen)
-    unexpected = sorted(set(weights) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ResumeError(f"the checkpoint's model does not fit the task's: missing {missing[:5]}, unexpected "
-                          f"{unexpected[:5]}")
-    distributed.load_model_state(model, weights, fsdp, strict=False)
+class TrainedNetwork:
+    """One trained network inside the loop: its module, the runner the loss calls (DDP/FSDP-wrapped, compiled),
+    AdamW, learning-rate schedule, gradient scaler and EMA, and the keys its checkpoints leave out."""
+
+    def __init__(self, name: str, spec: Trainable, tc, d, total_steps: int, respec=None):
+        """respec() gives the network's Trainable again: under FSDP, sharding replaces the parameters, so the
+        optimiser's groups are taken afresh after it."""
+        self.name, self.spec, self.module = name, spec, spec.module
+        self.frozen = frozen_keys(self.module)
+        if tc.gradient_checkpointing:
+            for module in self.module.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module.gradient_checkpointing = True
+        self.fsdp = distributed.uses_fsdp(tc.distributed, d)
+        self.wrapped = distributed.wrap(self.module, d, tc.distributed)
+        self.runner = self.wrapped
+        if tc.compile:
+            from models.compiled import compile_module
+
+            self.runner = compile_module(self.wrapped, f"the {name}", d.device)
+        # after sharding: the shadows are sharded too
+        self.ema = EMA(self.module, spec.ema_decay) if spec.ema_decay > 0 else None
+        if self.fsdp and respec is not None:
+            spec = respec()
+        groups = spec.param_groups
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(
+            [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": spec.lr * g.get("lr_scale", 1.0)}
+             for g in groups], lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
+        # the schedule counts this network's own updates, so a network updated k times per step warms up in k x
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(spec.warmup_steps, spec.lr_schedule, total_steps * spec.updates_per_step))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
+
+    def state(self) -> dict:
+        """Everything of this network a resume needs (collective under FSDP: every rank calls it)."""
+        return dict(model={k: v for k, v in distributed.model_state(self.module, self.fsdp).items()
+                           if k not in self.frozen},
+                    ema=self.ema.state_dict() if self.ema is not None else None,
+                    optimizer=distributed.optimizer_state(self.module, self.optimizer, self.fsdp),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict())
+
+    def load(self, state: dict) -> None:
+        missing = sorted(set(self.module.state_dict()) - set(state["model"]) - self.frozen)
+        unexpected = sorted(set(state["model"]) - set(self.module.state_dict()))
+        if missing or unexpected:
+            raise ResumeError(f"the checkpoint's {self.name} does not fit the task's: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+        distributed.load_model_state(self.module, state["model"], self.fsdp, strict=False)
+        distributed.load_optimizer_state(self.module, self.optimizer, state["optimizer"], self.fsdp)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def averaged(self):
+        """Within the block the module holds its EMA weights (if it has an EMA)."""
+        return self.ema.applied(self.module) if self.ema is not None else contextlib.nullcontext()
+
+    def exported_weights(self) -> dict:
+        """The full state with the EMA's values in place (collective under FSDP), copied to the CPU before the
+        training values come back (a plain state_dict() shares the parameters' storage)."""
+        with self.averaged():
+            return {k: v.detach().to("cpu", copy=True) for k, v in distributed.model_state(self.module,
+                                                                                           self.fsdp).items()}
 
 
 def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     tc = cfg.train
     run_dir, state = _resume_state(cfg, resume) if resume else (None, None)
     autocast = _autocast(tc.mixed_precision, d.device)
-    schedule = lr_multiplier(tc.warmup_steps, tc.lr_schedule, tc.steps)
     seed_everything(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     task = make_task(cfg, d.device)
     seed_everything(tc.seed + d.rank)
     if state is not None:
         _check_references(state.get("references", {}), task.references(), state["step"])
+    specs = {name: spec.resolved(tc) for name, spec in task.networks().items()}
+    if not specs:
+        raise ValueError("the task trains no network: networks() returned none")
     run_dir = run_dir or _new_run_dir(cfg, d)  # only once the task is built: a failed start leaves no folder
     setup_logging(run_dir, d.is_main)
     if d.is_main:
         save_config(cfg, run_dir / "config.yaml")
         log.info("run %s (%s), %d process(es) on %s; resolved config in %s", run_dir,
                  "resumed" if state else "new", d.world_size, d.device, run_dir / "config.yaml")
-    model = task.model
-    frozen = frozen_keys(model)
-    if tc.gradient_checkpointing:
-        for module in model.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = True
-    fsdp = distributed.uses_fsdp(tc.distributed, d)
-    dmodel = distributed.wrap(model, d, tc.distributed)
-    runner = dmodel  # what the loss calls: the wrapped model, or its compiled form
-    if tc.compile:
-        from models.compiled import compile_module
-
-        runner = compile_module(dmodel, "the model", d.device)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None  # after sharding: the shadows are sharded too
-    groups = task.parameter_groups()  # after sharding, which replaces the parameters by sharded ones
-    params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "lr_scale"},
-                                    "lr": tc.lr * g.get("lr_scale", 1.0)} for g in groups],
-                                  lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
+    nets = {name: TrainedNetwork(name, spec, tc, d, tc.steps, lambda name=name: task.networks()[name].resolved(tc))
+            for name, spec in specs.items()}
+    main = next(iter(nets.values()))  # exported and sampled
+    if len(nets) > 1 and d.is_main:
+        log.info("networks, in update order: %s", ", ".join(f"{n} ({s.updates_per_step} update(s) per step, lr "
+                                                             f"{s.lr:g})" for n, s in specs.items()))
 
     dataset, collate, sampler_cls = dataset_factory(cfg)
     sampler = sampler_cls(dataset.buckets, tc.batch_size, tc.seed, d.rank, d.world_size)
-    step, consumed = 0, 0
+    step, updates, consumed = 0, 0, 0
     if state is not None:
-        _load_model(model, state["model"], frozen, fsdp)
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        saved = set(state["networks"])
+        if saved != set(nets):
+            raise ResumeError(f"cannot resume: the checkpoint trains the networks {sorted(saved)}, this task "
+                              f"{sorted(nets)} (a run of another trainer?)")
+        for name, net in nets.items():
+            net.load(state["networks"][name])
         task.load_state_dict(state.get("task", {}))
-        step, consumed = state["step"], state["batches_consumed"]
+        step, updates, consumed = state["step"], state["updates"], state["batches_consumed"]
         set_rng_state(state["rng"])
         log.info("resumed from step %d (%d batches consumed)", step, consumed)
     sampler.load_state_dict(sampler.state_at(consumed))
@@ -303,84 +403,93 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     monitor = Monitor(run_dir, d.is_main)
     last_good = latest_checkpoint(run_dir)
 
-    def exported_weights() -> dict:
-        """The full model state with the EMA's values in place (collective under FSDP), copied to the CPU before
-        the training values come back (a plain state_dict() shares the parameters' storage)."""
-        with ema.applied(model) if ema is not None else contextlib.nullcontext():
-            return {k: v.detach().to("cpu", copy=True) for k, v in distributed.model_state(model, fsdp).items()}
-
     def checkpoint(at_step: int) -> Path | None:
         nonlocal last_good
         distributed.barrier(d)
         # Gathering full state dicts is collective under FSDP: every rank takes part, rank 0 writes.
-        weights = {k: v for k, v in distributed.model_state(model, fsdp).items() if k not in frozen}
-        ema_state = ema.state_dict() if ema is not None else None
-        optim = distributed.optimizer_state(model, optimizer, fsdp)
+        networks = {name: net.state() for name, net in nets.items()}
         task_state = task.state_dict()
-        export = exported_weights()
+        export = main.exported_weights()
         if d.is_main:
             last_good = save_state(run_dir, at_step, dict(
-                model=weights, ema=ema_state, optimizer=optim, scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), batches_consumed=consumed, rng=rng_state(), config=to_dict(cfg),
+                networks=networks, batches_consumed=consumed, updates=updates, rng=rng_state(), config=to_dict(cfg),
                 task=task_state, references=task.references()), tc.keep_checkpoints)
-            task.export(export, run_dir / ("ema.safetensors" if ema else "weights.safetensors"),
+            task.export(export, run_dir / ("ema.safetensors" if main.ema else "weights.safetensors"),
                         {"step": str(at_step), "config": to_yaml(cfg)})
             log.info("checkpoint %s", last_good)
         distributed.barrier(d)
         return last_good
 
-    window = {"loss": 0.0, "time": time.perf_counter(), "steps": 0, "terms": {}}
-    per_step = tc.batch_size * d.world_size * tc.grad_accumulation
+    def one_update(net: TrainedNetwork) -> tuple[float, float, float, dict]:
+        """Accumulate grad_accumulation micro-batches of net's loss and take one optimiser step; returns the loss,
+        the gradient norm, the learning rate used and the mean of each logged term."""
+        nonlocal consumed, updates
+        net.optimizer.zero_grad(set_to_none=True)  # another network's loss may have reached these parameters
+        loss_sum = torch.zeros((), device=d.device)
+        terms_sum: dict[str, float] = {}
+        for micro in range(tc.grad_accumulation):
+            batch = _to_device(next(batches), d.device)
+            consumed += 1
+            rng = SampleRandomness(tc.seed, updates * tc.grad_accumulation + micro, batch["index"])
+            with distributed.gradient_sync(net.wrapped, micro == tc.grad_accumulation - 1):
+                with autocast:
+                    loss, terms = task.update(net.name, net.runner, batch, rng)
+                net.scaler.scale(loss / tc.grad_accumulation).backward()
+            loss_sum += loss.detach() / tc.grad_accumulation
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / tc.grad_accumulation
+        loss_value = distributed.mean_across(loss_sum, d)
+        if distributed.any_across(not torch.isfinite(loss_value).item(), d):
+            which = f" of the {net.name}" if len(nets) > 1 else ""
+            raise TrainingError(f"loss{which} is {loss_value.item()} at step {step + 1}; stopped without saving. "
+                                f"Last good checkpoint: {last_good or 'none yet'} (resume from it, perhaps with "
+                                f"a lower train.lr or train.mixed_precision=no)")
+        net.scaler.unscale_(net.optimizer)
+        clip = net.spec.grad_clip if net.spec.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.params, clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+        lr = net.scheduler.get_last_lr()[0]  # the rate this update used
+        net.scaler.step(net.optimizer)
+        net.scaler.update()
+        net.scheduler.step()
+        net.optimizer.zero_grad(set_to_none=True)
+        if net.ema is not None:
+            net.ema.update(net.module)
+        task.after_update(net.name, net.module)
+        updates += 1
+        return loss_value.item(), float(grad_norm), lr, terms_sum
+
+    window = {"time": time.perf_counter(), "steps": 0, "scalars": {}}
+    per_step = tc.batch_size * d.world_size * tc.grad_accumulation * sum(s.updates_per_step for s in specs.values())
     with StopRequest() as stop:
         while step < tc.steps:
-            model.train()
-            loss_sum = torch.zeros((), device=d.device)
-            terms_sum: dict[str, float] = {}
-            for micro in range(tc.grad_accumulation):
-                batch = _to_device(next(batches), d.device)
-                consumed += 1
-                rng = SampleRandomness(tc.seed, step * tc.grad_accumulation + micro, batch["index"])
-                with distributed.gradient_sync(dmodel, micro == tc.grad_accumulation - 1):
-                    with autocast:
-                        loss, terms = task.loss(runner, batch, rng)
-                    scaler.scale(loss / tc.grad_accumulation).backward()
-                loss_sum += loss.detach() / tc.grad_accumulation
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / tc.grad_accumulation
-            loss_value = distributed.mean_across(loss_sum, d)
-            if distributed.any_across(not torch.isfinite(loss_value).item(), d):
-                raise TrainingError(f"loss is {loss_value.item()} at step {step + 1}; stopped without saving. "
-                                    f"Last good checkpoint: {last_good or 'none yet'} (resume from it, perhaps with "
-                                    f"a lower train.lr or train.mixed_precision=no)")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            task.after_step(model)
+            for net in nets.values():
+                net.module.train()
+            scalars: dict[str, float] = {}
+            for name, net in nets.items():
+                prefix = "train/" if len(nets) == 1 else f"train/{name}/"
+                for _ in range(net.spec.updates_per_step):
+                    loss, grad_norm, lr, terms = one_update(net)
+                    n = net.spec.updates_per_step
+                    for key, value in ((f"{prefix}loss", loss), (f"{prefix}grad_norm", grad_norm),
+                                       *((f"train/{k}", v) for k, v in terms.items())):
+                        scalars[key] = scalars.get(key, 0.0) + value / n
+                    scalars[f"{prefix}lr"] = lr
             step += 1
 
-            window["loss"] += loss_value.item()
             window["steps"] += 1
-            for k, v in terms_sum.items():
-                window["terms"][k] = window["terms"].get(k, 0.0) + v
+            for k, v in scalars.items():
+                window["scalars"][k] = window["scalars"].get(k, 0.0) + v
             if step % tc.log_every == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - window["time"]
                 n = window["steps"]
-                monitor.scalars(step, {
-                    "train/loss": window["loss"] / n, "train/grad_norm": float(grad_norm),
-                    "train/lr": lr, "train/samples_per_s": n * per_step / elapsed,
-                    "train/peak_memory_mb": peak_memory_mb(d.device),
-                    **{f"train/{k}": v / n for k, v in window["terms"].items()}})
-                window = {"loss": 0.0, "time": time.perf_counter(), "steps": 0, "terms": {}}
-            if tc.sample_every and step % tc.sample_every == 0 and (d.is_main or fsdp):  # FSDP: all ranks run it
-                with ema.applied(model) if ema is not None else contextlib.nullcontext():
-                    images = task.sample(model, _to_device(preview, d.device), step)
+                averaged = {k: v / n if not k.endswith("/lr") else scalars[k] for k, v in window["scalars"].items()}
+                monitor.scalars(step, {**averaged, "train/samples_per_s": n * per_step / elapsed,
+                                       "train/peak_memory_mb": peak_memory_mb(d.device)})
+                window = {"time": time.perf_counter(), "steps": 0, "scalars": {}}
+            if tc.sample_every and step % tc.sample_every == 0 and (d.is_main or main.fsdp):  # FSDP: all ranks
+                with main.averaged():
+                    images = task.sample(main.module, _to_device(preview, d.device), step)
                 if images is not None and d.is_main:
                     log.info("samples: %s", monitor.images(step, images))
             interrupted = distributed.any_across(stop.signal is not None, d)

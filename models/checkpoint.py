@@ -541,17 +541,19 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the optimiser state is never read
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project")
-    if not state.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+    # the exported (first) network; checkpoints of single-network runs before several networks: the state itself
+    network = next(iter(state["networks"].values())) if state.get("networks") else state
+    if not network.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
         raise CheckpointError(f"{path} is a training checkpoint without its model weights or run config (truncated, "
                               f"or written by another version?)")
-    sd = dict(state["model"])
+    sd = dict(network["model"])
     if any(k.startswith("branch.") for k in sd):
         raise CheckpointError(f"{path} is the training state of a ControlNet branch, not of a PixArt: use the "
                               f"branch its run exports (control.safetensors)")
     if weights == "ema":
-        if not state.get("ema"):
+        if not network.get("ema"):
             raise CheckpointError(f"{path} kept no EMA (the run had train.ema_decay 0): export --weights model")
-        sd.update(state["ema"]["shadow"])
+        sd.update(network["ema"]["shadow"])
     run = state["config"]
     cfg = _config_from_json(json.dumps(run["model"]), path)
     metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, load_script, random_inputs, random_model, tiny_config
+from conftest import free_port, random_inputs, random_model, tiny_config
 from diffusers import DDIMScheduler, LCMScheduler
 from safetensors.torch import load_file
-from toy_training import ToyLatents, toy_config, toy_data
+from toy_training import ToyLatents, last_state, toy_config, toy_data
 
 from configs.errors import UserError
 from diffusion.consistency import ConsistencyDistillationLoss, DistillConfig
@@ -20,14 +20,13 @@ from diffusion.samplers.lcm import consistency_function, lcm_boundary_scalings
 from diffusion.schedule import NoiseSchedule
 from engine.loop import train
 from engine.randomness import SampleRandomness
-from engine.state import ResumeError, latest_checkpoint
+from engine.state import ResumeError
 from models.checkpoint import load_checkpoint, save_checkpoint
+from tasks.lcd import LCMTask
 
 TESTS = Path(__file__).resolve().parent
 SCHEDULE = NoiseSchedule.linear()
 PIXART_BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-lcm_script = load_script("train/train_lcm.py")
-LCMTask = lcm_script.LCMTask
 
 
 def net(scale: float):
@@ -179,7 +178,7 @@ def test_lcd_resume_equals_uninterrupted_run_and_refuses_another_teacher(teacher
     first = train(lcm_config(tmp_path / "b", teacher_file, "train.steps=2", "train.checkpoint_every=2"),
                   LCMTask, toy_data)
     resumed = train(lcm_config(tmp_path / "b", teacher_file, *common), LCMTask, toy_data, resume=str(first))
-    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (straight, resumed))
+    a, b = (last_state(r) for r in (straight, resumed))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
     for key in a["task"]["target"]["shadow"]:
@@ -196,7 +195,7 @@ def test_lcd_resume_equals_uninterrupted_run_and_refuses_another_teacher(teacher
 
 def test_lora_checkpoints_hold_adapters_not_the_frozen_weights(teacher_file, tmp_path):
     run = train(lcm_config(tmp_path, teacher_file, "distill.lora_rank=4", "train.steps=2"), LCMTask, toy_data)
-    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state = last_state(run)
     assert state["model"] and all(".lora_" in k for k in state["model"])
     assert all(".lora_" in k for k in state["task"]["target"]["shadow"])
     model, cfg, _ = load_checkpoint(run / "weights.safetensors")  # the exported student: LoRA folded in
@@ -229,7 +228,7 @@ def test_a_short_distillation_lowers_the_loss(teacher_file, tmp_path):
     task = LCMTask(cfg, torch.device("cpu"))
     before = fixed_batch_loss(task)
     run = train(cfg, LCMTask, toy_data)
-    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state = last_state(run)
     task.model.load_state_dict(state["model"])
     task.load_state_dict(state["task"])
     after = fixed_batch_loss(task)
@@ -247,7 +246,7 @@ def test_two_process_lcd_equals_one_process(teacher_file, tmp_path):
                           "train.batch_size=2", *common], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (two,) = (tmp_path / "two").iterdir()
-    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (one, two))
+    a, b = (last_state(r) for r in (one, two))
     # The toy teacher's consistency gradients are large (norm ~10-60, clipped to 1), so float32 summation-order
     # differences between the all-reduce and one process show up; Adam normalises each parameter's step, so for
     # parameters whose gradient is nearly zero that noise can move them by up to lr per step. With lr 3e-4 and

@@ -205,14 +205,14 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from conftest import free_port, load_script  # noqa: E402
-from toy_training import toy_config, toy_data  # noqa: E402
+from toy_training import last_state, toy_config, toy_data  # noqa: E402
 
 from engine.loop import train  # noqa: E402
-from engine.state import ResumeError, latest_checkpoint  # noqa: E402
+from engine.state import ResumeError  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-ControlNetTask = load_script("train/train_controlnet.py").ControlNetTask
+from tasks.controlnet import ControlNetTask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def control_config(runs, base, *overrides):
 @pytest.mark.parametrize("design", ["transformer", "unet"])
 def test_training_checkpoints_hold_the_branch_only_and_export_it(toy_base, tmp_path, design):
     run = train(control_config(tmp_path, toy_base, f"control.design={design}"), ControlNetTask, toy_data)
-    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state = last_state(run)
     assert state["model"] and all(k.startswith("branch.") for k in state["model"])
     assert all(k.startswith("branch.") for k in state["ema"]["shadow"])
     assert state["references"]["base"]["path"] == str(toy_base)
@@ -251,7 +251,7 @@ def test_resume_equals_an_uninterrupted_run_and_refuses_another_base(toy_base, t
     whole = train(control_config(tmp_path / "whole", toy_base), ControlNetTask, toy_data)
     part = train(control_config(tmp_path / "part", toy_base, "train.steps=3"), ControlNetTask, toy_data)
     resumed = train(control_config(tmp_path / "part", toy_base), ControlNetTask, toy_data, resume=str(part))
-    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (whole, resumed))
+    a, b = (last_state(r) for r in (whole, resumed))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
     other = tmp_path / "other.safetensors"
@@ -275,7 +275,7 @@ def test_two_process_controlnet_equals_one_process(toy_base, tmp_path, strategy)
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (two,) = (tmp_path / "two").iterdir()
-    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (one, two))
+    a, b = (last_state(r) for r in (one, two))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5)
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, load_script, random_inputs, random_model, tiny_config
+from conftest import ROOT, random_inputs, random_model, tiny_config
 from toy_training import ToyLatents, toy_config
 
 from configs import Config, load_config
@@ -21,8 +21,7 @@ from engine.randomness import SampleRandomness
 from models.compiled import CompiledModule, compile_module
 from models.pixart import PixArtBlock
 from pipeline.generate import FiniteCheck, SamplingError, plan
-
-LCMTask = load_script("train/train_lcm.py").LCMTask
+from tasks.lcd import LCMTask
 
 
 def step(index: int, value: float, total: int = 5) -> SimpleNamespace:

@@ -9,6 +9,8 @@ from conftest import load_script
 from PIL import Image
 
 from data.synthetic import write_dataset
+from engine.state import network_state
+from tasks.alpha import PixArtAlphaTask
 from tools.extract_features import main as extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +115,7 @@ def test_a_few_steps_on_the_synthetic_data_lower_the_loss(chain):
     root, sets = chain
     cfg = synthetic_config(root, sets, "train.steps=40", "train.checkpoint_every=40", "train.lr=2e-3",
                            "train.warmup_steps=1", "train.class_dropout_prob=0.0", "train.name=learn")
-    task = load_script("train/train.py").PixArtAlphaTask(cfg, torch.device("cpu"))
+    task = PixArtAlphaTask(cfg, torch.device("cpu"))
     data = FeatureDataset(cfg.data.cache_dir)
     bucket = max(data.buckets.values(), key=len)
     batch = collate([data[i] for i in bucket])
@@ -123,8 +125,9 @@ def test_a_few_steps_on_the_synthetic_data_lower_the_loss(chain):
             return task.loss(task.model.eval(), batch, SampleRandomness(7, 0, batch["index"]))[0].item()
 
     before = fixed_loss()
-    run = train(cfg, load_script("train/train.py").PixArtAlphaTask, feature_data)
-    task.model.load_state_dict(torch.load(run / "checkpoints" / "step_00000040.pt", weights_only=True)["model"])
+    run = train(cfg, PixArtAlphaTask, feature_data)
+    task.model.load_state_dict(network_state(torch.load(run / "checkpoints" / "step_00000040.pt",
+                                                weights_only=True))["model"])
     assert fixed_loss() < 0.5 * before
 
 
@@ -136,10 +139,10 @@ def test_fine_tuning_starts_from_the_given_weights(chain):
 
     root, sets = chain
     base = train(synthetic_config(root, sets, "train.steps=2", "train.name=base"),
-                 load_script("train/train.py").PixArtAlphaTask, feature_data)
+                 PixArtAlphaTask, feature_data)
     tuned = train(synthetic_config(root, sets, "train.steps=1", "train.lr=0.0", "train.ema_decay=0.0",
                                    f"train.init_from={base / 'ema.safetensors'}", "train.name=tuned"),
-                  load_script("train/train.py").PixArtAlphaTask, feature_data)
+                  PixArtAlphaTask, feature_data)
     start = load_checkpoint(base / "ema.safetensors")[0].state_dict()
     end = load_checkpoint(tuned / "weights.safetensors")[0].state_dict()
     assert all(torch.equal(start[k], end[k]) for k in start)
@@ -151,7 +154,7 @@ def test_fine_tuning_starts_from_the_given_weights(chain):
     half = save_checkpoint({k: v.half() for k, v in start.items()}, cfg, root / "half.safetensors", "safetensors")
     tuned = train(synthetic_config(root, sets, "train.steps=1", "train.lr=0.0", "train.ema_decay=0.0",
                                    f"train.init_from={half}", "train.name=tuned-half"),
-                  load_script("train/train.py").PixArtAlphaTask, feature_data)
+                  PixArtAlphaTask, feature_data)
     end = load_checkpoint(tuned / "weights.safetensors")[0].state_dict()
     assert all(end[k].dtype == torch.float32 and torch.equal(start[k].half().float(), end[k]) for k in start)
 

@@ -8,23 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, load_script
+from conftest import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from toy_training import ToyLatents, toy_config, toy_data
+from toy_training import ToyLatents, last_state, toy_config, toy_data
 
 from engine.loop import TrainingError, train
 from engine.randomness import SampleRandomness
 from engine.state import ResumeError, latest_checkpoint
 from models.checkpoint import load_checkpoint
+from tasks.alpha import PixArtAlphaTask
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-script = load_script("train/train.py")
-Task = script.PixArtAlphaTask
+Task = PixArtAlphaTask
 
 
 def final_weights(run: Path) -> dict:
-    return torch.load(latest_checkpoint(run), weights_only=True)["model"]
+    return last_state(run)["model"]
 
 
 def assert_same_weights(a: dict, b: dict, atol: float):
@@ -58,7 +58,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, accumulation):
     first = train(toy_config(tmp_path / "b", *common, "train.steps=3"), Task, toy_data)
     resumed = train(toy_config(tmp_path / "b", *common), Task, toy_data, resume=str(first))
     assert resumed == first
-    a, b = (torch.load(latest_checkpoint(r), weights_only=True) for r in (straight, resumed))
+    a, b = (last_state(r) for r in (straight, resumed))
     assert a["step"] == b["step"] == 6 and a["batches_consumed"] == b["batches_consumed"] == 6 * accumulation
     assert_same_weights(a["model"], b["model"], 1e-6)
     assert_same_weights(a["ema"]["shadow"], b["ema"]["shadow"], 1e-6)
@@ -144,7 +144,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     (run,) = tmp_path.iterdir()
     assert "loss is nan at step 5" in str(info.value) and "step_00000004.pt" in str(info.value)
     assert latest_checkpoint(run).name == "step_00000004.pt"
-    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 4
+    assert last_state(run)["step"] == 4
     assert not (run / "checkpoints" / "step_00000005.pt").exists()
 
 
@@ -161,7 +161,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output
     assert "--resume" in output
     (run,) = (tmp_path / "runs").iterdir()
-    ckpt = torch.load(latest_checkpoint(run), weights_only=True)
+    ckpt = last_state(run)
     stopped = ckpt["step"]
     assert 3 <= stopped < 400
     end = stopped + 2

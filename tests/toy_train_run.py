@@ -14,8 +14,8 @@ from toy_training import toy_config, toy_data
 from engine.loop import Interrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"alpha": ("train/train.py", "PixArtAlphaTask"), "lcm": ("train/train_lcm.py", "LCMTask"),
-         "controlnet": ("train/train_controlnet.py", "ControlNetTask")}
+TASKS = {"alpha": ("tasks.alpha", "PixArtAlphaTask"), "lcm": ("tasks.lcd", "LCMTask"),
+         "controlnet": ("tasks.controlnet", "ControlNetTask")}
 
 
 def main() -> int:
@@ -25,11 +25,8 @@ def main() -> int:
     parser.add_argument("--task", choices=sorted(TASKS), default="alpha")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    path, name = TASKS[args.task]
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    task = getattr(script, name)
+    module, name = TASKS[args.task]
+    task = getattr(importlib.import_module(module), name)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
     try:
         run = train(toy_config(args.runs_dir, *args.overrides), task, toy_data, args.resume)

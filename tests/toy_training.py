@@ -4,6 +4,7 @@ import torch
 
 from configs import Config, load_config
 from data.buckets import BucketBatchSampler
+from engine.state import latest_checkpoint, network_state
 
 
 class ToyLatents(torch.utils.data.Dataset):
@@ -44,3 +45,11 @@ def toy_config(runs_dir, *overrides) -> Config:
             "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=3", "train.device=cpu",
             "data.sample_captions=2", "autoencoder.kind=pixel"]
     return load_config(Config, None, [*sets, *overrides])
+
+
+def last_state(run, network: str | None = None) -> dict:
+    """The run's latest training checkpoint, with one trained network's entries (model, ema, optimizer, ...; the
+    exported network by default) beside the run-level ones (step, rng, task, ...)."""
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    return {**state, **network_state(state, network)}
+

@@ -446,16 +446,9 @@ def lcd_step_row(arch: str, lora_rank: int, checkpointing: bool, dtype_name: str
                  frozen: str = "fp32") -> dict:
     """Time one latent-consistency-distillation step of train/train_lcm.py's task (student forward and backward,
     teacher forwards with and without the caption, target forward, AdamW, target EMA) and read its peak memory."""
-    import importlib.util
-
     from configs import Config, load_config
     from engine.randomness import SampleRandomness
-
-    script = Path(__file__).resolve().parents[1] / "train" / "train_lcm.py"  # an entry script, not a package
-    spec = importlib.util.spec_from_file_location("train_lcm", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    LCMTask = module.LCMTask  # noqa: N806
+    from tasks.lcd import LCMTask
 
     latent, pe, micro = PIXART_PRESETS[args.size]
     cfg = load_config(Config, "lcm_512", [f"model.arch={arch}", f"model.latent_size={latent}",

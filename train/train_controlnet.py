@@ -6,89 +6,13 @@ PixArt, from a feature cache extracted with control maps (tools/extract_features
     python train/train_controlnet.py --config controlnet_shapes --set control.design=unet --set control.num_blocks=3
     torchrun --nproc-per-node 2 train/train_controlnet.py --config controlnet_shapes --set train.batch_size=32
 
-Only the branch trains: the base (control.base) is frozen, never copied into the EMA or the training checkpoints,
-and recorded by path and hash (a resume against another base is refused). The objective is the base's own
-(PixArt-alpha's diffusion loss with the learned variance) with the control latents given to the model, captions
-dropped to the null caption at train.class_dropout_prob (0.5 in the paper). The exported ema.safetensors /
-weights.safetensors is the branch alone (models/controlnet.py), with the base's hash in its metadata.
+The task (frozen base, trainable branch) is tasks/controlnet.py; everything else is the shared loop.
 """
 
-import logging
 import sys
-from pathlib import Path
 
-import torch
-
-from configs import Config
-from configs.errors import UserError
-from data.features import batch_conditions
-from diffusion.losses import DiffusionLoss
 from engine.cli import run_trainer
-from engine.loop import Task
-from engine.precision import store_frozen
-from engine.randomness import SampleRandomness
-from models.autoencoder import load_autoencoder
-from models.checkpoint import load_checkpoint
-from models.controlnet import ControlledPixArt, build_branch, load_branch, save_branch
-from models.shipped import content_hash
-from pipeline.generate import preview_images
-
-log = logging.getLogger("train")
-
-
-def check_config(cfg: Config) -> None:
-    """Every control option that can be checked before anything loads."""
-    if not cfg.control.base:
-        raise UserError("control.base is not set: the frozen base model the branch steers (any checkpoint format)")
-    cfg.control.check(cfg.model.dims()[0])
-
-
-class ControlNetTask(Task):
-    """A frozen base + a trainable control branch; the loss is the base's diffusion loss given the control."""
-
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg, cc = cfg, cfg.control
-        base, _, _ = load_checkpoint(cc.base, cfg.model, device=device)  # the config must fit the base
-        base = base.float()  # shipped weights may be fp16; the loop's autocast gives bf16/fp16 compute
-        self.base_hash = content_hash(cc.base)
-        if cfg.train.init_from:  # fine-tune a trained branch (its N, design, width and base are checked)
-            branch = load_branch(cfg.train.init_from, base, cc, self.base_hash).to(device)
-            log.info("branch from %s", cfg.train.init_from)
-        else:
-            branch = build_branch(base, cc)
-        store_frozen(base.requires_grad_(False), cfg.train.frozen_dtype)  # after the branch copied its blocks in fp32
-        self.model = ControlledPixArt(base, branch.requires_grad_(True)).train()
-        self.schedule = cfg.diffusion.build()
-        self.criterion = DiffusionLoss.from_config(cfg, self.schedule)
-        self.vae = None  # loaded at the first sample grid
-
-    def references(self) -> dict[str, dict]:
-        return {"base": {"path": str(self.cfg.control.base), "sha256": self.base_hash}}
-
-    def loss(self, model, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
-        if "control" not in batch:
-            raise UserError(f"the feature cache {self.cfg.data.cache_dir} has no control maps: extract it with "
-                            f"tools/extract_features.py --control edge (or canny)")
-        return self.criterion.training_loss(model, batch["latent"], rng, self.cfg.train.class_dropout_prob,
-                                            **batch_conditions(self.model, batch), control=batch["control"])
-
-    def sample(self, model, batch: dict, step: int) -> torch.Tensor:
-        """The cached captions and control maps drawn with the sample config; the control maps above the images."""
-        if self.vae is None:
-            self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
-        cond = {**batch_conditions(self.model, batch), "control": batch["control"],
-                "control_scale": self.cfg.control.scale}
-        images = preview_images(model, self.vae, self.schedule, self.cfg.sample, cond, batch["latent"].shape[-2:],
-                                self.cfg.diffusion.prediction)
-        with torch.no_grad():
-            controls = ((self.vae.decode(batch["control"]).float() + 1) / 2).clamp(0, 1)
-        return torch.cat([controls, images])
-
-    def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
-        """The branch alone (the base is referenced by its hash)."""
-        branch = {k[len("branch."):]: v for k, v in state_dict.items() if k.startswith("branch.")}
-        save_branch(self.model.branch, self.model.base_model, path, self.base_hash,
-                    extra={**metadata, "base": str(self.cfg.control.base)}, state=branch)
+from tasks.controlnet import ControlNetTask, check_config
 
 
 def main(argv=None) -> int:
