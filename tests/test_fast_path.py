@@ -157,7 +157,8 @@ def test_gpu_check_script_runs_its_cli_and_training_checks_at_toy_size(tmp_path)
     """tools/gpu_checks.py --smoke: the same driver at toy sizes on the CPU writes its report and JSON."""
     out = tmp_path / "gpu"
     done = subprocess.run([sys.executable, "tools/gpu_checks.py", "--smoke", "--out", str(out), "--only", "train",
-                           "cli", "--budget-s", "400"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "cli", "--cli-cases=--dtype bf16,--control", "--budget-s", "400"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     report = json.loads((out / "gpu_checks.json").read_text())
     by_name = {c["name"]: c for c in report["checks"]}
     assert by_name["train"]["exit_code"] == 0 and by_name["train"]["rows"], done.stdout[-2000:]

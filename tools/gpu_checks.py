@@ -171,13 +171,16 @@ def cli_cases(fx: dict[str, str], gpu: bool = True) -> list[tuple[str, list[str]
     ])
 
 
-def cli_check(budget_s: float, device: str = "cuda") -> tuple[int, str, list[dict]]:
-    """Run every CLI case; rows of (case, exit code, expected, seconds, verdict, the output's last line)."""
+def cli_check(budget_s: float, device: str = "cuda", only: list[str] | None = None) -> tuple[int, str, list[dict]]:
+    """Run every CLI case (or those named in `only`); rows of (case, exit code, expected, seconds, verdict, the
+    output's last line)."""
     rows, lines = [], ["| sample.py on CUDA | exit code (expected) | s | result | last line |", "|---|---|---|---|---|"]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         fx = cli_fixtures(Path(tmp))
         for name, extra, env, expected, needle in cli_cases(fx, gpu=device != "cpu"):
+            if only and name not in only:
+                continue
             left = budget_s - (time.perf_counter() - start)
             if left < 10:
                 rows.append(dict(case=name, verdict="skipped: out of time"))
@@ -244,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="the same checks at toy sizes (tiny transformer, 256 px, one repetition) on this "
                              "machine's device: checks the script itself, e.g. on a CPU")
+    parser.add_argument("--cli-cases", type=lambda v: v.split(","), metavar="CASE,CASE",
+                        help="run only these cases of the cli check, comma-separated names as in its table "
+                             "(e.g. --cli-cases=fp32,--control)")
     parser.add_argument("--folder", help="where the shared random XL-2 pipeline folder lives (default: a temporary "
                                          "folder, removed at the end)")
     args = parser.parse_args(argv)
@@ -278,7 +284,7 @@ def main(argv=None) -> int:
                 command = ["python", "tools/gpu_checks.py", "--only", "cli"]
                 t0 = time.perf_counter()
                 try:
-                    code, text, rows = cli_check(limit, "cpu" if args.smoke else "cuda")
+                    code, text, rows = cli_check(limit, "cpu" if args.smoke else "cuda", args.cli_cases)
                     output = text
                 except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
                     code, text, rows, output = 1, "", [], f"{type(e).__name__}: {e}"
