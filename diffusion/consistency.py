@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from configs.errors import UserError
+from diffusion.denoiser import Denoiser
 from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers.common import per_sample
 from diffusion.samplers.ddim import ddim_step
@@ -98,17 +99,14 @@ class ConsistencyDistillationLoss:
 
     def f(self, net: Network, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         """The consistency function of a network: c_skip(t) x + c_out(t) x0(x, t)."""
-        out = net(x, t, **cond)[:, : x.shape[1]]
-        x0 = self.schedule.to_x0(self.prediction, out.float(), x.float(), t)
+        x0 = Denoiser(net, self.schedule, self.prediction, torch.float32).x0(x, t, **cond)
         return consistency_function(x.float(), x0, t, self.timestep_scaling, self.sigma_data)
 
     @torch.no_grad()
     def teacher_step(self, teacher: Network, z: Tensor, t_start: Tensor, t_end: Tensor, w: Tensor, cond: dict,
                      uncond: dict) -> Tensor:
         """One guided DDIM step of the teacher from t_start to t_end: eps_hat = eps_c + w (eps_c - eps_u)."""
-        def eps(x, t, **c):
-            return self.schedule.to_eps(self.prediction, teacher(x, t, **c)[:, : x.shape[1]].float(), x.float(), t)
-
+        eps = Denoiser(teacher, self.schedule, self.prediction, torch.float32).eps
         eps_hat = classifier_free_guidance(eps, cond, uncond, 1.0 + w)(z, t_start)  # (N, C, H, W)
         x0_hat = self.schedule.eps_to_x0(z.float(), t_start, eps_hat)  # = x0_c + w (x0_c - x0_u)
         abar = self.schedule.alphas_cumprod.to(z.device)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from configs.errors import UserError
+from diffusion.denoiser import Denoiser
 from diffusion.schedule import NoiseSchedule
 
 EDGE_RANGE = 0.5  # a pixel is on an edge when its 3x3 neighbourhood spans more than this in some channel ([-1, 1])
@@ -187,9 +188,8 @@ class DiffusionLoss:
 
     def __call__(self, net, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> tuple[Tensor, dict[str, Tensor]]:
         x_t = self.schedule.q_sample(x0, t, noise)  # (N, C, H, W)
-        out = net(x_t, t, **cond)  # (N, C or 2C, H, W)
-        c = x0.shape[1]
-        pred, v = out[:, :c].float(), out[:, c:]
+        denoiser = Denoiser(net, self.schedule, self.prediction, torch.float32)
+        pred, variance = denoiser(x_t, t, **cond)  # (N, C, H, W) each; variance None without learned sigma
         target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
         err = (pred - target).square()  # (N, C, H, W)
         weight = self.pixel_weights(x0)
@@ -199,7 +199,9 @@ class DiffusionLoss:
         if not self.learn_sigma:
             return mse, {"mse": mse}
         # L_vlb with the mean's gradient stopped; x T / 1000 as IDDPM does for T-step schedules.
-        eps = self.schedule.to_eps(self.prediction, pred.detach(), x_t.float(), t)
-        vb = vlb_terms(self.tables, self.schedule, x0.float(), x_t.float(), t, eps, v.float())
+        if variance is None:
+            raise ValueError("the network has no learned-variance channels (learn_sigma off) but the loss expects them")
+        eps = denoiser.convert(pred.detach(), x_t, t, "eps")
+        vb = vlb_terms(self.tables, self.schedule, x0.float(), x_t.float(), t, eps, variance.float())
         vb = vb * self.schedule.num_steps / 1000.0
         return mse + vb, {"mse": mse, "vb": vb}

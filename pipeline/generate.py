@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from configs.errors import UserError
 from diffusion import NoiseSchedule, get_sampler, sampler_timesteps
+from diffusion.denoiser import Denoiser
 from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
 from models.aspect_ratios import aspect_ratio_bins, closest_bin, nearest_multiples, resize_and_center_crop
 from models.autoencoder import latent_channels_of, load_autoencoder
@@ -298,22 +299,21 @@ def _sync(device: torch.device):
 
 
 def eps_model(model: PixArt, schedule: NoiseSchedule, prediction: str = "eps", timings: Timings | None = None):
-    """The transformer as eps(x, t, **conditions): its first C channels (learned sigma dropped) as a noise estimate."""
+    """The transformer as eps(x, t, **conditions): a noise estimate whatever it predicts (diffusion/denoiser.py),
+    each forward timed into `timings` when it asks for per-forward times."""
     device = next(model.parameters()).device
 
     def forward(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if timings is None or not timings.per_forward:
-            return model(x, t, **cond)[:, : model.in_channels]
+            return model(x, t, **cond)
         _sync(device)
         start = time.perf_counter()
-        out = model(x, t, **cond)[:, : model.in_channels]
+        out = model(x, t, **cond)
         _sync(device)
         timings.transformer_forwards += time.perf_counter() - start
         return out
 
-    if prediction == "eps":
-        return forward
-    return lambda x, t, **cond: schedule.to_eps(prediction, forward(x, t, **cond), x, t)
+    return Denoiser(forward, schedule, prediction).eps
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], device, dtype) -> torch.Tensor:
