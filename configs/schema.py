@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from diffusion.consistency import DistillConfig
+from diffusion.dmd import DMDConfig
 from diffusion.schedule import DiffusionConfig
 from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
@@ -26,4 +27,5 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

@@ -65,6 +65,20 @@ def check_train_config(cfg) -> None:
         raise ConfigError(f"train.runs_dir {runs} is a file; point it at a folder (run folders are made inside)")
 
 
+def check_resume_networks(resume: str, make_task) -> None:
+    """A run resumes only with the trainer that wrote it: the checkpoint's trained networks must be the task's."""
+    from engine.state import ResumeError, checkpoint_networks, resolve_resume
+
+    _, ckpt = resolve_resume(resume)
+    saved, declared = checkpoint_networks(ckpt), list(getattr(make_task, "trained_networks", ("model",)))
+    if saved != declared:
+        raise ResumeError(f"--resume {resume}: the run trained the networks {saved}, but this trainer "
+                          f"({make_task.__name__}) trains "
+                          f"{declared}: resume it with the trainer that started it (train.py, train_lcm.py and "
+                          f"train_controlnet.py train one network, 'model'; train_dmd.py trains 'fake_score' and "
+                          f"'generator')")
+
+
 def run_trainer(make_task: Callable, description: str, argv=None, check: Callable | None = None) -> int:
     """Parse the trainer command line, check everything, train; returns the exit code."""
     from configs import Config, add_config_arguments, load_config, to_yaml
@@ -88,6 +102,8 @@ def run_trainer(make_task: Callable, description: str, argv=None, check: Callabl
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if args.resume:
+            check_resume_networks(args.resume, make_task)
         check_train_config(cfg)
         if check is not None:
             check(cfg)

@@ -75,8 +75,9 @@ class Task:
     A single-network task sets `model` and implements `loss(model, batch, rng)`; the loop trains it with the
     `train:` section's optimiser settings. A task that trains several networks (DMD2: a generator and a fake score)
     returns them from `networks()` as name -> Trainable, in the order they update within a training step, and
-    implements `update(name, model, batch, rng)`, the loss of one optimiser update of network `name`. The first
-    network is the exported and sampled one (its EMA, if any, is what export() receives).
+    implements `update(name, model, batch, rng)`, the loss of one optimiser update of network `name`.
+    `exported_network` (default: the first) is the one exported and sampled; its EMA, if any, is what export()
+    receives.
 
     A task may own more networks than it trains: frozen ones (a teacher, a ControlNet's base) it loads from files
     and names in `references()` (recorded in every checkpoint; a resume whose references changed is refused), and
@@ -86,6 +87,8 @@ class Task:
     """
 
     model: nn.Module  # a single-network task's network; DDP wraps it, the EMA follows its trainable parameters
+    exported_network: str | None = None  # the network exported and sampled; None: the first of networks()
+    trained_networks: tuple[str, ...] = ("model",)  # the names networks() returns: a resume checks them first
 
     def networks(self) -> dict[str, Trainable]:
         """The trained networks in update order (default: `model`, as the `train:` section says)."""
@@ -375,7 +378,10 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
                  "resumed" if state else "new", d.world_size, d.device, run_dir / "config.yaml")
     nets = {name: TrainedNetwork(name, spec, tc, d, tc.steps, lambda name=name: task.networks()[name].resolved(tc))
             for name, spec in specs.items()}
-    main = next(iter(nets.values()))  # exported and sampled
+    exported = task.exported_network or next(iter(nets))
+    if exported not in nets:
+        raise ValueError(f"the task's exported_network {exported!r} is not one of its networks {sorted(nets)}")
+    main = nets[exported]  # exported and sampled
     if len(nets) > 1 and d.is_main:
         log.info("networks, in update order: %s", ", ".join(f"{n} ({s.updates_per_step} update(s) per step, lr "
                                                              f"{s.lr:g})" for n, s in specs.items()))

@@ -124,3 +124,15 @@ def network_state(state: dict, name: str | None = None) -> dict:
         raise ResumeError(f"the checkpoint trains the networks {sorted(networks)}, not {name!r}")
     return networks[name]
 
+
+def checkpoint_networks(path: Path) -> list[str]:
+    """The names of the networks a training checkpoint trains, reading no tensor data (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise ResumeError(f"cannot read training checkpoint {path}: {type(e).__name__}: {str(e)[:200]} "
+                          f"(corrupt or truncated? resume from an older checkpoints/step_*.pt)") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ResumeError(f"{path} is not a training-state checkpoint of this project")
+    return list(state.get("networks") or {"model": None})
+

@@ -1,0 +1,183 @@
+"""Distribution matching distillation (DMD2: Yin et al. 2024, "Improved Distribution Matching Distillation for Fast
+Image Synthesis"): a one- or few-step generator trained so that its samples' distribution matches the teacher's.
+
+Three networks, all starting as the teacher:
+  generator G   maps noise to an image in `generator_steps` denoiser evaluations (multi-step: each output re-noised to
+                the next timestep, as LCM samples; the timesteps are LCM's picks, 999 / 999, 499 / ...);
+  real score    the frozen teacher, guided (CFG): the score of the data distribution;
+  fake score    trained with the ordinary denoising loss on G's samples: the score of G's distribution.
+The generator's gradient at a random noise level t is the difference of the two scores' clean estimates,
+    grad = (x0_fake(x_t) - x0_real(x_t)) / mean |x - x0_real(x_t)|           (per-sample normalisation, DMD eq. 8)
+applied through loss = 0.5 ||x - stopgrad(x - grad)||^2, whose gradient with respect to x is exactly grad. DMD2
+drops DMD's regression loss, updates the fake score several times per generator update (two time-scale rule) and
+optionally adds a GAN term: a small head on the fake score's middle features tells noised real images from noised
+generated ones (non-saturating losses).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from configs.errors import UserError
+from diffusion.denoiser import Denoiser, Network
+from diffusion.guidance import classifier_free_guidance
+from diffusion.samplers.lcm import lcm_timesteps
+from diffusion.schedule import NoiseSchedule
+
+
+@dataclass
+class DMDConfig:
+    """Distribution matching distillation; the `dmd:` section of a run config (train/train_dmd.py)."""
+
+    teacher: str | None = None       # the frozen teacher (real score); generator and fake score start as it
+    generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
+                                     # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
+    real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off
+    fake_updates: int = 5            # fake-score updates per generator update (DMD2's two time-scale rule)
+    fake_lr: float | None = None     # learning rate of the fake score; None: train.lr
+    t_min: float = 0.02              # the generator loss's noise levels: t ~ U[t_min T, t_max T)
+    t_max: float = 0.98
+    gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
+    gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
+
+    def check(self, num_train_steps: int) -> None:
+        """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
+        if not self.teacher:
+            raise UserError("dmd.teacher is not set: the checkpoint of the teacher to distil (any format)")
+        if self.fake_updates < 1:
+            raise UserError(f"dmd.fake_updates must be >= 1 (fake-score updates per generator update; DMD2 uses 5), "
+                            f"got {self.fake_updates}")
+        if not 1 <= self.generator_steps <= 50 or num_train_steps % 50:
+            raise UserError(f"dmd.generator_steps must be in 1..50 (the generator's timesteps are picks of the "
+                            f"50-step LCM grid of the {num_train_steps}-step schedule), got {self.generator_steps}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise UserError(f"dmd.t_min and dmd.t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min} and "
+                            f"{self.t_max}")
+        for key in ("real_guidance", "gan_weight", "gan_head_weight"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
+        if self.fake_lr is not None and not (math.isfinite(self.fake_lr) and self.fake_lr > 0):
+            raise UserError(f"dmd.fake_lr must be > 0 (or null: train.lr), got {self.fake_lr}")
+
+
+class FakeScore(nn.Module):
+    """The fake score network, with the optional GAN head on its middle tokens (mean-pooled) beside it."""
+
+    def __init__(self, net: nn.Module, gan_head: bool):
+        super().__init__()
+        self.net = net
+        self.middle = len(net.blocks) // 2 - 1  # the head reads the tokens after this block
+        width = net.hidden_size
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(),
+                                  nn.Linear(width, 1)) if gan_head else None
+        for attr in ("micro_conditions", "guidance_embedding", "in_channels", "out_channels", "patch_size"):
+            setattr(self, attr, getattr(net, attr))
+
+    def forward(self, x: Tensor, t: Tensor, *args, **cond) -> Tensor:
+        return self.net(x, t, *args, **cond)
+
+    def logits(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        """The GAN head's real-vs-generated logit (N,) from the tokens after the middle block."""
+        captured = {}
+
+        def hook(i: int, tokens: Tensor, _cond) -> Tensor:
+            if i == self.middle:
+                captured["tokens"] = tokens
+            return tokens
+
+        self.net(x, t, block_hook=hook, **cond)
+        return self.head(captured["tokens"].mean(dim=1)).squeeze(-1)  # (N, T, D) -> (N,)
+
+
+@dataclass
+class DistributionMatching:
+    """The DMD2 objectives: generate(), generator_loss() and fake_score_loss(); networks are arguments."""
+
+    schedule: NoiseSchedule
+    prediction: str = "eps"       # what the networks' first C channels predict (eps | v | x0)
+    generator_steps: int = 1
+    real_guidance: float = 4.5
+    t_min: float = 0.02
+    t_max: float = 0.98
+
+    def __post_init__(self):
+        self.timesteps = lcm_timesteps(self.generator_steps, 50, self.schedule.num_steps)  # (K,) descending
+
+    def x0(self, net: Network, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        return Denoiser(net, self.schedule, self.prediction, torch.float32).x0(x, t, **cond)
+
+    def generate(self, generator: Network, noise: Tensor, cond: dict, fresh: list[Tensor],
+                 stop: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run the generator from noise (N, C, H, W); fresh[j] is the noise that re-noises step j's output to step
+        j + 1. stop (N,): each sample's last step index (backward simulation: every step before its last runs
+        without gradient, the last with it); None: all steps. Returns (images, the input of each sample's last step)."""
+        k = len(self.timesteps)
+        stop = torch.full((len(noise),), k - 1, device=noise.device) if stop is None else stop
+        x, inputs = noise.float(), noise.float()
+        for j in range(int(stop.max()) + 1):
+            t = torch.full((len(noise),), int(self.timesteps[j]), device=noise.device)
+            last = stop == j  # (N,) samples whose output is this step's
+            inputs = torch.where(last[:, None, None, None], x, inputs)
+            if j < int(stop.max()):
+                with torch.no_grad():
+                    out = self.x0(generator, x, t, cond)
+                nxt = torch.full((len(noise),), int(self.timesteps[j + 1]), device=noise.device)
+                x = self.schedule.q_sample(out, nxt, fresh[j].float())  # re-noise to the next step's timestep
+        t_last = self.timesteps.to(noise.device)[stop]  # (N,)
+        return self.x0(generator, inputs, t_last, cond), inputs
+
+    def noise_levels(self, u: Tensor) -> Tensor:
+        """Timesteps floor(T (t_min + (t_max - t_min) u)) for u ~ U[0, 1) (N,)."""
+        T = self.schedule.num_steps
+        return (T * (self.t_min + (self.t_max - self.t_min) * u)).long().clamp(0, T - 1)
+
+    @torch.no_grad()
+    def real_x0(self, teacher: Network, x_t: Tensor, t: Tensor, cond: dict, uncond: dict) -> Tensor:
+        """The guided teacher's clean estimate: eps_u + s (eps_c - eps_u), converted to x0."""
+        eps = Denoiser(teacher, self.schedule, self.prediction, torch.float32).eps
+        if self.real_guidance > 1:
+            eps_hat = classifier_free_guidance(eps, cond, uncond, self.real_guidance)(x_t, t)
+        else:
+            eps_hat = eps(x_t, t, **cond)
+        return self.schedule.eps_to_x0(x_t.float(), t, eps_hat)
+
+    def matching_gradient(self, x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+        """(x0_fake - x0_real) / mean |x - x0_real| per sample: the direction that moves G's samples away from
+        where the fake score sees them and toward where the real score does."""
+        dims = tuple(range(1, x.ndim))
+        scale = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp(min=1e-6)
+        return torch.nan_to_num((x0_fake - x0_real) / scale)
+
+    def generator_loss(self, x: Tensor, teacher: Network, fake: Network, t: Tensor, noise: Tensor, cond: dict,
+                       uncond: dict) -> tuple[Tensor, dict]:
+        """Per-sample DMD loss of generated images x (N, C, H, W) (with gradient) at timesteps t, noise like x."""
+        dims = tuple(range(1, x.ndim))
+        with torch.no_grad():
+            x_t = self.schedule.q_sample(x.detach(), t, noise.float())
+            x0_real = self.real_x0(teacher, x_t, t, cond, uncond)
+            x0_fake = self.x0(fake, x_t, t, cond)
+            grad = self.matching_gradient(x.detach(), x0_real, x0_fake)
+        loss = 0.5 * (x - (x - grad).detach()).square().mean(dim=dims)  # d loss / dx = grad / (C H W)
+        return loss, {"dmd_grad_norm": grad.square().mean(dim=dims).sqrt()}
+
+    def fake_score_loss(self, fake: Network, x: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
+        """Per-sample denoising loss of the fake score on generated images x (no gradient to the generator)."""
+        x = x.detach().float()
+        x_t = self.schedule.q_sample(x, t, noise.float())
+        pred = Denoiser(fake, self.schedule, self.prediction, torch.float32)(x_t, t, **cond).pred
+        target = self.schedule.target(self.prediction, x, t, noise.float())
+        return (pred - target).square().mean(dim=tuple(range(1, x.ndim)))
+
+
+def gan_generator_loss(logits_generated: Tensor) -> Tensor:
+    """Non-saturating GAN loss of the generator (N,): softplus(-D(G(z)))."""
+    return F.softplus(-logits_generated)
+
+
+def gan_head_loss(logits_real: Tensor, logits_generated: Tensor) -> Tensor:
+    """The head's loss (N,): softplus(-D(real)) + softplus(D(generated))."""
+    return F.softplus(-logits_real) + F.softplus(logits_generated)

@@ -1,0 +1,149 @@
+"""Distribution matching distillation (DMD2) as a training task: a one- or few-step generator distilled from a
+PixArt-alpha teacher (train/train_dmd.py runs it; the objectives are diffusion/dmd.py).
+
+Networks: the generator (trained; exported and sampled, with an EMA if train.ema_decay > 0), the fake score
+(trained dmd.fake_updates times per generator update, on the generator's samples, at dmd.fake_lr; with the GAN
+head when dmd.gan_weight > 0) and the teacher (the frozen real score, read from dmd.teacher, stored as
+train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher.
+"""
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from configs import Config
+from configs.errors import UserError
+from data.features import batch_conditions
+from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss
+from diffusion.guidance import null_caption_pair
+from engine.loop import Task, Trainable
+from engine.precision import store_frozen
+from engine.randomness import SampleRandomness
+from models.autoencoder import load_autoencoder
+from models.checkpoint import load_checkpoint, peek, save_checkpoint
+from models.pixart import build_pixart
+from models.shipped import content_hash
+from pipeline.generate import preview_images
+
+log = logging.getLogger("train")
+
+
+def check_config(cfg: Config) -> None:
+    """Everything of the dmd: section that can be checked before anything loads."""
+    dc = cfg.dmd
+    dc.check(cfg.diffusion.num_steps)
+    info = peek(dc.teacher)
+    if dc.real_guidance > 1 and info.null_caption is False:
+        raise UserError(f"dmd.real_guidance={dc.real_guidance} guides the teacher with its learned null caption, but "
+                        f"{dc.teacher} has none (a plain diffusers folder): use a checkpoint that holds y_embedding "
+                        f"(an official .pth, this project's safetensors, or a folder converted by "
+                        f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
+
+
+@contextlib.contextmanager
+def no_parameter_grads(module: nn.Module):
+    """Within the block, gradients flow through `module` to its inputs but not into its parameters."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class DMDTask(Task):
+    """DMD2 of cfg.dmd.teacher into a generator of cfg.model's architecture that draws in dmd.generator_steps."""
+
+    exported_network = "generator"
+    trained_networks = ("fake_score", "generator")
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, dc = cfg, cfg.dmd
+        teacher, _, _ = load_checkpoint(dc.teacher, cfg.model, device=device)  # the config must fit the teacher
+        teacher = teacher.float()  # shipped weights may be fp16; training runs in fp32 (autocast for bf16/fp16)
+        self.teacher_hash = content_hash(dc.teacher)
+        copies = []
+        for _ in range(2):
+            net = build_pixart(cfg.model, device)
+            net.load_state_dict(teacher.state_dict())
+            copies.append(net.train().requires_grad_(True))
+        self.generator = copies[0]
+        self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0).to(device).train()
+        self.teacher = store_frozen(teacher.eval().requires_grad_(False), cfg.train.frozen_dtype)
+        self.model = self.generator
+        self.schedule = cfg.diffusion.build()
+        self.objective = DistributionMatching(self.schedule, cfg.diffusion.prediction, dc.generator_steps,
+                                              dc.real_guidance, dc.t_min, dc.t_max)
+        self.vae = None  # loaded at the first sample grid
+
+    def networks(self) -> dict[str, Trainable]:
+        """The fake score first (its dmd.fake_updates updates), then the generator (one update), each step."""
+        dc = self.cfg.dmd
+        return {"fake_score": Trainable(self.fake, lr=dc.fake_lr, ema_decay=0.0, updates_per_step=dc.fake_updates),
+                "generator": Trainable(self.generator)}
+
+    def references(self) -> dict[str, dict]:
+        return {"teacher": {"path": str(self.cfg.dmd.teacher), "sha256": self.teacher_hash}}
+
+    def _sample(self, batch: dict, rng: SampleRandomness, cond: dict, with_grad: bool) -> torch.Tensor:
+        """Generator samples for the batch: each sample's step drawn uniformly (backward simulation)."""
+        x0 = batch["latent"]
+        k = len(self.objective.timesteps)
+        noise = rng.randn(x0.shape[1:], x0.device)
+        fresh = [rng.randn(x0.shape[1:], x0.device) for _ in range(k - 1)]
+        stop = rng.randint(k, x0.device)  # (N,) the step whose output is trained
+        with contextlib.nullcontext() if with_grad else torch.no_grad():
+            images, _ = self.objective.generate(self.generator, noise, cond, fresh, stop)
+        return images
+
+    def update(self, name: str, model, batch: dict, rng: SampleRandomness) -> tuple[torch.Tensor, dict]:
+        dc = self.cfg.dmd
+        cond = batch_conditions(self.generator, batch)
+        x0 = batch["latent"]
+        if name == "fake_score":  # denoising loss on the generator's samples (+ the GAN head on real vs generated)
+            images = self._sample(batch, rng, cond, with_grad=False)
+            t = rng.randint(self.schedule.num_steps, x0.device)
+            noise = rng.randn(x0.shape[1:], x0.device)
+            loss = self.objective.fake_score_loss(model, images, t, noise, cond)
+            terms = {"fake_mse": loss.mean().item()}
+            if self.fake.head is not None:
+                t_gan = self.objective.noise_levels(rng.rand(x0.device))
+                real = self.schedule.q_sample(x0.float(), t_gan, rng.randn(x0.shape[1:], x0.device))
+                fake = self.schedule.q_sample(images, t_gan, rng.randn(x0.shape[1:], x0.device))
+                head = gan_head_loss(self.fake.logits(real, t_gan, **cond), self.fake.logits(fake, t_gan, **cond))
+                loss = loss + dc.gan_head_weight * head
+                terms["gan_head"] = head.mean().item()
+            return loss.mean(), terms
+        images = self._sample(batch, rng, cond, with_grad=True)  # name == "generator"
+        t = self.objective.noise_levels(rng.rand(x0.device))
+        noise = rng.randn(x0.shape[1:], x0.device)
+        c, u = null_caption_pair(cond)
+        loss, terms = self.objective.generator_loss(images, self.teacher, self.fake, t, noise, c, u)
+        out = {"dmd": loss.mean().item(), "dmd_grad_norm": terms["dmd_grad_norm"].mean().item()}
+        if self.fake.head is not None:
+            t_gan = self.objective.noise_levels(rng.rand(x0.device))
+            noised = self.schedule.q_sample(images, t_gan, rng.randn(x0.shape[1:], x0.device))
+            with no_parameter_grads(self.fake):
+                gan = gan_generator_loss(self.fake.logits(noised, t_gan, **cond))
+            loss = loss + dc.gan_weight * gan
+            out["gan"] = gan.mean().item()
+        return loss.mean(), out
+
+    def sample(self, model, batch: dict, step: int) -> torch.Tensor:
+        """The cached captions drawn by the generator with the sample config (its LCM steps, no CFG)."""
+        if self.vae is None:
+            self.vae = load_autoencoder(self.cfg.autoencoder, batch["latent"].device)
+        return preview_images(model, self.vae, self.schedule, self.cfg.sample, batch_conditions(self.model, batch),
+                              batch["latent"].shape[-2:], self.cfg.diffusion.prediction)
+
+    def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
+        """The generator as this project's safetensors, sampled with `--sampler lcm --steps dmd.generator_steps`."""
+        dc = self.cfg.dmd
+        save_checkpoint(state_dict, self.cfg.model, path, "safetensors",
+                        metadata={**metadata, "teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash,
+                                  "distillation": "dmd2", "generator_steps": str(dc.generator_steps)})

@@ -1,0 +1,183 @@
+"""Distribution matching distillation (diffusion/dmd.py, tasks/dmd.py, train/train_dmd.py): the generator's gradient,
+multi-step generation against the LCM sampler, the two time-scale update rule in the shared loop, exact resume,
+and every refusal before anything loads."""
+
+import pytest
+import torch
+from conftest import load_script, random_inputs, random_model, tiny_config
+from toy_training import ToyLatents, last_state, toy_config, toy_data
+
+from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
+from diffusion.guidance import null_caption_pair
+from diffusion.samplers.lcm import sample_lcm
+from diffusion.schedule import NoiseSchedule
+from engine.loop import train
+from engine.randomness import SampleRandomness
+from models.checkpoint import load_checkpoint, save_checkpoint
+from tasks.dmd import DMDTask
+
+SCHEDULE = NoiseSchedule.linear()
+dmd_main = load_script("train/train_dmd.py").main
+
+
+def toy_net(seed: int):
+    cfg = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8)
+    return random_model(cfg, seed=seed, std=0.05), cfg
+
+
+def conditions(cfg, n=3):
+    x, t, y, mask, _ = random_inputs(cfg, batch=n, height=8, width=8)
+    return x, {"y": y, "mask": mask}
+
+
+def test_equal_scores_give_no_gradient_and_the_loss_gradient_is_the_matching_gradient():
+    """With the fake score equal to the (unguided) real score the generator gets exactly no gradient; otherwise
+    d loss / dx is grad / (C H W), the normalised difference of the two clean estimates."""
+    net, cfg = toy_net(0)
+    other, _ = toy_net(1)
+    x_gen, cond = conditions(cfg)
+    x = x_gen.clone().requires_grad_(True)
+    t, noise = torch.tensor([100, 500, 900]), torch.randn_like(x_gen)
+    objective = DistributionMatching(SCHEDULE, real_guidance=1.0)
+    c, u = null_caption_pair(cond)
+    loss, _ = objective.generator_loss(x, net, net, t, noise, c, u)
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    x.grad = None
+    loss, _ = objective.generator_loss(x, net, other, t, noise, c, u)
+    loss.sum().backward()
+    with torch.no_grad():
+        x_t = SCHEDULE.q_sample(x_gen, t, noise)
+        grad = objective.matching_gradient(x_gen, objective.real_x0(net, x_t, t, c, u), objective.x0(other, x_t, t, c))
+    torch.testing.assert_close(x.grad, grad / x_gen[0].numel(), rtol=1e-5, atol=1e-8)
+    assert grad.abs().max() > 0
+
+
+def test_multi_step_generation_equals_the_lcm_sampler():
+    """generate() with every sample to its last step is LCM multistep sampling with the same noise (the boundary
+    scaling c_skip(t) at t >= 499 is below 1e-8, so the consistency function is the x0 estimate)."""
+    net, cfg = toy_net(2)
+    noise, cond = conditions(cfg, n=2)
+    for steps in (1, 2, 4):
+        objective = DistributionMatching(SCHEDULE, generator_steps=steps)
+        gen = torch.Generator().manual_seed(9)
+        fresh = [torch.randn(noise.shape, generator=gen) for _ in range(steps - 1)]
+        with torch.no_grad():
+            ours, _ = objective.generate(net, noise, cond, fresh)
+            eps = lambda x, t: net(x, t, **cond)[:, :4]  # noqa: E731
+            theirs = sample_lcm(eps, noise, SCHEDULE, steps, generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_simulation_stops_each_sample_at_its_step():
+    net, cfg = toy_net(3)
+    noise, cond = conditions(cfg, n=3)
+    objective = DistributionMatching(SCHEDULE, generator_steps=2)
+    fresh = [torch.randn_like(noise)]
+    with torch.no_grad():
+        one, _ = DistributionMatching(SCHEDULE, generator_steps=1).generate(net, noise, cond, [])
+        both, _ = objective.generate(net, noise, cond, fresh)
+        mixed, inputs = objective.generate(net, noise, cond, fresh, stop=torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(mixed[[0, 2]], one[[0, 2]])
+    torch.testing.assert_close(mixed[1], both[1])
+    assert torch.equal(inputs[0], noise[0]) and not torch.equal(inputs[1], noise[1])
+
+
+def test_gan_losses_are_the_non_saturating_ones():
+    logits = torch.tensor([-2.0, 0.0, 3.0])
+    torch.testing.assert_close(gan_generator_loss(logits), torch.log1p(torch.exp(-logits)))
+    torch.testing.assert_close(gan_head_loss(logits, -logits), 2 * torch.log1p(torch.exp(-logits)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    net, cfg = toy_net(4)
+    path = tmp_path_factory.mktemp("dmd-teacher") / "teacher.safetensors"
+    save_checkpoint(net.state_dict(), cfg, path, "safetensors")
+    return path
+
+
+def dmd_config(runs, teacher, *overrides):
+    return toy_config(runs, f"dmd.teacher={teacher}", "dmd.fake_updates=2", "dmd.real_guidance=2", "train.lr=1e-3",
+                      "dmd.fake_lr=2e-3", *overrides)
+
+
+def test_one_training_step_updates_fake_score_k_times_and_generator_once(teacher_file, tmp_path):
+    run = train(dmd_config(tmp_path, teacher_file, "train.steps=1", "train.checkpoint_every=1"), DMDTask, toy_data)
+    state = last_state(run, "fake_score")
+    generator = last_state(run, "generator")
+    assert state["optimizer"]["state"][0]["step"] == 2 and generator["optimizer"]["state"][0]["step"] == 1
+    assert state["updates"] == 3 and state["batches_consumed"] == 3
+    teacher, _, _ = load_checkpoint(teacher_file)
+    exported, _, _ = load_checkpoint(run / "ema.safetensors")
+    moved = max((exported.state_dict()[k].float() - v.float()).abs().max().item()
+                for k, v in teacher.state_dict().items())
+    assert moved > 0  # the generator trained away from the teacher it started as
+
+
+def test_generator_and_fake_score_start_as_the_teacher(teacher_file, tmp_path):
+    task = DMDTask(dmd_config(tmp_path, teacher_file), torch.device("cpu"))
+    teacher, cfg = toy_net(4)
+    x, t, y, mask, _ = random_inputs(cfg, height=8, width=8)
+    with torch.no_grad():
+        ref = teacher(x, t, y, mask)
+        assert torch.equal(task.generator(x, t, y, mask), ref) and torch.equal(task.fake(x, t, y, mask), ref)
+    data = ToyLatents()
+    batch = data.collate([data[i] for i in range(4)])
+    loss, terms = task.update("generator", task.generator, batch, SampleRandomness(0, 0, batch["index"]))
+    assert torch.isfinite(loss) and terms["dmd_grad_norm"] > 0  # guided real score vs unguided fake: a gradient
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gan", [False, True], ids=["dmd", "dmd+gan"])
+def test_dmd_resume_equals_uninterrupted_run(teacher_file, tmp_path, gan):
+    extra = ["dmd.gan_weight=1e-2", "dmd.generator_steps=2"] if gan else []
+    straight = train(dmd_config(tmp_path / "a", teacher_file, *extra), DMDTask, toy_data)
+    first = train(dmd_config(tmp_path / "b", teacher_file, "train.steps=3", *extra), DMDTask, toy_data)
+    resumed = train(dmd_config(tmp_path / "b", teacher_file, *extra), DMDTask, toy_data, resume=str(first))
+    for network in ("generator", "fake_score"):
+        a, b = last_state(straight, network), last_state(resumed, network)
+        for key in a["model"]:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+
+
+def run_cli(tmp_path, *args):
+    runs = tmp_path / "runs"
+    code = dmd_main(["--config", "dmd_shapes", "--set", f"train.runs_dir={runs}", *args])
+    return code, (list(runs.iterdir()) if runs.exists() else [])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dmd.fake_updates=0", "dmd.fake_updates must be >= 1"),
+    ("dmd.fake_updates=-3", "dmd.fake_updates must be >= 1"),
+    ("dmd.generator_steps=51", "dmd.generator_steps must be in 1..50"),
+    ("dmd.t_min=0.99", "dmd.t_min and dmd.t_max"),
+    ("dmd.real_guidance=nan", "dmd.real_guidance must be a finite number"),
+])
+def test_bad_dmd_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
+    code, runs = run_cli(tmp_path, "--set", override)
+    assert code == 2 and runs == [] and message in caplog.text
+
+
+def test_a_teacher_without_null_caption_is_refused_for_guidance(tmp_path, caplog):
+    net, cfg = toy_net(5)
+    folder = tmp_path / "plain-diffusers"
+    save_checkpoint(net.state_dict(), cfg, folder, "diffusers")
+    (folder / "transformer" / "null_caption.safetensors").unlink()  # as diffusers writes it: no y_embedding
+    code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={folder}")
+    assert code == 2 and runs == [] and "has none (a plain diffusers folder)" in caplog.text
+
+
+def test_resuming_an_lcd_run_with_the_dmd_trainer_is_refused(teacher_file, tmp_path, caplog):
+    from tasks.lcd import LCMTask
+
+    lcd = train(toy_config(tmp_path / "lcd", f"distill.teacher={teacher_file}", "train.steps=1",
+                           "train.checkpoint_every=1", "train.ema_decay=0"), LCMTask, toy_data)
+    before = sorted((tmp_path / "lcd").iterdir())
+    code = dmd_main(["--resume", str(lcd)])
+    assert code == 2 and "trains ['fake_score', 'generator']" in caplog.text and "train_lcm.py" in caplog.text
+    assert sorted((tmp_path / "lcd").iterdir()) == before
