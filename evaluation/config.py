@@ -9,6 +9,8 @@ class EvaluationConfig:
 
     num_images: int = 400                        # captions (and real images) in the held-out set
     seed: int = 1_000_003                        # data seed of the held-out set; training sets use small seeds
+    validation_seed: int = 2_000_003             # a second held-out set for choosing recipes (tools/training_curve.py
+                                                 # --split validation); results are reported on `seed`
     width: int = 32                              # real images are rendered at this size
     height: int = 32
     max_objects: int = 3                         # scenes of 1..max_objects shapes
