@@ -482,6 +482,57 @@ def lcd_step_row(arch: str, lora_rank: int, checkpointing: bool, dtype_name: str
     return dict(seconds=seconds, mem=peak_memory_mb(device), trainable=trainable)
 
 
+def dmd_step_rows(args) -> list[dict]:
+    """One DMD2 fake-score update and one generator update of tasks/dmd.py (XL-2 at --size, random teacher
+    weights), each as the loop runs it (autocast forward, backward, AdamW): seconds and peak memory of each."""
+    from configs import Config, load_config
+    from engine.randomness import SampleRandomness
+    from models.checkpoint import save_checkpoint
+    from tasks.dmd import DMDTask
+
+    device = torch.device(args.device)
+    latent, pe, micro = PIXART_PRESETS[args.size]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_model = PixArtConfig(arch=args.archs[0], latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+        teacher = Path(tmp) / "teacher.safetensors"
+        save_checkpoint(build_pixart(cfg_model).state_dict(), cfg_model, teacher, "safetensors")
+        cfg = load_config(Config, "dmd_512", [f"model.arch={args.archs[0]}", f"model.latent_size={latent}",
+                                              f"model.pe_interpolation={pe}", f"model.micro_conditions={micro}",
+                                              f"dmd.teacher={teacher}", f"train.frozen_dtype={args.frozen_dtypes[0]}"])
+        task = DMDTask(cfg, device)
+        for module in (task.generator, task.fake):
+            for m in module.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = args.checkpointing[0]
+        x, _, y, mask, kw = pixart_inputs(cfg.model, args.size, device, torch.float32, args.batch)
+        batch = {"latent": x, "y": y, "mask": mask, "index": torch.arange(args.batch, device=device), **kw}
+        autocast = torch.autocast(device.type, dtype=DTYPES[args.dtypes[0]]) if args.dtypes[0] != "fp32" else \
+            contextlib.nullcontext()
+        counter = iter(range(10**9))
+        for name, module in (("fake_score", task.fake), ("generator", task.generator)):
+            optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
+
+            def step(name=name, module=module, optimizer=optimizer):
+                with autocast:
+                    loss, _ = task.update(name, module, batch, SampleRandomness(0, next(counter), batch["index"]))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = timeit(step, device, args.reps)
+            rows.append(dict(update=name, seconds=seconds, samples_s=args.batch / seconds, mem=peak_memory_mb(device)))
+            log.info("| %s/2 | %dpx | %d | DMD2 %s update | %.2f | %.1f | %.0f |", args.archs[0], args.size, args.batch,
+                     name, seconds, rows[-1]["samples_s"], rows[-1]["mem"])
+            emit(args, rows)
+            del optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def bench_lcd(args) -> list[dict]:
     """The LCD step for full distillation and LCM-LoRA, side by side, on random teacher weights."""
     from models.checkpoint import save_checkpoint
@@ -616,6 +667,7 @@ CONTROL_TRAIN_HEADER = ("| model | image | batch | step | s/step | samples/s | p
                         "step cost vs PixArt-alpha's |\n|---|---|---|---|---|---|---|---|---|")
 CONTROL_HEADER = ("| model | image | dtype | denoiser | s/forward | branch share | peak memory (MB) | parameters |\n"
                   "|---|---|---|---|---|---|---|---|")
+DMD_HEADER = "| model | image | batch | step | s/update | samples/s | peak memory (MB) |\n|---|---|---|---|---|---|---|"
 LCD_HEADER = ("| model | image | batch | student | grad. checkpointing | dtype | frozen teacher | s/step | samples/s | "
               "peak memory (MB) | trainable params |\n|---|---|---|---|---|---|---|---|---|---|---|")
 TRAIN_HEADER = ("| model | image | batch | grad. checkpointing | dtype | samples/s | peak memory (MB) "
@@ -861,6 +913,8 @@ def main(argv=None) -> int:
                     default=[True] if torch.cuda.is_available() else [False], metavar="on|off")
     lc.add_argument("--dtypes", nargs="+", default=["bf16"] if torch.cuda.is_available() else ["fp32"],
                     choices=sorted(DTYPES))
+    lc.add_argument("--dmd", action="store_true",
+                    help="time DMD2's two updates (tasks/dmd.py: fake score, generator) instead of the LCD step")
     lc.add_argument("--frozen-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
                     help="train.frozen_dtype: how the teacher (LoRA: the base weights) is stored")
     lc.add_argument("--reps", type=int, default=3)
@@ -910,7 +964,9 @@ def main(argv=None) -> int:
                      "transformer": (HEADER, bench_transformer),
                      "control": (CONTROL_TRAIN_HEADER if getattr(args, "train", False) else CONTROL_HEADER,
                                  bench_control),
-                     "lcd": (LCD_HEADER, bench_lcd), "train": (TRAIN_HEADER, bench_train),
+                     "lcd": (DMD_HEADER if getattr(args, "dmd", False) else LCD_HEADER,
+                             dmd_step_rows if getattr(args, "dmd", False) else bench_lcd),
+                     "train": (TRAIN_HEADER, bench_train),
                      "pipeline": (PIPELINE_HEADER, bench_pipeline), "vae": (VAE_HEADER, bench_vae)}[args.what]
     log.info(header)
     rows = bench(args)

@@ -18,6 +18,7 @@ What runs (XL-2 1024-MS, random weights of the real sizes, T5 with T5-XXL's 24 l
   memory     peak GPU memory of one 1024 px image with int8 T5-XXL (encode, free) and the transformer in bf16 / int8
   train      one PixArt-alpha training step, batch 12, gradient checkpointing, bf16: samples/s and peak memory
   lcd        one latent consistency distillation step (full, LoRA 32; teacher stored fp32 / bf16), same settings
+  dmd        one DMD2 fake-score update and one generator update (tasks/dmd.py), same settings
   control    one ControlNet-Transformer (N = 13) training step against the base's own, and the branch's share of a
              sampling forward (N = 1, 13; UNet design N = 14)
   cli        sample.py on CUDA once with every flag that touches it (--dtype, --quantize, --compile, --low-memory,
@@ -70,6 +71,9 @@ def checks(folder: Path, smoke: bool = False) -> list[Check]:
         Check("lcd", "Latent consistency distillation step, XL-2 1024-MS, batch 12",
               ["lcd", "--archs", "XL", "--size", "1024", "--batch", "12", "--lora-ranks", "0", "32",
                "--checkpointing", "on", "--dtypes", "bf16", "--frozen-dtypes", "fp32", "bf16", "--reps", "3"], 200, 40),
+        Check("dmd", "DMD2 updates (fake score, generator), XL-2 1024-MS, batch 12",
+              ["lcd", "--dmd", "--archs", "XL", "--size", "1024", "--batch", "12", "--checkpointing", "on",
+               "--dtypes", "bf16", "--frozen-dtypes", "bf16", "--reps", "2"], 150, 40),
         Check("train", "PixArt-alpha training step, XL-2 1024-MS, batch 12",
               ["train", "--archs", "XL", "--size", "1024", "--batch", "12", "--checkpointing", "on", "--dtypes",
                "bf16", "--reps", "3"], 120, 30),
