@@ -42,12 +42,26 @@ class EvalError(UserError):
 # Folders of images
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise EvalError(f"cannot read image {str(path)!r}: {e}") from e
+def load_images(paths: list[Path], min_side: int | None = None, what: str = "images") -> tuple[list[np.ndarray], dict]:
+    """RGB uint8 arrays of image files (evaluation/images.py), and what was found on the way: the sizes (a folder
+    that mixes sizes is read image by image, each at its own size, and says so) and each conversion (alpha,
+    16 bits), logged with the files it concerns. min_side: refuse smaller images (the shapes reader's minimum)."""
+    from collections import Counter
+
+    from evaluation.images import read_rgb
+
+    loaded = [read_rgb(p, min_side) for p in paths]
+    sizes = Counter(f"{im.pixels.shape[1]}x{im.pixels.shape[0]}" for im in loaded)
+    notes: dict[str, list[str]] = {}
+    for path, image in zip(paths, loaded):
+        if image.note is not None:
+            notes.setdefault(image.note, []).append(path.name)
+    for note, names in notes.items():
+        log.warning("%s: %d %s (%s%s)", note, len(names), what, ", ".join(names[:5]), ", ..." if len(names) > 5 else "")
+    if len(sizes) > 1:
+        log.warning("the %s mix sizes (%s): each is read at its own size", what,
+                    ", ".join(f"{k}: {v}" for k, v in sizes.most_common()))
+    return [im.pixels for im in loaded], {"sizes": dict(sizes), "conversions": {k: len(v) for k, v in notes.items()}}
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -81,8 +95,11 @@ def captioned_images(folder: Path, partial: bool) -> tuple[list[Path], list[str]
         for path in files:
             text = None
             if path.suffix.lower() == ".png":
-                with Image.open(path) as image:
-                    text = image.text.get("prompt") if hasattr(image, "text") else None
+                try:
+                    with Image.open(path) as image:
+                        text = image.text.get("prompt") if hasattr(image, "text") else None
+                except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                    raise EvalError(f"cannot read image {str(path)!r}: {e}") from e
             if text is None and path.with_suffix(".txt").is_file():
                 text = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
             if text is not None:
@@ -116,13 +133,15 @@ def captioned_images(folder: Path, partial: bool) -> tuple[list[Path], list[str]
 
 def run_folder(args) -> dict:
     from evaluation.report import evaluate_images, write_report
+    from evaluation.shapes import MIN_SIDE
 
     paths, captions = captioned_images(args.folder, args.partial)
-    images = [load_rgb(p) for p in paths]
-    real = [load_rgb(p) for p in image_files(args.real)] if args.real else None
+    images, found = load_images(paths, MIN_SIDE)
+    real = load_images(image_files(args.real), MIN_SIDE, "real images")[0] if args.real else None
     results, scores = evaluate_images(images, captions, real, progress=not args.no_progress)
     out = output_dir(args.out, "folder")
-    return out, write_report(out, results, scores, images, captions, real, {"folder": str(args.folder)})
+    return out, write_report(out, results, scores, images, captions, real, {"folder": str(args.folder),
+                                                                              "images_found": found})
 
 
 def run_model(args) -> dict:
@@ -131,10 +150,14 @@ def run_model(args) -> dict:
     from configs import Config, load_config
     from data.synthetic import caption, render, render_edges, scene_at
     from evaluation.report import evaluate_images, write_report
+    from evaluation.shapes import MIN_SIDE
     from pipeline.generate import generate, plan, with_controls
 
     cfg = load_config(Config, args.config, args.overrides)
     ec, s = cfg.evaluation, cfg.sample
+    if min(ec.width, ec.height) < MIN_SIDE:
+        raise EvalError(f"evaluation.width/height {ec.width}x{ec.height}: the shapes reader needs images of at least "
+                        f"{MIN_SIDE}x{MIN_SIDE} pixels")
     if ec.num_images < 2:
         raise EvalError(f"evaluation.num_images must be >= 2 (a Frechet distance needs a covariance), got "
                         f"{ec.num_images}")
@@ -258,7 +281,7 @@ def run_fid(args) -> dict:
     net = load_fid_inception(args.weights, args.device)
     feats = []
     for folder in (args.generated, args.real):
-        images = [load_rgb(p) for p in image_files(folder)]
+        images = load_images(image_files(folder), what=f"images of {folder}")[0]
         if len(images) < 2:
             raise EvalError(f"{folder}: FID needs at least 2 images, found {len(images)}")
         rows = []
@@ -286,8 +309,8 @@ def run_clip(args) -> dict:
     scorer = ClipScorer(args.clip, args.device)
     scores = []
     for start in range(0, len(paths), args.batch_size):
-        batch = [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255
-                 for p in paths[start:start + args.batch_size]]
+        batch = [torch.from_numpy(im).permute(2, 0, 1).float() / 255
+                 for im in load_images(paths[start:start + args.batch_size])[0]]
         # images of one folder may differ in size: the processor resizes each, so score them one by one
         scores += [float(scorer(img[None], [text])[0]) for img, text in zip(batch, captions[start:start + len(batch)])]
     out = output_dir(args.out, "clip")
