@@ -34,8 +34,8 @@ class Degradation:
     main_margin: float = 1.3           # the largest object's area is at least this times the second's (else redrawn)
     color_jitter: float = 30.0         # max per-channel shift of an object's fill colour (levels of 255)
     background_jitter: float = 15.0    # max darkening of the white background, per channel
-    p_soft: float = 0.6                # downsample the 4x drawing by area (else by centre samples): blended rims
-    p_ragged: float = 0.5              # flip up to max_ragged of the outline band (at 4x): ragged outlines
+    p_soft: float = 0.6                # draw at 4x and average down (else the renderer's own 1x pixels): soft rims
+    p_ragged: float = 0.5              # of soft images: flip up to max_ragged of the outline band (ragged outlines)
     max_ragged: float = 0.4
     p_bite: float = 0.25               # paint a random box of up to max_bite of the object's extent white
     max_bite: float = 0.3
@@ -98,7 +98,9 @@ def _fragments(canvas: np.ndarray, mask: np.ndarray, color: np.ndarray, scale: i
 
 def degraded_render(rng: np.random.Generator, d: Degradation) -> tuple[np.ndarray, dict[str, int]]:
     """One (32, 32, 3) uint8 image of 1-3 shapes, degraded; labels of its largest object (head -> value index)."""
-    side, scale = INPUT_SIDE, 4  # drawn at 4x: outlines are changed at sub-pixel scale
+    side = INPUT_SIDE
+    soft = rng.random() < d.p_soft
+    scale = 4 if soft else 1  # soft: drawn at 4x (outlines changed at sub-pixel scale), then averaged down
     spec = SceneSpec(max_objects=len(d.object_weights), object_weights=d.object_weights, min_gap=d.min_gap)
     while True:
         objects = sample_scene(rng, spec)
@@ -110,8 +112,10 @@ def degraded_render(rng: np.random.Generator, d: Degradation) -> tuple[np.ndarra
     canvas = np.broadcast_to(background, (side * scale, side * scale, 3)).copy()  # (S, S, 3) float
     for obj in objects:
         mask = shape_mask(obj, side * scale, side * scale)
-        if rng.random() < d.p_ragged:
-            mask = _ragged(mask, d.max_ragged * rng.random(), scale // 2, rng)
+        if soft:  # the renderer's 1x pixels cover a shape's outline: grow it by 1/4 to 1/2 pixel to match
+            mask = ndimage.binary_dilation(mask, iterations=int(rng.integers(1, 3)))
+            if rng.random() < d.p_ragged:
+                mask = _ragged(mask, d.max_ragged * rng.random(), scale // 2, rng)
         if rng.random() < d.p_bite:
             mask = _bite(mask, d.max_bite, rng)
         color = np.asarray(PALETTE[obj.color], dtype=np.float64) + rng.uniform(-1, 1, 3) * d.color_jitter
@@ -120,10 +124,7 @@ def degraded_render(rng: np.random.Generator, d: Degradation) -> tuple[np.ndarra
             canvas[mask] += rng.normal(0, d.max_texture * rng.random(), (int(mask.sum()), 3))
         if rng.random() < d.p_fragments:
             _fragments(canvas, mask, color, scale, rng)
-    if rng.random() < d.p_soft:  # area downsampling: rims blend object and background
-        image = canvas.reshape(side, scale, side, scale, 3).mean(axis=(1, 3))  # (32, 32, 3)
-    else:                        # each pixel's centre sample: hard rims, as the renderer draws
-        image = canvas[scale // 2::scale, scale // 2::scale]
+    image = canvas.reshape(side, scale, side, scale, 3).mean(axis=(1, 3))  # (32, 32, 3): rims blend when soft
     image = _noise_and_blur(image, rng, d)
     obj = objects[main]
     labels = {"object": 1, "kind": HEADS["kind"].index(obj.kind), "color": HEADS["color"].index(obj.color),

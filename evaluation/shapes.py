@@ -2,8 +2,8 @@
 
 The reader is exact image analysis of what data/synthetic.py renders, not a learned model:
 
-1. every pixel takes the nearest of white and the eight palette colours (RGB distance); pixels nearer a palette
-   colour than white are foreground;
+1. every pixel is read as white blended with one palette colour (the colour whose blend line passes nearest);
+   pixels that are more colour than white are that colour's foreground (blend_labels);
 2. foreground pixels form 8-connected components; a component holding several colours in force (two touching
    shapes) is split by colour; components smaller than MIN_AREA_SHARE of the smallest shape are noise;
 3. each object is matched against every (kind, size) template, rasterised by the renderer itself
@@ -72,6 +72,24 @@ def nearest_reference(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dist = np.linalg.norm(pixels[:, None, :] - REFERENCE[None], axis=2)  # (HW, 9)
     labels = dist.argmin(axis=1)
     return labels.reshape(image.shape[:2]), dist[np.arange(len(labels)), labels].reshape(image.shape[:2])
+
+
+def blend_labels(image: np.ndarray) -> np.ndarray:
+    """Labels (H, W) of an RGB uint8 image: 0 = background, 1..8 = palette index + 1.
+
+    Each pixel is taken as white blended with one palette colour, p = white + a (colour - white): the colour whose
+    blend line passes nearest the pixel, with a fitted in [0, 1]. The pixel is that colour's foreground when a >= 1/2
+    (more colour than white). A soft or blurred rim is thereby read as its own colour, where the nearest palette
+    colour would often be another one (a red-white blend is nearer pink than red). Pixels far from every line
+    (grey, black, noise) take the colour whose line passes nearest, at a = 1: their nearest palette colour.
+    """
+    pixels = image.reshape(-1, 3).astype(np.float32) - REFERENCE[0]  # (HW, 3), relative to white
+    lines = REFERENCE[1:] - REFERENCE[0]                                # (8, 3)
+    amount = np.clip(pixels @ lines.T / (lines * lines).sum(axis=1), 0.0, 1.0)  # (HW, 8)
+    residual = np.linalg.norm(pixels[:, None, :] - amount[..., None] * lines[None], axis=2)  # (HW, 8)
+    best = residual.argmin(axis=1)
+    labels = np.where(amount[np.arange(len(best)), best] >= 0.5, best + 1, 0)
+    return labels.reshape(image.shape[:2])
 
 
 def _template_area_min(width: int, height: int) -> int:
@@ -154,7 +172,7 @@ def read_candidates(image: np.ndarray) -> list[Detection]:
     if min(height, width) < MIN_SIDE:
         raise ValueError(f"the shapes reader needs images of at least {MIN_SIDE}x{MIN_SIDE} pixels (its smallest "
                          f"shape spans 0.2 of the shorter side), got {width}x{height}")
-    labels, _ = nearest_reference(image)
+    labels = blend_labels(image)
     background = float(np.mean(labels == 0))
     min_area = max(1, int(MIN_AREA_SHARE * _template_area_min(width, height)))
     components, count = ndimage.label(labels > 0, structure=np.ones((3, 3), dtype=int))

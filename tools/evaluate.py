@@ -4,6 +4,7 @@
     python tools/evaluate.py model --config shapes_teacher --set sample.steps=4 --set sample.guidance=1
     python tools/evaluate.py folder outputs/shapes/00003 --real data/shapes-eval  # score a folder of images
     python tools/evaluate.py probe --config shapes_teacher --swap kind           # where is the kind decided?
+    python tools/evaluate.py agree outputs/eval/00001-shapes_teacher            # the two shapes readers side by side
     python tools/evaluate.py fid GEN_DIR REAL_DIR --weights pt_inception-2015-12-05-6726825d.pth
     python tools/evaluate.py clip GEN_DIR --clip weights/clip-vit-large-patch14
 
@@ -200,6 +201,34 @@ def run_model(args) -> dict:
     return out, write_report(out, results, scores, images, captions, real, extra)
 
 
+def run_agree(args) -> dict:
+    """Both shapes readers on a folder of captioned images (a `model` run's folder or its images/): per-attribute
+    agreement, each reader's caption accuracy, and disagreements.png (evaluation/agreement.py)."""
+    from evaluation.agreement import agreement, disagreement_grid, markdown, read_both
+    from evaluation.classifier import load_classifier
+    from evaluation.shapes import MIN_SIDE
+
+    folder = args.folder / "images" if (args.folder / "images").is_dir() else args.folder
+    classifier = load_classifier(args.reader)
+    paths, captions = captioned_images(folder, args.partial)
+    images, found = load_images(paths, MIN_SIDE)
+    pairs = read_both(images, captions, classifier)
+    summary = agreement(pairs)
+    out = output_dir(args.out, "agree")
+    differing = disagreement_grid(pairs, images, out / "disagreements.png")
+    record = {"folder": str(args.folder), "reader": str(args.reader), "images_found": found,
+              "disagreeing_images": differing, "groups": summary,
+              "disagreements": [{"image": paths[i].name, "caption": p.caption, "differ": p.disagreements(),
+                                 "exact": p.exact.attributes() if p.exact is not None else None,
+                                 "classifier": p.learned.attributes() if p.learned.has_object else None}
+                                for i, p in enumerate(pairs) if p.disagreements()]}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "results.md").write_text(f"Agreement of the exact reader and the classifier ({args.reader}) on "
+                                    f"{args.folder}, in % (attributes: over the images where both see an object); "
+                                    f"{differing} images differ (disagreements.png):\n\n" + markdown(summary))
+    return out, record
+
+
 def run_probe(args) -> dict:
     """Real renders of the held-out single-object scenes, noised to each --from timestep and denoised back with the
     config's model and guidance (DDIM, --steps steps); caption accuracy per t0 (evaluation/probe.py)."""
@@ -392,6 +421,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="predictions.png: for the first N scenes, the model's data prediction from each t0 "
                             "under every value of the --swap attribute (default kind); 0: none (default 2)")
 
+    agree = sub.add_parser("agree", parents=[common], help="read a folder of captioned images with both shapes "
+                           "readers (exact and classifier): agreement per attribute, disagreements.png")
+    agree.add_argument("folder", type=Path, help="a `model` output folder (its images/) or any captioned folder")
+    agree.add_argument("--reader", type=Path, default=Path("weights/shapes/reader.safetensors"),
+                       help="the classifier's weights (default: the shipped weights/shapes/reader.safetensors)")
+    agree.add_argument("--partial", action="store_true", help="read only images that have a caption")
+
     table = sub.add_parser("table", help="a Markdown table of `model` results (results.json files or their folders)")
     table.add_argument("results", type=Path, nargs="+")
     table.add_argument("--label", help="name of the model column (default: the checkpoint's file name)")
@@ -409,7 +445,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     commands = {"model": run_model, "folder": run_folder, "probe": run_probe, "fid": run_fid, "clip": run_clip,
-                "table": run_table}
+                "table": run_table, "agree": run_agree}
     try:
         out, record = commands[args.command](args)
         if out is None:
