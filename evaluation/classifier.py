@@ -97,7 +97,7 @@ def to_input(image: np.ndarray) -> torch.Tensor:
         raise ValueError(f"the classifier takes an RGB uint8 array (H, W, 3), got {image.dtype} {image.shape}")
     if image.shape[:2] != (INPUT_SIDE, INPUT_SIDE):
         image = np.asarray(Image.fromarray(image).resize((INPUT_SIDE, INPUT_SIDE), Image.BOX))
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # a copy: writable
 
 
 @torch.no_grad()
