@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from data.synthetic import parse_caption
 from evaluation.frechet import frechet_distance_of
-from evaluation.shapes import ATTRIBUTES, ImageScore, read_shapes, score_image, shape_features, summarise
+from evaluation.shapes import ATTRIBUTES, ImageScore, read_candidates, score_image, shape_features, summarise
 
-COLUMNS = (*ATTRIBUTES, "count", "all")
+COLUMNS = (*ATTRIBUTES, "count", "all", "no_object")
+HEADERS = {"no_object": "no object"}
 
 
 def evaluate_images(images: list[np.ndarray], captions: list[str], real: list[np.ndarray] | None = None,
@@ -30,9 +31,9 @@ def evaluate_images(images: list[np.ndarray], captions: list[str], real: list[np
     expected = [parse_caption(c) for c in captions]  # fails early, naming the caption it cannot read
     scores, features = [], []
     for image, objects in tqdm(list(zip(images, expected)), desc="reading shapes", disable=not progress):
-        detections = read_shapes(image)
-        scores.append(score_image(objects, detections))
-        features.append(shape_features(image, detections))
+        score = score_image(objects, read_candidates(image))
+        scores.append(score)
+        features.append(shape_features(image, score.detected))
     groups = {"single": [s for s in scores if len(s.expected) == 1],
               "multi": [s for s in scores if len(s.expected) > 1], "all": scores}
     results = {"images": len(images), "groups": {k: summarise(v) for k, v in groups.items() if v}}
@@ -44,11 +45,12 @@ def evaluate_images(images: list[np.ndarray], captions: list[str], real: list[np
 
 
 def markdown_table(results: dict) -> str:
-    """Accuracy (%) per group of captions, and the Frechet distance."""
-    lines = ["| captions | images | " + " | ".join(COLUMNS) + " | mean IoU |",
+    """Accuracy (%) per group of captions, the share of images read as holding no object, and the Frechet
+    distance."""
+    lines = ["| captions | images | " + " | ".join(HEADERS.get(c, c) for c in COLUMNS) + " | mean IoU |",
              "|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for group, summary in results["groups"].items():
-        cells = " | ".join(f"{summary[c]:.1f}" for c in COLUMNS)
+        cells = " | ".join(f"{summary[c]:.1f}" if c in summary else "-" for c in COLUMNS)
         lines.append(f"| {group} | {summary['images']} | {cells} | {summary['mean_iou']:.3f} |")
     for group, summary in results["groups"].items():
         by_kind = ", ".join(f"{k} {v:.1f}" for k, v in summary.get("kind_by_kind", {}).items())
@@ -62,9 +64,14 @@ def markdown_table(results: dict) -> str:
 
 
 def _read_text(score: ImageScore) -> str:
-    if not score.detected:
-        return "read: nothing"
-    return "read: " + "; ".join(f"{d.size} {d.color} {d.kind} {d.position} ({d.iou:.2f})" for d in score.detected)
+    """What the reader found, and the best candidate it rejected when it found nothing."""
+    if score.detected:
+        return "read: " + "; ".join(f"{d.size} {d.color} {d.kind} {d.position} ({d.iou:.2f})" for d in score.detected)
+    if score.rejected:
+        d = max(score.rejected, key=lambda r: r.iou)
+        return (f"read: no object (rejected: {d.color} {d.kind}, IoU {d.iou:.2f}, palette {d.palette_share:.2f}, "
+                f"background {d.background:.2f})")
+    return "read: no object"
 
 
 def worst_cases(path: Path, scores: list[ImageScore], images: list[np.ndarray], captions: list[str],

@@ -4,6 +4,7 @@
     python tools/evaluate.py model --config shapes_teacher --set sample.steps=4 --set sample.guidance=1
     python tools/evaluate.py folder outputs/shapes/00003 --real data/shapes-eval  # score a folder of images
     python tools/evaluate.py probe --config shapes_teacher --swap kind           # where is the kind decided?
+    python tools/evaluate.py agree outputs/eval/00001-shapes_teacher            # the two shapes readers side by side
     python tools/evaluate.py fid GEN_DIR REAL_DIR --weights pt_inception-2015-12-05-6726825d.pth
     python tools/evaluate.py clip GEN_DIR --clip weights/clip-vit-large-patch14
 
@@ -42,12 +43,26 @@ class EvalError(UserError):
 # Folders of images
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise EvalError(f"cannot read image {str(path)!r}: {e}") from e
+def load_images(paths: list[Path], min_side: int | None = None, what: str = "images") -> tuple[list[np.ndarray], dict]:
+    """RGB uint8 arrays of image files (evaluation/images.py), and what was found on the way: the sizes (a folder
+    that mixes sizes is read image by image, each at its own size, and says so) and each conversion (alpha,
+    16 bits), logged with the files it concerns. min_side: refuse smaller images (the shapes reader's minimum)."""
+    from collections import Counter
+
+    from evaluation.images import read_rgb
+
+    loaded = [read_rgb(p, min_side) for p in paths]
+    sizes = Counter(f"{im.pixels.shape[1]}x{im.pixels.shape[0]}" for im in loaded)
+    notes: dict[str, list[str]] = {}
+    for path, image in zip(paths, loaded):
+        if image.note is not None:
+            notes.setdefault(image.note, []).append(path.name)
+    for note, names in notes.items():
+        log.warning("%s: %d %s (%s%s)", note, len(names), what, ", ".join(names[:5]), ", ..." if len(names) > 5 else "")
+    if len(sizes) > 1:
+        log.warning("the %s mix sizes (%s): each is read at its own size", what,
+                    ", ".join(f"{k}: {v}" for k, v in sizes.most_common()))
+    return [im.pixels for im in loaded], {"sizes": dict(sizes), "conversions": {k: len(v) for k, v in notes.items()}}
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -81,8 +96,11 @@ def captioned_images(folder: Path, partial: bool) -> tuple[list[Path], list[str]
         for path in files:
             text = None
             if path.suffix.lower() == ".png":
-                with Image.open(path) as image:
-                    text = image.text.get("prompt") if hasattr(image, "text") else None
+                try:
+                    with Image.open(path) as image:
+                        text = image.text.get("prompt") if hasattr(image, "text") else None
+                except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                    raise EvalError(f"cannot read image {str(path)!r}: {e}") from e
             if text is None and path.with_suffix(".txt").is_file():
                 text = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
             if text is not None:
@@ -116,13 +134,15 @@ def captioned_images(folder: Path, partial: bool) -> tuple[list[Path], list[str]
 
 def run_folder(args) -> dict:
     from evaluation.report import evaluate_images, write_report
+    from evaluation.shapes import MIN_SIDE
 
     paths, captions = captioned_images(args.folder, args.partial)
-    images = [load_rgb(p) for p in paths]
-    real = [load_rgb(p) for p in image_files(args.real)] if args.real else None
+    images, found = load_images(paths, MIN_SIDE)
+    real = load_images(image_files(args.real), MIN_SIDE, "real images")[0] if args.real else None
     results, scores = evaluate_images(images, captions, real, progress=not args.no_progress)
     out = output_dir(args.out, "folder")
-    return out, write_report(out, results, scores, images, captions, real, {"folder": str(args.folder)})
+    return out, write_report(out, results, scores, images, captions, real, {"folder": str(args.folder),
+                                                                              "images_found": found})
 
 
 def run_model(args) -> dict:
@@ -131,10 +151,14 @@ def run_model(args) -> dict:
     from configs import Config, load_config
     from data.synthetic import caption, render, render_edges, scene_at
     from evaluation.report import evaluate_images, write_report
+    from evaluation.shapes import MIN_SIDE
     from pipeline.generate import generate, plan, with_controls
 
     cfg = load_config(Config, args.config, args.overrides)
     ec, s = cfg.evaluation, cfg.sample
+    if min(ec.width, ec.height) < MIN_SIDE:
+        raise EvalError(f"evaluation.width/height {ec.width}x{ec.height}: the shapes reader needs images of at least "
+                        f"{MIN_SIDE}x{MIN_SIDE} pixels")
     if ec.num_images < 2:
         raise EvalError(f"evaluation.num_images must be >= 2 (a Frechet distance needs a covariance), got "
                         f"{ec.num_images}")
@@ -175,6 +199,34 @@ def run_model(args) -> dict:
                       **{k: round(v, 2) for k, v in edge_agreement(images, controls).items()},
                       "real_edge_f1": round(edge_agreement(real, controls)["edge_f1"], 2)})
     return out, write_report(out, results, scores, images, captions, real, extra)
+
+
+def run_agree(args) -> dict:
+    """Both shapes readers on a folder of captioned images (a `model` run's folder or its images/): per-attribute
+    agreement, each reader's caption accuracy, and disagreements.png (evaluation/agreement.py)."""
+    from evaluation.agreement import agreement, disagreement_grid, markdown, read_both
+    from evaluation.classifier import load_classifier
+    from evaluation.shapes import MIN_SIDE
+
+    folder = args.folder / "images" if (args.folder / "images").is_dir() else args.folder
+    classifier = load_classifier(args.reader)
+    paths, captions = captioned_images(folder, args.partial)
+    images, found = load_images(paths, MIN_SIDE)
+    pairs = read_both(images, captions, classifier)
+    summary = agreement(pairs)
+    out = output_dir(args.out, "agree")
+    differing = disagreement_grid(pairs, images, out / "disagreements.png")
+    record = {"folder": str(args.folder), "reader": str(args.reader), "images_found": found,
+              "disagreeing_images": differing, "groups": summary,
+              "disagreements": [{"image": paths[i].name, "caption": p.caption, "differ": p.disagreements(),
+                                 "exact": p.exact.attributes() if p.exact is not None else None,
+                                 "classifier": p.learned.attributes() if p.learned.has_object else None}
+                                for i, p in enumerate(pairs) if p.disagreements()]}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "results.md").write_text(f"Agreement of the exact reader and the classifier ({args.reader}) on "
+                                    f"{args.folder}, in % (attributes: over the images where both see an object); "
+                                    f"{differing} images differ (disagreements.png):\n\n" + markdown(summary))
+    return out, record
 
 
 def run_probe(args) -> dict:
@@ -258,7 +310,7 @@ def run_fid(args) -> dict:
     net = load_fid_inception(args.weights, args.device)
     feats = []
     for folder in (args.generated, args.real):
-        images = [load_rgb(p) for p in image_files(folder)]
+        images = load_images(image_files(folder), what=f"images of {folder}")[0]
         if len(images) < 2:
             raise EvalError(f"{folder}: FID needs at least 2 images, found {len(images)}")
         rows = []
@@ -286,8 +338,8 @@ def run_clip(args) -> dict:
     scorer = ClipScorer(args.clip, args.device)
     scores = []
     for start in range(0, len(paths), args.batch_size):
-        batch = [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255
-                 for p in paths[start:start + args.batch_size]]
+        batch = [torch.from_numpy(im).permute(2, 0, 1).float() / 255
+                 for im in load_images(paths[start:start + args.batch_size])[0]]
         # images of one folder may differ in size: the processor resizes each, so score them one by one
         scores += [float(scorer(img[None], [text])[0]) for img, text in zip(batch, captions[start:start + len(batch)])]
     out = output_dir(args.out, "clip")
@@ -369,6 +421,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="predictions.png: for the first N scenes, the model's data prediction from each t0 "
                             "under every value of the --swap attribute (default kind); 0: none (default 2)")
 
+    agree = sub.add_parser("agree", parents=[common], help="read a folder of captioned images with both shapes "
+                           "readers (exact and classifier): agreement per attribute, disagreements.png")
+    agree.add_argument("folder", type=Path, help="a `model` output folder (its images/) or any captioned folder")
+    agree.add_argument("--reader", type=Path, default=Path("weights/shapes/reader.safetensors"),
+                       help="the classifier's weights (default: the shipped weights/shapes/reader.safetensors)")
+    agree.add_argument("--partial", action="store_true", help="read only images that have a caption")
+
     table = sub.add_parser("table", help="a Markdown table of `model` results (results.json files or their folders)")
     table.add_argument("results", type=Path, nargs="+")
     table.add_argument("--label", help="name of the model column (default: the checkpoint's file name)")
@@ -386,7 +445,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     commands = {"model": run_model, "folder": run_folder, "probe": run_probe, "fid": run_fid, "clip": run_clip,
-                "table": run_table}
+                "table": run_table, "agree": run_agree}
     try:
         out, record = commands[args.command](args)
         if out is None:
