@@ -180,11 +180,13 @@ def preview_indices(buckets: dict[str, list[int]], count: int) -> list[int]:
 
 
 def feature_data(cfg):
-    """The feature cache of cfg.data.cache_dir and its bucketed batch sampler."""
+    """The feature cache of cfg.data.cache_dir, checked against the model's size, and its bucketed batch sampler."""
     from data.buckets import BucketBatchSampler
     from data.features import FeatureDataset, collate
 
-    return FeatureDataset(cfg.data.cache_dir), collate, BucketBatchSampler
+    dataset = FeatureDataset(cfg.data.cache_dir)
+    dataset.check_fits(cfg.model.latent_size, cfg.model.in_channels)
+    return dataset, collate, BucketBatchSampler
 
 
 def train(cfg, make_task, dataset_factory=feature_data, resume: str | None = None) -> Path:
@@ -252,6 +254,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     seed_everything(tc.seed + d.rank)
     if state is not None:
         _check_references(state.get("references", {}), task.references(), state["step"])
+    dataset, collate, sampler_cls = dataset_factory(cfg)  # a missing or unfitting cache stops before the run folder
     run_dir = run_dir or _new_run_dir(cfg, d)  # only once the task is built: a failed start leaves no folder
     setup_logging(run_dir, d.is_main)
     if d.is_main:
@@ -280,7 +283,6 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
 
-    dataset, collate, sampler_cls = dataset_factory(cfg)
     sampler = sampler_cls(dataset.buckets, tc.batch_size, tc.seed, d.rank, d.world_size)
     step, consumed = 0, 0
     if state is not None:

@@ -163,3 +163,42 @@ def test_written_files_honour_the_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == file_mode
     assert (folder / "transformer").stat().st_mode & 0o777 == dir_mode
     assert all(p.stat().st_mode & 0o777 == file_mode for p in (folder / "transformer").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainers' feature cache: missing, or extracted for another image size (README's ControlNet extraction once
+# lacked --base-size 32 and cached the 32x32 shapes at 256x256: killed for memory, or training 200x slower).
+
+TRAINERS = {"train.py": "shapes_teacher", "train_lcm.py": "lcm_shapes", "train_controlnet.py": "controlnet_shapes"}
+
+
+@pytest.fixture(scope="module")
+def cache_at_64(tmp_path_factory):
+    """A feature cache of shapes images (with edge maps) extracted at 64x64 for the 32x32 shapes models."""
+    from data.synthetic import write_dataset
+    from tools.extract_features import main as extract
+
+    root = tmp_path_factory.mktemp("cache64")
+    write_dataset(root / "data", 4, seed=0, sizes=((32, 32),), progress=False)
+    assert extract([str(root / "data"), str(root / "cache"), "--config", "shapes_teacher", "--base-size", "64",
+                    "--control", "edge", "--no-progress"]) == 0
+    return root / "cache"
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_missing_cache_leaves_no_run_folder(script, tmp_path, caplog):
+    main = load_script(f"train/{script}").main
+    exits_2_with(main, ["--config", TRAINERS[script], "--set", f"data.cache_dir={tmp_path / 'nonexistent'}",
+                        "--set", f"train.runs_dir={tmp_path / 'runs'}"], caplog, "--base-size SIDE")
+    assert "does not exist" in caplog.text
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_cache_of_another_image_size_is_refused(script, cache_at_64, tmp_path, caplog):
+    main = load_script(f"train/{script}").main
+    exits_2_with(main, ["--config", TRAINERS[script], "--set", f"data.cache_dir={cache_at_64}",
+                        "--set", f"train.runs_dir={tmp_path / 'runs'}"], caplog,
+                 "holds 64x64 images (64x64 latents), but the model is made for 32x32")
+    assert "--base-size 32" in caplog.text
+    assert not (tmp_path / "runs").exists()
