@@ -202,3 +202,21 @@ def test_a_cache_of_another_image_size_is_refused(script, cache_at_64, tmp_path,
                  "holds 64x64 images (64x64 latents), but the model is made for 32x32")
     assert "--base-size 32" in caplog.text
     assert not (tmp_path / "runs").exists()
+
+
+def test_convert_to_pipeline_refuses_a_vae_of_other_latent_channels(tmp_path, tiny_t5_path, tiny_vae_path, caplog):
+    """A 4-channel VAE around an 8-channel transformer once made a pipeline that diffusers failed to run."""
+    cfg = tiny_config(in_channels=8)
+    src = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "c8.safetensors", "safetensors")
+    exits_2_with(convert_main, [str(src), str(tmp_path / "pipe"), "--to", "pipeline", "--text-encoder",
+                                str(tiny_t5_path), "--vae", str(tiny_vae_path)], caplog,
+                 "makes 4-channel latents but the transformer")
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_convert_to_pipeline_says_a_pixel_space_model_cannot_be_one(tmp_path, tiny_t5_path, tiny_vae_path, caplog):
+    student = ROOT / "weights" / "shapes" / "student.safetensors"
+    exits_2_with(convert_main, [str(student), str(tmp_path / "pipe"), "--to", "pipeline", "--text-encoder",
+                                str(ROOT / "weights" / "shapes" / "t5"), "--vae", str(tiny_vae_path)], caplog,
+                 "is a pixel-space model")
+    assert "--to diffusers" in caplog.text and not (tmp_path / "pipe").exists()
