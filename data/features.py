@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.buckets import group_by_bucket
 from data.folder import DataError
 from models.aspect_ratios import resize_and_center_crop
 from models.checkpoint import atomic_path
+from models.safetensors_file import save_file
 
 log = logging.getLogger(__name__)
 

@@ -194,9 +194,8 @@ def branch_metadata(branch: ControlBranch, base: PixArt, base_sha256: str | None
 def save_branch(branch: ControlBranch, base: PixArt, path: str | Path, base_sha256: str | None = None,
                 extra: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """The branch alone as safetensors (the frozen base is referenced by its hash, not copied)."""
-    from safetensors.torch import save_file
-
     from models.checkpoint import atomic_path
+    from models.safetensors_file import save_file
 
     state = branch.state_dict() if state is None else state
     with atomic_path(Path(path)) as tmp:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from configs.errors import UserError
 from models.checkpoint import atomic_path
+from models.safetensors_file import save_file
 from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)

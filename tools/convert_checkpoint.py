@@ -138,9 +138,9 @@ def check_pipeline_autoencoder(src, ckpt, run_cfg, model_cfg, vae: str, vae_chan
     """A pipeline folder decodes the transformer's latents with --vae: a pixel-space model cannot be one, and the
     VAE's latent channels must be the model's."""
     if autoencoder_kind_of(ckpt, run_cfg) == "pixel":
-        raise CheckpointError(f"{src} is a pixel-space model (it draws RGB pixels, no autoencoder), and diffusers' "
-                              f"PixArtAlphaPipeline always decodes with an AutoencoderKL, so it cannot be exported as a "
-                              f"pipeline folder: export the transformer alone with --to diffusers "
+        raise CheckpointError(f"{src} is a pixel-space model (it draws RGB pixels, no autoencoder), and "
+                              f"diffusers' PixArtAlphaPipeline always decodes with an AutoencoderKL, so it cannot be "
+                              f"exported as a pipeline folder: export the transformer alone with --to diffusers "
                               f"(PixArtTransformer2DModel) or --to safetensors, and sample it with sample/sample.py")
     if vae_channels != model_cfg.in_channels:
         raise CheckpointError(f"the VAE {vae} makes {vae_channels}-channel latents but the transformer {src} takes "

@@ -1,7 +1,8 @@
 """Train a ControlNet branch (PixArt-delta's ControlNet-Transformer, or the ControlNet-UNet baseline) on a frozen
 PixArt, from a feature cache extracted with control maps (tools/extract_features.py --control edge|canny).
 
-    python tools/extract_features.py work/shapes/data work/shapes/cache-edge --config shapes_teacher --base-size 32 --control edge
+    python tools/extract_features.py work/shapes/data work/shapes/cache-edge --config shapes_teacher --base-size 32 \
+        --control edge
     python train/train_controlnet.py --config controlnet_shapes
     python train/train_controlnet.py --config controlnet_shapes --set control.design=unet --set control.num_blocks=3
     torchrun --nproc-per-node 2 train/train_controlnet.py --config controlnet_shapes --set train.batch_size=32
@@ -40,7 +41,8 @@ def check_config(cfg: Config) -> None:
     if not cfg.control.base:
         raise UserError("control.base is not set: the frozen base model the branch steers (any checkpoint format)")
     cfg.control.check(cfg.model.dims()[0])
-    if (Path(cfg.data.cache_dir) / INDEX_NAME).is_file() and "control" not in FeatureDataset(cfg.data.cache_dir).shapes():
+    cache = Path(cfg.data.cache_dir)
+    if (cache / INDEX_NAME).is_file() and "control" not in FeatureDataset(cache).shapes():
         raise UserError(f"the feature cache {cfg.data.cache_dir} has no control maps: extract it with "
                         f"tools/extract_features.py --control edge (or canny)")
 
