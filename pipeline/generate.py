@@ -426,8 +426,9 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
 
 def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, request: Plan,
                   prompts: PromptFeatures, timings: Timings, progress: bool = True,
-                  prediction: str = "eps", control_scale: float = 1.0) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches."""
+                  prediction: str = "eps", control_scale: float = 1.0, on_batch=None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches of s.batch_size;
+    on_batch(images (n, 3, H, W), first index) sees each batch as it finishes (to save it before the next)."""
     device = torch.device(s.device)
     latent_hw = (request.gen_size[0] // vae.downsample, request.gen_size[1] // vae.downsample)
     shared = None
@@ -460,14 +461,17 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
             _sync(device)
             timings.vae_decoding += time.perf_counter() - start
         images.append(((decoded + 1) / 2).clamp(0, 1).cpu())  # [-1, 1] -> [0, 1]
+        if on_batch is not None:
+            on_batch(images[-1], b)
     bar.close()
     return torch.cat(images)
 
 
-def generate(cfg, request: Plan, progress: bool = True) -> Generated:
+def generate(cfg, request: Plan, progress: bool = True, on_batch=None) -> Generated:
     """Run a planned request: encode every prompt, free T5, then load the transformer and VAE and sample.
 
-    T5-XXL (4.7B parameters) and the transformer are never in memory together.
+    T5-XXL (4.7B parameters) and the transformer are never in memory together. on_batch(images, first index) sees
+    each batch of images as soon as it is decoded (sample/sample.py saves it, so an interrupted run keeps it).
     """
     s = cfg.sample
     timings = Timings()
@@ -485,5 +489,5 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
         vae.compile()
     timings.loading = time.perf_counter() - start
     images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress,
-                           cfg.diffusion.prediction, cfg.control.scale)
+                           cfg.diffusion.prediction, cfg.control.scale, on_batch)
     return Generated(images, request.prompts, request.seeds, timings)
