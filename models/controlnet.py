@@ -62,8 +62,12 @@ class ControlConfig:
             raise ControlError(f"control.design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
         if not 1 <= self.num_blocks <= depth:
             raise ControlError(f"control.num_blocks={self.num_blocks} must be in 1..{depth} (the base model's depth)")
-        if not math.isfinite(self.scale) or self.scale < 0:
-            raise ControlError(f"control.scale must be a finite number >= 0, got {self.scale}")
+        if not (math.isfinite(self.scale) and 0 <= self.scale <= MAX_SCALE):
+            raise ControlError(f"the control scale (--control-scale, control.scale) must be a number in 0..{MAX_SCALE:g} "
+                               f"(0: the control is off, 1: the strength it was trained at), got {self.scale}")
+
+
+MAX_SCALE = 2.0  # residuals scaled further push the base out of its training distribution: noise, then NaN
 
 
 def zero_linear(width: int) -> nn.Linear:

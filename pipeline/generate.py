@@ -79,6 +79,10 @@ def plan(cfg, prompts: list[str]) -> Plan:
                               f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
                               f"use the autoencoder the model was trained with")
     check_prediction(info, cfg.diffusion.prediction, s.checkpoint)
+    if s.sampler == "lcm" and s.guidance > 1.0 and not model_cfg.guidance_embedding and info.metadata.get("teacher"):
+        log.warning("guidance %g with the LCM sampler on a distilled student: the teacher's guidance is distilled "
+                    "into it, so more guidance on top over-saturates and degrades the image; use guidance 0",
+                    s.guidance)
     text_width = text_encoder_width(cfg.text_encoder.path)
     if text_width != model_cfg.caption_channels:
         raise CheckpointError(f"the text encoder {cfg.text_encoder.path} makes {text_width}-dim features but the "

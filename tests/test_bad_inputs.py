@@ -63,6 +63,9 @@ SAMPLE_CASES = [
     (["--set", "sample.quantize=int4"], "unknown quantization 'int4'"),
     (["--quantize", "int4"], "(argparse)"),
     (["--set", "sample.stepz=3"], "did you mean 'sample.steps'"),
+    (["--control", "docs/examples/triangle_edges.png", "--control-scale", "1e9"], "must be a number in 0..2"),
+    (["--control", "docs/examples/triangle_edges.png", "--control-scale", "-1"], "must be a number in 0..2"),
+    (["--control", "docs/examples/triangle_edges.png", "--control-scale", "nan"], "must be a number in 0..2"),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append((["--device", "cuda"], "this machine has no CUDA GPU"))
@@ -220,3 +223,25 @@ def test_convert_to_pipeline_says_a_pixel_space_model_cannot_be_one(tmp_path, ti
                                 str(ROOT / "weights" / "shapes" / "t5"), "--vae", str(tiny_vae_path)], caplog,
                  "is a pixel-space model")
     assert "--to diffusers" in caplog.text and not (tmp_path / "pipe").exists()
+
+
+def test_a_lora_rank_above_the_layer_width_is_refused_before_loading(tmp_path, caplog):
+    lcm_main = load_script("train/train_lcm.py").main
+    exits_2_with(lcm_main, ["--config", "lcm_shapes", "--set", "distill.lora_rank=100000", "--set",
+                            f"train.runs_dir={tmp_path / 'runs'}"], caplog,
+                 "distill.lora_rank=100000 is above the width of the layers it adapts (192")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_guidance_on_a_distilled_student_with_lcm_warns(tmp_path, caplog):
+    """The shipped student has its teacher's guidance distilled in: CFG 7 on top degrades it, and says so."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert sample_main(["--prompt", "a large red circle at the center", "--sampler", "lcm", "--guidance", "7",
+                            "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "guidance 7 with the LCM sampler on a distilled student" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert sample_main(["--prompt", "a large red circle at the center", "--out", str(tmp_path / "out"),
+                            "--no-progress"]) == 0
+    assert "distilled student" not in caplog.text

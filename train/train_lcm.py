@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from configs import Config
+from configs.errors import UserError
 from data.features import batch_conditions
 from diffusion.consistency import ConsistencyDistillationLoss
 from diffusion.guidance import null_caption_pair
@@ -123,8 +124,18 @@ class LCMTask(Task):
                         metadata={**metadata, "teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash})
 
 
+def check_config(cfg: Config) -> None:
+    """The distill: section, before anything loads: a LoRA rank above the blocks' width adds nothing but memory."""
+    cfg.distill.check(cfg.diffusion.num_steps)
+    width = cfg.model.dims()[1]
+    if cfg.distill.lora_rank > width:
+        raise UserError(f"distill.lora_rank={cfg.distill.lora_rank} is above the width of the layers it adapts "
+                        f"({width}, model.hidden_size): a rank-r adapter of a {width}-wide layer is full rank at "
+                        f"r = {width}; use a rank of at most {width}")
+
+
 def main(argv=None) -> int:
-    return run_trainer(LCMTask, __doc__, argv, check=lambda cfg: cfg.distill.check(cfg.diffusion.num_steps))
+    return run_trainer(LCMTask, __doc__, argv, check=check_config)
 
 
 if __name__ == "__main__":
