@@ -148,14 +148,15 @@ def test_command_line_help_and_exit_status(parts, tmp_path):
 
 
 def test_ctrl_c_keeps_the_images_made_and_exits_130(tmp_path):
-    """Ctrl-C while the teacher draws 64 images in batches of 2: the finished ones stay (with prompts.txt and grid.png), the log
-    says how many, the exit status is 130 and no traceback is printed."""
+    """Ctrl-C while the teacher draws 64 images in batches of 2: the finished ones stay (with prompts.txt and
+    grid.png), the log says how many, the exit status is 130 and no traceback is printed."""
     import signal
     import time
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample/sample.py"), "--config", "shapes_teacher",
-                             "--prompt", "a large red circle at the center", "--images-per-prompt", "64", "--batch-size", "2",
+                             "--prompt", "a large red circle at the center", "--images-per-prompt", "64",
+                             "--batch-size", "2",
                              "--out", str(out), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
