@@ -64,7 +64,8 @@ class ControlConfig:
             raise ControlError(f"control.num_blocks={self.num_blocks} must be in 1..{depth} (the base model's depth)")
         if not (math.isfinite(self.scale) and 0 <= self.scale <= MAX_SCALE):
             raise ControlError(f"the control scale (--control-scale, control.scale) must be a number in "
-                               f"0..{MAX_SCALE:g} (0: the control is off, 1: the strength it was trained at), got {self.scale}")
+                               f"0..{MAX_SCALE:g} (0: the control is off, 1: the strength it was trained at), got "
+                               f"{self.scale}")
 
 
 MAX_SCALE = 2.0  # residuals scaled further push the base out of its training distribution: noise, then NaN
