@@ -226,3 +226,24 @@ def test_latent_channels_of(tiny_vae_path, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", None)  # reading config.json must be enough
     assert latent_channels_of(AutoencoderConfig(path=str(tiny_vae_path))) == 4
     assert latent_channels_of(AutoencoderConfig(kind="pixel")) == 3
+
+
+def test_unknown_words_and_characters_warn_in_one_short_line(caplog):
+    """Emoji became <unk> without a word; 5,000 unknown words printed one 75 KB line."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    encoder = load_text_encoder(TextEncoderConfig(path=str(root / "weights/shapes/t5"), max_tokens=32, dtype="fp32"))
+    with caplog.at_level(logging.WARNING):
+        encoder.encode(["a large red circle at the center \N{CAT FACE}"])
+    assert "never saw in training: \N{CAT FACE}" in caplog.text
+    caplog.clear()
+    words = [f"zq{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}" for i in range(5000)]
+    with caplog.at_level(logging.WARNING):
+        encoder.encode([" ".join(words)])
+    assert "and 4980 more" in caplog.text
+    assert all(len(r.getMessage()) < 1000 for r in caplog.records), [len(r.getMessage()) for r in caplog.records]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        encoder.encode(["a large red circle at the center"])
+    assert not caplog.records
