@@ -245,3 +245,30 @@ def test_guidance_on_a_distilled_student_with_lcm_warns(tmp_path, caplog):
         assert sample_main(["--prompt", "a large red circle at the center", "--out", str(tmp_path / "out"),
                             "--no-progress"]) == 0
     assert "distilled student" not in caplog.text
+
+
+def test_extract_features_lists_folders_and_links_named_like_images(tmp_path):
+    """A folder, a looping and a broken symbolic link named like images were skipped silently: report.json lists
+    each with its reason, and the real image is extracted."""
+    import json
+
+    from PIL import Image
+
+    from tools.extract_features import main as extract
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), "red").save(data / "good.png")
+    (data / "folder.png").mkdir()
+    (data / "loop.png").symlink_to(data / "loop.png")
+    (data / "broken.png").symlink_to(data / "missing-target.png")
+    for name in ("good", "folder", "loop", "broken"):
+        (data / f"{name}.txt").write_text("a large red circle at the center")
+    assert extract([str(data), str(tmp_path / "cache"), "--config", "shapes_teacher", "--base-size", "32",
+                    "--no-progress"]) == 0
+    report = json.loads((tmp_path / "cache" / "report.json").read_text())
+    reasons = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert "folder named like an image" in reasons["folder"]
+    assert "loops back on itself" in reasons["loop"]
+    assert "points to nothing" in reasons["broken"]
+    assert report["indexed"] == 1
