@@ -270,13 +270,27 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
     if cfg.max_tokens < 1:
         raise UserError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
     model_dir, tok_dir = resolve_text_encoder(cfg.path)
-    from transformers import AutoTokenizer, T5EncoderModel
-
     if cfg.load_in_8bit and device.type not in ("cpu", "cuda"):
         raise TextEncoderError(f"text_encoder.load_in_8bit works on cuda or cpu, not {device.type}")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    with _quiet_transformers():
-        model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    # This project's T5 (models/t5.py) reads transformers' files without importing transformers (seconds of
+    # start-up); transformers loads what it does not read (a tokenizer without tokenizer.json, other weight files).
+    from models.t5 import T5Tokenizer, load_t5_encoder
+
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = T5Tokenizer(tok_dir / "tokenizer.json")
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    try:
+        model = load_t5_encoder(model_dir, dtype)
+    except (ValueError, OSError) as e:
+        raise TextEncoderError(f"cannot load the T5 encoder of {str(model_dir)!r}: {e}") from e
+    if model is None:
+        from transformers import T5EncoderModel
+
+        with _quiet_transformers():
+            model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     model = model.eval().requires_grad_(False)
     if cfg.load_in_8bit:  # each Linear moves to the device and is quantised there, one at a time: T5-XXL's float
         model = _quantize_linear_int8(model, device)  # weights are never on the GPU all at once
