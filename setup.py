@@ -17,7 +17,6 @@ setup(
         # These two pins take the wheels on this project's machines' disk; others download gigabytes.
         "torch==2.14.1",
         "torchvision==0.29.1",
-        "timm>=1.0",
         "einops>=0.8",
         "transformers>=4.46",
         "sentencepiece>=0.2",

@@ -29,3 +29,16 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def building_on_meta() -> bool:
+    """Whether modules are being built on the meta device (shells that receive a checkpoint's weights)."""
+    return torch.empty(0).device.type == "meta"
+
+
+def scaled_randn(*shape: int, scale: float) -> torch.Tensor:
+    """randn(*shape) / scale, drawn from the global generator; uninitialised on the meta device, where randn would
+    import sympy and torch._dynamo (a second of start-up) for values that are never used."""
+    if building_on_meta():
+        return torch.empty(*shape)
+    return torch.randn(*shape).div_(scale)

@@ -58,6 +58,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"gelu": gelu_tanh, "relu": nn.functional.relu}
 
 
+def empty_embedding(num: int, width: int) -> nn.Embedding:
+    """An embedding whose weights are left for loading (its random init would, on the meta device, import
+    torch._dynamo: a second of start-up)."""
+    return nn.Embedding(num, width, _weight=torch.empty(num, width))
+
+
 class T5LayerNorm(nn.Module):
     """RMS norm without a mean or bias, computed in float32: weight * x / sqrt(mean(x^2) + eps)."""
 
@@ -103,7 +109,7 @@ class T5Attention(nn.Module):
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         self.num_buckets, self.max_distance = cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
         if has_bias:
-            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+            self.relative_attention_bias = empty_embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
     def position_bias(self, length: int, device) -> torch.Tensor:
         """(1, H, L, L) from the learned bias of each relative-position bucket."""
@@ -197,12 +203,13 @@ class T5Output(NamedTuple):
 
 
 class T5Encoder(nn.Module):
-    """T5's encoder: token ids (N, L) and attention mask (N, L) -> features (N, L, d_model)."""
+    """T5's encoder: token ids (N, L) and attention mask (N, L) -> features (N, L, d_model). Built to receive
+    weights (load_t5_encoder): its embeddings start uninitialised."""
 
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.config = cfg
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.shared = empty_embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, self.shared)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> T5Output:
