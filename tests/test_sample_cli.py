@@ -189,7 +189,8 @@ def test_the_main_command_imports_only_what_it_needs(tmp_path):
             "    runpy.run_path('sample/sample.py', run_name='__main__')\n"
             "except SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
-            "heavy = ('timm', 'transformers', 'diffusers', 'torchvision', 'torchao', 'torch._dynamo', 'sympy', 'scipy')\n"
+            "heavy = ('timm', 'transformers', 'diffusers', 'torchvision', 'torchao', 'torch._dynamo', 'sympy',"
+            " 'scipy')\n"
             "print(sorted(m for m in heavy if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True)
