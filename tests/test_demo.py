@@ -77,14 +77,14 @@ def test_generates_the_prompted_shape(server):
 
 
 def test_bad_requests_get_a_message_and_the_server_keeps_serving(server):
-    with pytest.raises(Exception, match=r"width must be in 8\.\.64 pixels on this server, got 100000"):
+    with pytest.raises(Exception, match=r"Width must be in 8\.\.64 pixels on this server, got 100000"):
         server.predict("a small blue square at the top left", "dpm", 20, 3.0, 0, 100000, 32, api_name="/generate")
-    with pytest.raises(Exception, match=r"steps must be in 1\.\.25 on this server, got 500"):
+    with pytest.raises(Exception, match=r"Steps must be in 1\.\.25 on this server, got 500"):
         server.predict("a small blue square at the top left", "dpm", 500, 3.0, 0, 32, 32, api_name="/generate")
     # NaN cannot travel in JSON; a negative guidance reaches the pipeline's own check.
-    with pytest.raises(Exception, match=r"guidance must be a finite number >= 0"):
+    with pytest.raises(Exception, match=r"Guidance must be a finite number >= 0"):
         server.predict("a small blue square at the top left", "dpm", 20, -2.0, 0, 32, 32, api_name="/generate")
-    with pytest.raises(Exception, match="the prompt is empty"):
+    with pytest.raises(Exception, match="Prompt is empty"):
         server.predict("   ", "dpm", 20, 3.0, 0, 32, 32, api_name="/generate")
     path = server.predict("a small blue square at the top left", "lcm", 4, 0.0, 1, 32, 32, api_name="/generate")
     assert Image.open(Path(path)).size == (32, 32)
