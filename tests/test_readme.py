@@ -23,3 +23,102 @@ def test_the_python_api_snippet_runs_on_the_shipped_files(monkeypatch):
     assert tuple(scope["out"].shape) == (1, 6, 32, 32) and scope["out"].dtype.is_floating_point
     assert scope["out"].isfinite().all()
     assert len(scope["fresh"].blocks) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every figure the README quotes from docs/RESULTS.md equals its source there.
+
+RESULTS = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+
+
+def table_rows(marker: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table of RESULTS after the text `marker`, as {header: cell} (bold removed)."""
+    lines = RESULTS[RESULTS.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("*") for cell in line.strip().strip("|").split("|")])
+    header = [name if name not in rows[0][:i] else f"{name} ({rows[0][:i].count(name) + 1})"
+              for i, name in enumerate(rows[0])]  # a repeated column name (multi: position) gets "(2)"
+    return [dict(zip(header, row)) for row in rows[2:]]
+
+
+def table_after(marker: str) -> dict[str, dict[str, str]]:
+    """That table keyed by its first column (which must then be unique)."""
+    rows = table_rows(marker)
+    keyed = {next(iter(row.values())): row for row in rows}
+    assert len(keyed) == len(rows), f"the table after {marker!r} repeats first cells"
+    return keyed
+
+
+def row_where(marker: str, **cells: str) -> dict[str, str]:
+    """The one row of the table after `marker` with these cells."""
+    (row,) = [r for r in table_rows(marker) if all(r[k.replace("_", " ")] == v for k, v in cells.items())]
+    return row
+
+
+def sentence_number(pattern: str) -> str:
+    """The number captured by `pattern` in RESULTS' text (exactly one match)."""
+    (value,) = re.findall(pattern, RESULTS)
+    return value
+
+
+def quoted_figures() -> list[tuple[str, str]]:
+    """(what the README must say, where RESULTS says it)."""
+    teacher = table_after("Held-out captions, 600 images")["teacher, DPM-Solver 20, CFG 3"]
+    student = table_after("Sampled with LCM and no guidance")["student, LCM 4"]
+    int8 = table_after("Caption accuracy of the shipped student")
+    fp32_row, int8_row = int8["student, LCM 4, fp32"], int8["student, LCM 4, int8"]
+    single = ("single: kind", "colour", "size", "position", "count")
+    int8_gap = max(abs(float(fp32_row[k]) - float(int8_row[k])) for k in single)
+    quantize = table_after("`python tools/benchmark.py quantize --size 512 --reps 3`")
+    h100 = row_where("NVIDIA H100 80GB (torch 2.11), `python tools/benchmark.py transformer", image="1024px",
+                     dtype="fp32")
+    h100_bf16 = row_where("NVIDIA H100 80GB (torch 2.11), `python tools/benchmark.py transformer", image="1024px",
+                          dtype="bf16")
+    cpu = row_where("This machine (2-core AMD EPYC, AVX2 only), `python tools/benchmark.py transformer",
+                    image="256px", dtype="fp32")
+    pipeline = table_after("`python tools/benchmark.py pipeline --size 1024 --dtype bf16")
+    xl1024 = row_where("(`python tools/benchmark.py train --archs XL S", model="XL/2", image="1024px", batch="12")
+    recipe = sentence_number(r"the recipe takes (\d+) minutes")
+    distillation = sentence_number(r"400 steps at batch 32: ([\d.]+) minutes")
+    ablation = sentence_number(r"controlnet_ablation.py` \(about (\d+) minutes")
+    seconds = {name: round(float(row["ms/image"]) * 600 / 1000) for name, row in (("teacher", teacher),
+                                                                                 ("student", student))}
+    return [
+        (f"kind {teacher['single: kind']}%, colour {teacher['colour']}%, position {teacher['position']}%",
+         "teacher, DPM-Solver 20, CFG 3"),
+        (f"colour {teacher['colour']}%, position {teacher['position']}% and kind {teacher['single: kind']}%",
+         "teacher, DPM-Solver 20, CFG 3"),
+        (f"kind {student['single: kind']}%, colour {student['colour']}%, position {student['position']}%",
+         "student, LCM 4"),
+        (f"colour {student['colour']}%, position {student['position']}%\nand kind {student['single: kind']}%",
+         "student, LCM 4"),
+        (f"within {int8_gap:.1f} points of fp32", "student, LCM 4, fp32 / int8"),
+        (f"int8 {quantize['ours int8']['speed-up vs diffusers fp32']}x faster, int8 compiled "
+         f"{quantize['ours int8, compiled']['speed-up vs diffusers fp32']}x, with a relative output error of "
+         f"{float(quantize['ours int8']['relative error']) * 100:.1f}%", "quantize table"),
+        (f"takes {h100['ours (s)']} s in fp32\nagainst diffusers' {h100['diffusers (s)']} s",
+         "H100 transformer 1024px fp32"),
+        (f"and {h100_bf16['ours (s)']} s in bf16 against {h100_bf16['diffusers (s)']} s", "H100 transformer bf16"),
+        (f"(256 px fp32: {cpu['ours (s)']} s against {cpu['diffusers (s)']} s)", "CPU transformer"),
+        (f"PixArt-δ (LCM 4 steps) takes {pipeline['PixArt-δ LCM 4 steps']['ours total (s)']} s (diffusers "
+         f"{pipeline['PixArt-δ LCM 4 steps']['diffusers total (s)']} s)", "H100 pipeline"),
+        (f"PixArt-α (DPM-Solver 14 steps) {pipeline['PixArt-α DPM 14 steps']['ours total (s)']} s (diffusers "
+         f"{pipeline['PixArt-α DPM 14 steps']['diffusers total (s)']} s)", "H100 pipeline"),
+        (f"{xl1024['samples/s']} samples/s in {xl1024['peak memory (MB)']} MB", "H100 training step"),
+        (f"# {recipe} minutes: data", "recipe time"),
+        (f"({recipe} minutes on 2 cores)", "recipe time"),
+        (f"# {distillation} minutes of distillation", "student time"),
+        (f"({distillation} minutes of training)", "student time"),
+        (f"(about {ablation} minutes)", "ControlNet ablation time"),
+        (f"about {seconds['student']} s\nof sampling for the student, {seconds['teacher']} s for the teacher",
+         "ms/image x 600"),
+    ]
+
+
+def test_every_figure_the_readme_quotes_equals_its_source_in_results():
+    missing = [f"{text!r} (from RESULTS: {source})" for text, source in quoted_figures() if text not in README]
+    assert not missing, "the README does not quote RESULTS as it says now:\n" + "\n".join(missing)
