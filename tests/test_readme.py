@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -122,3 +124,42 @@ def quoted_figures() -> list[tuple[str, str]]:
 def test_every_figure_the_readme_quotes_equals_its_source_in_results():
     missing = [f"{text!r} (from RESULTS: {source})" for text, source in quoted_figures() if text not in README]
     assert not missing, "the README does not quote RESULTS as it says now:\n" + "\n".join(missing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's distillation and ControlNet sections, run as written on a fresh clone (smaller and shorter).
+
+
+def commands(title: str, first_word: str = "python") -> list[str]:
+    """The shell commands of a README section's bash blocks (continuation lines joined, comments dropped)."""
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", section(title), flags=re.S)).replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in text.splitlines() if line.startswith(first_word)]
+
+
+@pytest.mark.slow
+def test_the_distillation_and_controlnet_sections_run_as_written(tmp_path):
+    """Data, features and training as the README shows them: 48 scenes instead of 2,000 and 2 training steps, in a
+    temporary folder instead of work/shapes; everything else as written."""
+    import shlex
+    import subprocess
+    import sys
+
+    lcd = commands("Latent consistency distillation (PixArt-δ)")
+    control = commands("ControlNet (PixArt-δ's ControlNet-Transformer)")
+    chain = [lcd[0], lcd[1], lcd[2], control[1], control[2]]
+    assert "make_synthetic_data.py" in chain[0] and "train_lcm.py --config lcm_shapes" in chain[2]
+    assert "--control edge" in chain[3] and "train_controlnet.py --config controlnet_shapes" in chain[4]
+    work = tmp_path / "shapes"
+    short = ["--set", f"train.runs_dir={work / 'runs'}", "--set", "train.steps=2", "--set", "train.sample_every=0",
+             "--set", "train.checkpoint_every=2", "--set", "train.batch_size=8"]
+    for line in chain:
+        argv = shlex.split(line.replace("work/shapes", str(work)).replace("--num 2000", "--num 48"))
+        argv = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+        if "train/" in argv[1]:
+            cache = work / ("cache-edge" if "controlnet" in argv[1] else "cache")
+            argv += [*short, "--set", f"data.cache_dir={cache}"]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    runs = sorted(p.name for p in (work / "runs").iterdir())
+    assert [r.split("-", 1)[1] for r in runs] == ["lcm-shapes", "controlnet-shapes"]
+    assert all((work / "runs" / r / "checkpoints" / "step_00000002.pt").is_file() for r in runs)
