@@ -164,6 +164,15 @@ def test_the_demo_in_a_browser(server, browser, shots):
     assert "Error" not in messages(driver)
     driver.save_screenshot(str(shots / "2_controlled_1366x768.png"))
 
+    # Cancel: eight seeds from both models stop early, and the next request runs at once.
+    set_number(driver, "images", "8")
+    driver.find_element(By.ID, "generate").click()
+    time.sleep(0.5)
+    driver.find_element(By.ID, "cancel").click()
+    wait_for(driver, lambda d: "request cancelled from its page after" in log.read_text(), 60,
+             "the server to stop the cancelled request")
+    assert "after 16 of 16 images" not in log.read_text()
+
     # Words the model never saw: a warning in the page, and the images still come.
     set_prompt(driver, "a cat riding a bicycle on the moon")
     set_number(driver, "images", "1")

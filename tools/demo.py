@@ -47,6 +47,10 @@ class FieldError(Exception):
     """A request the page refuses; the message names the field as the page labels it."""
 
 
+class Cancelled(Exception):
+    """The request was cancelled from its page (between two images)."""
+
+
 @dataclass
 class Limits:
     """What one request may ask for on this server."""
@@ -314,8 +318,9 @@ class Demo:
                        f"guidance is distilled in, so more over-saturates the image; use 0")
         return out
 
-    def run(self, r: Request, on_image=None) -> dict:
-        """Draw every seed with the student (and the teacher); on_image(which, index) after each image.
+    def run(self, r: Request, on_image=None, stop: threading.Event | None = None) -> dict:
+        """Draw every seed with the student (and the teacher); on_image(which, index) after each image; a set
+        `stop` ends the request before its next image (Cancelled).
         Returns {"student": [...], "teacher": [...], "times": {...}, "control": map or None, "warnings": [...]}."""
         out = {"student": [], "teacher": [], "times": {"student": 0.0, "teacher": 0.0}, "control": None}
         collector = WarningCollector()
@@ -325,6 +330,11 @@ class Demo:
                 engines = [("student", self.student)] + ([("teacher", self.teacher)] if r.compare else [])
                 for which, engine in engines:
                     for i in range(r.images):
+                        if stop is not None and stop.is_set():
+                            done = len(out["student"]) + len(out["teacher"])
+                            log.info("request cancelled from its page after %d of %d images", done,
+                                     r.images * len(engines))
+                            raise Cancelled(f"cancelled after {done} images")
                         start = time.perf_counter()
                         custom = {} if which == "teacher" else dict(sampler=r.sampler, steps=r.steps,
                                                                     guidance=r.guidance)
@@ -400,10 +410,18 @@ def build_app(demo: Demo):
         lines = [f"**Error:** {e}" for e in errors] + [f"**Warning:** {w}" for w in warnings]
         return "\n\n".join(lines + ([note] if note else []))
 
+    stops: dict[str, threading.Event] = {}  # per browser session: set by its Cancel button
+
+    def cancel(request: gr.Request):
+        if request.session_hash in stops:
+            stops[request.session_hash].set()
+
     def draw(prompt, images, seed, width, height, steps, guidance, sampler, compare, control_path, control_scale,
+             request: gr.Request,
              progress=gr.Progress()):  # noqa: B008 (gradio injects the progress tracker through this default)
-        """The page's generate: yields the results as they come (Cancel stops between images)."""
+        """The page's generate: yields the results (Cancel stops the request before its next image)."""
         nothing = [], [], None, None, None
+        stop_event = stops[request.session_hash] = threading.Event()
         try:
             r = demo.check(prompt, images, seed, width, height, steps, guidance, sampler, control_path,
                            control_scale, compare)
@@ -415,9 +433,13 @@ def build_app(demo: Demo):
         progress((0, total), desc="queued" if demo.lock.locked() else "drawing", unit="images")
         try:
             result = demo.run(r, on_image=lambda which, i: progress(
-                (i + 1 + (r.images if which == "teacher" else 0), total), desc=f"drawing ({which})", unit="images"))
+                (i + 1 + (r.images if which == "teacher" else 0), total), desc=f"drawing ({which})", unit="images"),
+                stop=stop_event)
         except UserError as e:
             yield message_box([page_text(str(e))], warnings), *nothing, ""
+            return
+        except Cancelled:
+            yield message_box([], warnings, "Cancelled."), *nothing, ""
             return
         warnings += result["warnings"]
         request_dir = downloads / f"{time.time_ns()}"
@@ -513,11 +535,9 @@ def build_app(demo: Demo):
         gr.Examples(examples, [prompt, control_file], label="Examples (click one, then Generate)")
         inputs = [prompt, images, seed, width, height, steps, guidance, sampler, compare, control_file, control_scale]
         outputs = [messages, student, teacher, control_view, overlay_view, files, times]
-        event = button.click(draw, inputs, outputs, concurrency_limit=1, api_visibility="private",
-                             show_progress_on=[student])
-        prompt.submit(draw, inputs, outputs, concurrency_limit=1, api_visibility="private",
-                      show_progress_on=[student])
-        stop.click(None, None, None, cancels=[event])
+        events = [trigger(draw, inputs, outputs, concurrency_limit=1, api_visibility="private",
+                          show_progress_on=[student]) for trigger in (button.click, prompt.submit)]
+        stop.click(cancel, None, None, cancels=events, api_visibility="private", queue=False)
         control_file.change(preview, control_file, [control_preview, messages], api_visibility="private")
         # The scripts' endpoint: hidden components, the original signature.
         api_control = gr.Image(type="filepath", visible=False)
