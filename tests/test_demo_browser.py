@@ -152,12 +152,16 @@ def test_the_demo_in_a_browser(server, browser, shots):
     assert len(driver.find_elements(By.CSS_SELECTOR, "#files a")) >= 8  # the true-size PNGs to download
     driver.save_screenshot(str(shots / "1_generation_1366x768.png"))
 
-    # A controlled generation from an example map: the map and its edges over the image beside the result.
-    set_prompt(driver, "a large blue triangle at the center")
+    # A controlled generation from a clicked example (prompt and map from docs/examples): the map and its edges
+    # over the image beside the result.
+    example = driver.find_element(By.XPATH, "//div[contains(@class, 'table') and text()='triangle_edges.png']"
+                                            "/ancestor::tr[1]")
+    driver.execute_script("arguments[0].scrollIntoView()", example)
+    example.click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#control-preview img"), 60, "the example's map")
+    assert "triangle at the center" in driver.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
     set_number(driver, "images", "2")
-    driver.find_element(By.CSS_SELECTOR, "#control input[type=file]").send_keys(
-        str(ROOT / "docs" / "examples" / "triangle_edges.png"))
-    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#control-preview img"), 60, "the upload preview")
+    driver.execute_script("window.scrollTo(0, 0)")
     generate_and_wait(driver, 2)
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#control-view img")
              and d.find_elements(By.CSS_SELECTOR, "#overlay img"), what="the control map and its overlay")
