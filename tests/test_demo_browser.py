@@ -134,7 +134,8 @@ def test_the_demo_in_a_browser(server, browser, shots):
     url, log = server
     driver = browser
     driver.get(url)
-    wait_for(driver, lambda d: d.find_elements(By.ID, "generate"), 60, "the page loads")
+    wait_for(driver, lambda d: d.find_elements(By.ID, "generate") and d.find_elements(By.ID, "student"), 60,
+             "the page loads")
     assert viewport_size(driver)[0] <= 1366
     # The button and the results are both visible at 1366x768, without scrolling.
     button, results = driver.find_element(By.ID, "generate"), driver.find_element(By.ID, "student")
@@ -212,7 +213,8 @@ def test_the_demo_in_a_browser(server, browser, shots):
     # 1280x800: the button and the results still side by side and visible.
     driver.set_window_size(1280, 800)
     driver.get(url)
-    wait_for(driver, lambda d: d.find_elements(By.ID, "generate"), 60, "the page loads")
+    wait_for(driver, lambda d: d.find_elements(By.ID, "generate") and d.find_elements(By.ID, "student"), 60,
+             "the page loads")
     assert top_in_viewport(driver, driver.find_element(By.ID, "generate"))
     assert top_in_viewport(driver, driver.find_element(By.ID, "student"))
     generate_and_wait(driver, 4)
