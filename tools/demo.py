@@ -40,6 +40,7 @@ CSS = """
 .pixelated img { image-rendering: pixelated; image-rendering: crisp-edges; }
 #messages, #times { min-height: 1.2em; }
 #header p { margin: 0; }
+.caption p { margin: 0; font-size: 0.85em; }
 """
 
 
@@ -510,7 +511,7 @@ def build_app(demo: Demo):
                 with gr.Row(visible=demo.student.controlled is not None):
                     control_file = gr.File(label="Control map (optional: an edge map, PNG or JPEG)",
                                            file_types=["image"], type="filepath", height=110, elem_id="control")
-                    control_preview = gr.Image(label="Uploaded map", interactive=False, height=110,
+                    control_preview = gr.Image(label="Uploaded map", show_label=False, interactive=False, height=110,
                                                elem_classes="pixelated", buttons=[], elem_id="control-preview")
                 control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control strength (0: off, 1: trained)",
                                           visible=demo.student.controlled is not None, elem_id="control-scale")
@@ -524,10 +525,14 @@ def build_app(demo: Demo):
                                          elem_classes="pixelated", elem_id="teacher", preview=False,
                                          visible=demo.teacher is not None)
                 with gr.Row(visible=demo.student.controlled is not None):
-                    control_view = gr.Image(label="Control map (as used, image size)", interactive=False,
-                                            height=170, elem_classes="pixelated", elem_id="control-view")
-                    overlay_view = gr.Image(label="Its edges over the first student image", interactive=False,
-                                            height=170, elem_classes="pixelated", elem_id="overlay")
+                    with gr.Column(min_width=160):  # captions above the pictures: a label would cover a corner
+                        gr.Markdown("Control map, as used (the image size)", elem_classes="caption")
+                        control_view = gr.Image(show_label=False, interactive=False, height=150,
+                                                elem_classes="pixelated", elem_id="control-view")
+                    with gr.Column(min_width=160):
+                        gr.Markdown("Its edges over the first student image", elem_classes="caption")
+                        overlay_view = gr.Image(show_label=False, interactive=False, height=150,
+                                                elem_classes="pixelated", elem_id="overlay")
                 files = gr.File(label="True-size PNGs", file_count="multiple", interactive=False, elem_id="files")
         examples = [[p, None] for p in EXAMPLE_PROMPTS]
         examples += [[f"a large {c} {shape} at the center", str(path)] for path, c, shape in
