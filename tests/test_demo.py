@@ -160,3 +160,21 @@ def test_pipeline_messages_reach_the_page_with_field_labels_and_no_paths(page_ch
     text = module.page_text("sample.seed must be in 0..9223372036853775804, got -1; see /tmp/gradio/abc/edges.png")
     assert text == "Seed must be in 0..9223372036853775804, got -1; see edges.png"
     assert module.page_text("width/height 32") == "width/height 32"
+
+
+def test_warnings_name_the_field(page_checks):
+    """Words the model never saw, a control map of another size and CFG on the distilled student: said in the page."""
+    from types import SimpleNamespace
+
+    from models.text_encoder import TextEncoderConfig, load_text_encoder
+
+    module, demo = page_checks
+    encoder = load_text_encoder(TextEncoderConfig(path=str(ROOT / "weights/shapes/t5"), max_tokens=32, dtype="fp32"))
+    demo.student = SimpleNamespace(controlled=object(), text_encoder=encoder, distilled=True)
+    request = demo.check(**{**GOOD, "prompt": "a cat riding a bicycle", "guidance": 7.0})
+    request.control = Image.new("RGB", (512, 512))
+    warnings = demo.warnings(request)
+    assert any(w.startswith("Prompt: the model never saw bicycle, cat, riding") for w in warnings), warnings
+    assert any(w.startswith("Control map: resized from 512x512 to 32x32") for w in warnings), warnings
+    assert any(w.startswith("Guidance 7 with the LCM sampler on this distilled student") for w in warnings), warnings
+    assert demo.warnings(demo.check(**GOOD)) == []
