@@ -17,7 +17,6 @@ setup(
         # These two pins take the wheels on this project's machines' disk; others download gigabytes.
         "torch==2.14.1",
         "torchvision==0.29.1",
-        "timm>=1.0",
         "einops>=0.8",
         "transformers>=4.46",
         "sentencepiece>=0.2",
@@ -34,7 +33,9 @@ setup(
     ],
     extras_require={
         "demo": ["gradio>=5.0"],
-        # The test extra installs the demo too, so its HTTP test runs; pytorch-fid and torchmetrics are oracles.
-        "test": ["pytest>=8.0", "pytorch-fid>=0.3", "torchmetrics>=1.4", "gradio>=5.0", "gradio_client>=1.0"],
+        # The test extra installs the demo too, so its HTTP and browser tests run (selenium drives the chromium that
+        # .ci/run installs); pytorch-fid and torchmetrics are oracles.
+        "test": ["pytest>=8.0", "pytorch-fid>=0.3", "torchmetrics>=1.4", "gradio>=5.0", "gradio_client>=1.0",
+                 "selenium>=4.10"],
     },
 )

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.buckets import group_by_bucket
 from data.folder import DataError
 from models.aspect_ratios import resize_and_center_crop
 from models.checkpoint import atomic_path
+from models.safetensors_file import save_file
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ INDEX_NAME = "index.jsonl"
 REPORT_NAME = "report.json"
 SAMPLES_DIR = "samples"
 INDEX_FIELDS = ("key", "bucket", "height", "width", "caption", "file")
-EXTRACT_HINT = ("run tools/extract_features.py DATA_DIR CACHE_DIR --base-size 256 --text-encoder T5_PATH "
-                "--autoencoder VAE_PATH to build it")
+EXTRACT_HINT = ("run tools/extract_features.py DATA_DIR CACHE_DIR --config CONFIG --base-size SIDE to build it "
+                "(SIDE: the side of the model's images, model.latent_size x the autoencoder's downsampling: 32 for the "
+                "shapes presets, which are in pixel space; 256, 512 or 1024 for PixArt-XL-2)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,6 +126,35 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the first sample's tensors, e.g. {"latent": (C, h, w), "y": (L, D), ...}, without reading
+        their data (one safetensors header)."""
+        entry = self.entries[0]
+        path = self.cache_dir / entry["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise DataError(f"cannot read sample {entry['key']!r} from {str(path)!r} ({e}); {EXTRACT_HINT} again "
+                            f"(it recomputes missing files only)") from e
+
+    def check_fits(self, latent_size: int, channels: int) -> None:
+        """The cache fits a model whose latents have `latent_size` pixels per side and `channels` channels; a cache of
+        another size would train at the wrong resolution (slowly, or out of memory), so it is refused."""
+        entry = self.entries[0]
+        c, h, w = self.shapes()["latent"]
+        side = int(entry["height"]) // h * latent_size  # the image side the model is made for
+        how = f"tools/extract_features.py DATA_DIR NEW_CACHE_DIR --config CONFIG --base-size {side}"
+        if c != channels:
+            raise DataError(f"the feature cache {str(self.cache_dir)!r} holds {c}-channel latents but the model takes "
+                            f"{channels} (model.in_channels): it was extracted with another autoencoder; extract "
+                            f"again with the config's autoencoder: {how}")
+        if not 0.5 <= (h * w) / latent_size**2 <= 2.0:  # aspect-ratio buckets keep about latent_size^2 tokens
+            raise DataError(f"the feature cache {str(self.cache_dir)!r} holds {entry['width']}x{entry['height']} "
+                            f"images ({w}x{h} latents), but the model is made for {side}x{side} (model.latent_size "
+                            f"{latent_size}): training on it would run at the wrong size. Extract again into a new "
+                            f"folder: {how}")
 
     def __getitem__(self, i: int) -> dict:
         """latent (C, h, w), y (L, D) f32, mask (L,) long, resolution (2,) [h, w] px, aspect_ratio (1,), control?."""

@@ -83,6 +83,23 @@ def _wide_grayscale_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
 
 
+def not_an_image_file(path: Path) -> str:
+    """Why a path named like an image is not an image file: a folder, a looping or broken link, or nothing."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # (Python < 3.13 reports a symlink loop so)
+            return f"{str(path)!r} is a symbolic link that loops back on itself, not an image file"
+        except OSError as e:
+            reason = "loops back on itself" if "loop" in str(e).lower() else "points to nothing"
+            return f"{str(path)!r} is a symbolic link that {reason}, not an image file"
+    if path.is_dir():
+        return f"{str(path)!r} is a folder named like an image, not an image file"
+    if not path.exists():
+        return f"image file {str(path)!r} does not exist"
+    return f"{str(path)!r} is not a regular file"
+
+
 def _key(path: Path, root: Path) -> str:
     """'sub/dir/name' for root/sub/dir/name.png."""
     return path.relative_to(root).with_suffix("").as_posix()
@@ -155,9 +172,10 @@ class ImageCaptionFolder:
                 continue
             if control_root is not None and path.is_relative_to(control_root):
                 continue
-            if not path.is_file():
-                continue
             key = _key(path, self.root)
+            if not path.is_file():  # named like an image but not a readable file: listed, never skipped silently
+                self._report(key, not_an_image_file(path))
+                continue
             caption_file = path.with_suffix(".txt")
             if not caption_file.is_file():
                 self._report(key, f"missing caption file {str(caption_file)!r} for image {str(path)!r}")
@@ -199,7 +217,7 @@ class ImageCaptionFolder:
                     self._report(key, f"{self.jsonl_path}:{lineno} has no \"caption\" text for {item['image']!r}")
                     continue
                 if not path.is_file():
-                    self._report(key, f"image file {str(path)!r} named at {self.jsonl_path}:{lineno} does not exist")
+                    self._report(key, f"{not_an_image_file(path)} (named at {self.jsonl_path}:{lineno})")
                     continue
                 edge = item.get("edge")
                 records.append(Record(path, caption.strip(), self.root / edge if edge else None, key))

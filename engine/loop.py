@@ -236,11 +236,13 @@ def preview_indices(buckets: dict[str, list[int]], count: int) -> list[int]:
 
 
 def feature_data(cfg):
-    """The feature cache of cfg.data.cache_dir and its bucketed batch sampler."""
+    """The feature cache of cfg.data.cache_dir, checked against the model's size, and its bucketed batch sampler."""
     from data.buckets import BucketBatchSampler
     from data.features import FeatureDataset, collate
 
-    return FeatureDataset(cfg.data.cache_dir), collate, BucketBatchSampler
+    dataset = FeatureDataset(cfg.data.cache_dir)
+    dataset.check_fits(cfg.model.latent_size, cfg.model.in_channels)
+    return dataset, collate, BucketBatchSampler
 
 
 def train(cfg, make_task, dataset_factory=feature_data, resume: str | None = None) -> Path:
@@ -370,6 +372,7 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     specs = {name: spec.resolved(tc) for name, spec in task.networks().items()}
     if not specs:
         raise ValueError("the task trains no network: networks() returned none")
+    dataset, collate, sampler_cls = dataset_factory(cfg)  # a missing or unfitting cache stops before the run folder
     run_dir = run_dir or _new_run_dir(cfg, d)  # only once the task is built: a failed start leaves no folder
     setup_logging(run_dir, d.is_main)
     if d.is_main:
@@ -386,7 +389,6 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
         log.info("networks, in update order: %s", ", ".join(f"{n} ({s.updates_per_step} update(s) per step, lr "
                                                              f"{s.lr:g})" for n, s in specs.items()))
 
-    dataset, collate, sampler_cls = dataset_factory(cfg)
     sampler = sampler_cls(dataset.buckets, tc.batch_size, tc.seed, d.rank, d.world_size)
     step, updates, consumed = 0, 0, 0
     if state is not None:

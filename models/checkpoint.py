@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from configs.errors import UserError
 from models.embeddings import sincos_pos_embed_2d
 from models.pixart import PIXART_ARCHS, PixArt, PixArtConfig, build_pixart
+from models.safetensors_file import save_file
 from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)

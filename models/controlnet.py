@@ -62,8 +62,13 @@ class ControlConfig:
             raise ControlError(f"control.design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
         if not 1 <= self.num_blocks <= depth:
             raise ControlError(f"control.num_blocks={self.num_blocks} must be in 1..{depth} (the base model's depth)")
-        if not math.isfinite(self.scale) or self.scale < 0:
-            raise ControlError(f"control.scale must be a finite number >= 0, got {self.scale}")
+        if not (math.isfinite(self.scale) and 0 <= self.scale <= MAX_SCALE):
+            raise ControlError(f"the control scale (--control-scale, control.scale) must be a number in "
+                               f"0..{MAX_SCALE:g} (0: the control is off, 1: the strength it was trained at), got "
+                               f"{self.scale}")
+
+
+MAX_SCALE = 2.0  # residuals scaled further push the base out of its training distribution: noise, then NaN
 
 
 def zero_linear(width: int) -> nn.Linear:
@@ -194,9 +199,8 @@ def branch_metadata(branch: ControlBranch, base: PixArt, base_sha256: str | None
 def save_branch(branch: ControlBranch, base: PixArt, path: str | Path, base_sha256: str | None = None,
                 extra: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """The branch alone as safetensors (the frozen base is referenced by its hash, not copied)."""
-    from safetensors.torch import save_file
-
     from models.checkpoint import atomic_path
+    from models.safetensors_file import save_file
 
     state = branch.state_dict() if state is None else state
     with atomic_path(Path(path)) as tmp:

@@ -3,10 +3,10 @@
 import math
 
 import torch
-from timm.layers import Mlp
 from torch import nn
 
 from configs.errors import UserError
+from models.layers import Mlp, scaled_randn
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -87,15 +87,9 @@ class CaptionEmbedder(nn.Module):
 
     def __init__(self, caption_channels: int, hidden_size: int, caption_tokens: int):
         super().__init__()
-        self.y_proj = Mlp(
-            in_features=caption_channels,
-            hidden_features=hidden_size,
-            out_features=hidden_size,
-            act_layer=lambda: nn.GELU(approximate="tanh"),
-            drop=0.0,
-        )
+        self.y_proj = Mlp(in_features=caption_channels, hidden_features=hidden_size, out_features=hidden_size)
         # A fixed random "null caption" (a buffer, as in the official code: it is never trained).
-        self.register_buffer("y_embedding", torch.randn(caption_tokens, caption_channels) / caption_channels**0.5)
+        self.register_buffer("y_embedding", scaled_randn(caption_tokens, caption_channels, scale=caption_channels**0.5))
 
     def forward(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """y (N, L, C) T5 features; drop (N,) bool: rows replaced by the null caption before projection."""

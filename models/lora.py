@@ -117,9 +117,8 @@ def save_diffusers_lora(state: dict[str, torch.Tensor], rank: int, alpha: float 
         inject_adapter_in_model(config, transformer); set_peft_model_state_dict(transformer, load_file(path))
 
     gives diffusers' PixArtTransformer2DModel this student."""
-    from safetensors.torch import save_file
-
     from models.checkpoint import atomic_path
+    from models.safetensors_file import save_file
 
     adapters = diffusers_lora_state_dict(state)
     if not adapters:

@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import torch
 from einops import rearrange
-from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -24,6 +23,7 @@ from models.embeddings import (
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
+from models.layers import Mlp, PatchEmbed, building_on_meta, scaled_randn
 
 # Size presets: (depth, hidden_size, num_heads). Patch size is a separate field of PixArtConfig.
 PIXART_ARCHS = {
@@ -92,13 +92,8 @@ class PixArtBlock(nn.Module):
         self.attn = SelfAttention(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(
-            in_features=hidden_size,
-            hidden_features=int(hidden_size * mlp_ratio),
-            act_layer=lambda: nn.GELU(approximate="tanh"),
-            drop=0.0,
-        )
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(scaled_randn(6, hidden_size, scale=hidden_size**0.5))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t6: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x (N, T, D) image tokens; y (N, L, D) caption tokens; t6 (N, 6D) shared adaLN vector; mask (N,1,1,L)."""
@@ -117,7 +112,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        self.scale_shift_table = nn.Parameter(scaled_randn(2, hidden_size, scale=hidden_size**0.5))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)  # (N, 1, D) each
@@ -152,9 +147,7 @@ class PixArt(nn.Module):
         self.guidance_embedding = cfg.guidance_embedding
         self.gradient_checkpointing = False  # set by trainers; recomputes block activations in backward
 
-        self.x_embedder = PatchEmbed(
-            img_size=None, patch_size=cfg.patch_size, in_chans=cfg.in_channels, embed_dim=hidden, strict_img_size=False
-        )
+        self.x_embedder = PatchEmbed(patch_size=cfg.patch_size, in_chans=cfg.in_channels, embed_dim=hidden)
         self.t_embedder = TimestepEmbedder(hidden)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, hidden, cfg.caption_tokens)
@@ -167,7 +160,8 @@ class PixArt(nn.Module):
             self.w_embedder = GuidanceEmbedder(hidden)  # w -> added to the timestep embedding
         self.blocks = nn.ModuleList(PixArtBlock(hidden, heads, cfg.mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, cfg.patch_size, self.out_channels)
-        self.initialize_weights()
+        if not building_on_meta():  # a shell for loading weights has nothing to initialise
+            self.initialize_weights()
 
     def initialize_weights(self):
         """The official initialisation; every zero-init below is what makes a fresh model a no-op residual."""

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from configs.errors import UserError
 from models.checkpoint import atomic_path
+from models.safetensors_file import save_file
 from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,19 @@ def clean_caption(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The encoder
 
+LISTED = 20  # words named in a warning; the rest are counted
+
+
+def listing(words: list[str]) -> str:
+    """'a, b, c' for at most LISTED words, then 'and N more' (a warning stays one short line)."""
+    shown = ", ".join(words[:LISTED])
+    return shown if len(words) <= LISTED else f"{shown} and {len(words) - LISTED} more"
+
+
+def shorten(prompt: str, limit: int = 80) -> str:
+    """repr() of a prompt, cut to `limit` characters."""
+    return repr(prompt if len(prompt) <= limit else prompt[:limit - 3] + "...")
+
 
 class T5TextEncoder:
     """A T5 encoder and its tokenizer: prompts -> (features (N, L, D), mask (N, L)), with an optional disk cache."""
@@ -201,22 +215,34 @@ class T5TextEncoder:
         texts = [clean_caption(p) for p in prompts] if self.cfg.clean_captions else list(prompts)
         if self.known_words is not None:
             for prompt, text in zip(prompts, texts):
-                unseen = sorted(words_of(text) - self.known_words)
+                unseen = self.unknown_words(text)
                 if unseen:
-                    log.warning("prompt %r has words this text encoder's model never saw in training: %s (they "
-                                "will not steer the image; known words are listed in %s)", prompt,
-                                ", ".join(unseen), KNOWN_WORDS_FILE)
+                    log.warning("prompt %s has words this text encoder's model never saw in training: %s (they "
+                                "will not steer the image; known words are listed in %s)", shorten(prompt),
+                                listing(unseen), KNOWN_WORDS_FILE)
         L = self.cfg.max_tokens
+        unk = getattr(self.tokenizer, "unk_token_id", None)
         for prompt, ids in zip(prompts, self.tokenizer(texts, truncation=False).input_ids):
+            if self.known_words is None and unk is not None and unk in ids:
+                log.warning("prompt %s has %d pieces the tokenizer does not know (emoji or other characters "
+                            "outside its vocabulary): they become the unknown token", shorten(prompt), ids.count(unk))
             if len(ids) > L:
-                log.warning("caption cut to %d tokens: dropped %d of %d tokens of %r", L, len(ids) - L, len(ids),
-                            prompt if len(prompt) <= 80 else prompt[:77] + "...")
+                log.warning("caption cut to %d tokens: dropped %d of %d tokens of %s", L, len(ids) - L, len(ids),
+                            shorten(prompt))
         tokens = self.tokenizer(texts, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)  # (N, L)
         mask = tokens.attention_mask.to(self.device, torch.long)  # (N, L)
         with torch.no_grad():  # not inference_mode: the features feed modules that are trained
             features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, D)
         return features.to(self.dtype), mask
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of a (cleaned) prompt outside known_words.txt, and characters that are neither letters, digits,
+        spaces nor ASCII punctuation (emoji, symbols: the tokenizer has no piece for them); [] without a word list."""
+        if self.known_words is None:
+            return []
+        odd = {c for c in text if not (c.isalnum() or c.isspace() or (c.isascii() and c.isprintable()))}
+        return sorted(words_of(text) - self.known_words) + sorted(odd)
 
     def _store(self, prompt: str, features: torch.Tensor, mask: torch.Tensor) -> None:
         """Write one prompt's (features (L, D), mask (L,)) atomically."""
@@ -244,13 +270,27 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu"
     if cfg.max_tokens < 1:
         raise UserError(f"text_encoder.max_tokens must be >= 1, got {cfg.max_tokens}")
     model_dir, tok_dir = resolve_text_encoder(cfg.path)
-    from transformers import AutoTokenizer, T5EncoderModel
-
     if cfg.load_in_8bit and device.type not in ("cpu", "cuda"):
         raise TextEncoderError(f"text_encoder.load_in_8bit works on cuda or cpu, not {device.type}")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    with _quiet_transformers():
-        model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    # This project's T5 (models/t5.py) reads transformers' files without importing transformers (seconds of
+    # start-up); transformers loads what it does not read (a tokenizer without tokenizer.json, other weight files).
+    from models.t5 import T5Tokenizer, load_t5_encoder
+
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = T5Tokenizer(tok_dir / "tokenizer.json")
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    try:
+        model = load_t5_encoder(model_dir, dtype)
+    except (ValueError, OSError) as e:
+        raise TextEncoderError(f"cannot load the T5 encoder of {str(model_dir)!r}: {e}") from e
+    if model is None:
+        from transformers import T5EncoderModel
+
+        with _quiet_transformers():
+            model = T5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     model = model.eval().requires_grad_(False)
     if cfg.load_in_8bit:  # each Linear moves to the device and is quantised there, one at a time: T5-XXL's float
         model = _quantize_linear_int8(model, device)  # weights are never on the GPU all at once

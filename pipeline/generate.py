@@ -6,6 +6,7 @@ The stages run in the order of the low-memory recipe (encode every prompt, optio
 transformer), and every check that can fail runs in `plan()` before anything heavy is loaded.
 """
 
+import contextlib
 import inspect
 import json
 import logging
@@ -108,6 +109,10 @@ def plan(cfg, prompts: list[str]) -> Plan:
                               f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
                               f"use the autoencoder the model was trained with")
     check_prediction(info, cfg.diffusion.prediction, s.checkpoint)
+    if s.sampler == "lcm" and s.guidance > 1.0 and not model_cfg.guidance_embedding and info.metadata.get("teacher"):
+        log.warning("guidance %g with the LCM sampler on a distilled student: the teacher's guidance is distilled "
+                    "into it, so more guidance on top over-saturates and degrades the image; use guidance 0",
+                    s.guidance)
     text_width = text_encoder_width(cfg.text_encoder.path)
     if text_width != model_cfg.caption_channels:
         raise CheckpointError(f"the text encoder {cfg.text_encoder.path} makes {text_width}-dim features but the "
@@ -470,10 +475,38 @@ def compile_denoiser(model, s: SampleConfig):
     return compile_module(model, "the transformer", s.device, regions=regions, mode=s.compile_mode)
 
 
+SMALL_FORWARD_MACS = 5e8  # below this many multiply-adds per transformer forward, one CPU thread is faster
+
+
+def forward_macs(model_cfg: PixArtConfig, gen_size: tuple[int, int], downsample: int, batch: int) -> float:
+    """About the multiply-adds of one transformer forward: 14 D^2 per token and block (attention, cross-attention
+    projections, MLP), caption attention and embedders left out."""
+    depth, hidden, _ = model_cfg.dims()
+    tokens = (gen_size[0] // downsample // model_cfg.patch_size) * (gen_size[1] // downsample // model_cfg.patch_size)
+    return batch * tokens * depth * 14 * hidden**2
+
+
+@contextlib.contextmanager
+def cpu_threads_for(device: torch.device, macs: float):
+    """One intra-op thread on the CPU for forwards too small to split: their matrix products take a fraction of a
+    millisecond, and a second OpenMP thread on a core that other processes keep busy makes each wait ~16 ms (the
+    shipped 32x32 models' 4 steps: 3 s instead of 0.03 s). Larger forwards keep PyTorch's thread count."""
+    if device.type != "cpu" or macs >= SMALL_FORWARD_MACS or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, request: Plan,
                   prompts: PromptFeatures, timings: Timings, progress: bool = True,
-                  prediction: str = "eps", control_scale: float = 1.0) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches."""
+                  prediction: str = "eps", control_scale: float = 1.0, on_batch=None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] on the CPU for every prompt/seed of the request, in batches of s.batch_size;
+    on_batch(images (n, 3, H, W), first index) sees each batch as it finishes (to save it before the next)."""
     device = torch.device(s.device)
     latent_hw = (request.gen_size[0] // vae.downsample, request.gen_size[1] // vae.downsample)
     shared = None
@@ -493,7 +526,9 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
                 latent = shared if shared is not None else vae.encode(
                     request.control[b:b + len(batch)].to(device), sample=False).float()
             cond.update(control=latent.expand(len(batch), -1, -1, -1), control_scale=control_scale)
-        with torch.inference_mode():
+        guided = 2 if s.guidance > 1.0 and not request.model_cfg.guidance_embedding else 1
+        macs = forward_macs(request.model_cfg, request.gen_size, vae.downsample, guided * len(batch))
+        with torch.inference_mode(), cpu_threads_for(device, macs):
             start = time.perf_counter()
             latents = denoise_batch(model, schedule, s, cond, seeds, latent_hw, negative=prompts.negative,
                                     prediction=prediction, timings=timings,
@@ -508,14 +543,17 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
             _sync(device)
             timings.vae_decoding += time.perf_counter() - start
         images.append(((decoded + 1) / 2).clamp(0, 1).cpu())  # [-1, 1] -> [0, 1]
+        if on_batch is not None:
+            on_batch(images[-1], b)
     bar.close()
     return torch.cat(images)
 
 
-def generate(cfg, request: Plan, progress: bool = True) -> Generated:
+def generate(cfg, request: Plan, progress: bool = True, on_batch=None) -> Generated:
     """Run a planned request: encode every prompt, free T5, then load the transformer and VAE and sample.
 
-    T5-XXL (4.7B parameters) and the transformer are never in memory together.
+    T5-XXL (4.7B parameters) and the transformer are never in memory together. on_batch(images, first index) sees
+    each batch of images as soon as it is decoded (sample/sample.py saves it, so an interrupted run keeps it).
     """
     s = cfg.sample
     timings = Timings()
@@ -533,5 +571,5 @@ def generate(cfg, request: Plan, progress: bool = True) -> Generated:
         vae.compile(channels_last=torch.device(s.device).type == "cuda")
     timings.loading = time.perf_counter() - start
     images = sample_images(model, vae, cfg.diffusion.build(), s, request, prompts, timings, progress,
-                           cfg.diffusion.prediction, cfg.control.scale)
+                           cfg.diffusion.prediction, cfg.control.scale, on_batch)
     return Generated(images, request.prompts, request.seeds, timings)

@@ -6,15 +6,18 @@
 
 Flags override the config file, which --set overrides first. Every check (sizes, sampler steps, files, latent
 channels) runs before weights are loaded. Each run writes a numbered folder in --out holding one PNG per image
-(prompt, seed, sampler and steps in the PNG text fields), grid.png, config.yaml, prompts.txt and log.txt.
+(prompt, seed, sampler and steps in the PNG text fields), grid.png (with several images), config.yaml, prompts.txt
+and log.txt. Images are saved as their batches finish: Ctrl-C keeps those made so far and exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +29,7 @@ from configs import Config, add_config_arguments, load_config, save_config, to_y
 from configs.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.generate import Generated, Plan
+    from pipeline.generate import Plan
 
 # torch, transformers and diffusers load only once the arguments are parsed, so --help answers at once.
 
@@ -138,30 +141,61 @@ def next_run_dir(out: Path) -> Path:
     return run
 
 
-def save_outputs(run: Path, result: Generated, cfg: Config, request: Plan) -> list[Path]:
-    """One PNG per image with its provenance in text fields, plus grid.png and prompts.txt."""
-    s = cfg.sample
-    paths = []
-    for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        info = PngInfo()
-        fields = dict(prompt=prompt, seed=seed, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
-                      uncond=s.uncond, negative_prompt=s.negative_prompt if s.uncond == "negative" else "",
-                      checkpoint=s.checkpoint, size=f"{image.shape[2]}x{image.shape[1]}",
-                      generated_at=f"{request.gen_size[1]}x{request.gen_size[0]}", dtype=s.dtype)
-        for key, value in fields.items():
-            info.add_text(key, str(value))
-        path = run / f"{i:04d}_seed{seed}.png"
-        to_pil(image).save(path, pnginfo=info)
-        paths.append(path)
-    if s.grid and len(result.images) > 1:
-        from torchvision.utils import make_grid
+class RunWriter:
+    """Writes a run's images as their batches finish (so Ctrl-C keeps the finished ones), then grid.png (when there
+    are several images), prompts.txt and, with a control map, control.png."""
 
-        to_pil(make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))), padding=2)).save(
-            run / "grid.png")
-    (run / "prompts.txt").write_text("".join(f"{seed}\t{p}\n" for p, seed in zip(result.prompts, result.seeds)))
-    if request.control is not None:  # the map the images were steered by, at the generated size
-        to_pil((request.control + 1) / 2).save(run / "control.png")
-    return paths
+    def __init__(self, run: Path, cfg: Config, request: Plan):
+        self.run, self.cfg, self.request = run, cfg, request
+        self.images: list = []   # (3, H, W) tensors in [0, 1], in request order
+        self.paths: list[Path] = []
+
+    def add_batch(self, images, first: int) -> None:
+        """Save images (n, 3, H, W) in [0, 1]: image i of the batch is image first + i of the request. A Ctrl-C
+        while saving waits until the batch is written, so no image is half-written or left out of the count."""
+        with signals_deferred(signal.SIGINT, signal.SIGTERM):
+            self._save(images, first)
+
+    def _save(self, images, first: int) -> None:
+        s, request = self.cfg.sample, self.request
+        for i, image in enumerate(images, first):
+            prompt, seed = request.prompts[i], request.seeds[i]
+            info = PngInfo()
+            fields = dict(prompt=prompt, seed=seed, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
+                          uncond=s.uncond, negative_prompt=s.negative_prompt if s.uncond == "negative" else "",
+                          checkpoint=s.checkpoint, size=f"{image.shape[2]}x{image.shape[1]}",
+                          generated_at=f"{request.gen_size[1]}x{request.gen_size[0]}", dtype=s.dtype)
+            for key, value in fields.items():
+                info.add_text(key, str(value))
+            path = self.run / f"{i:04d}_seed{seed}.png"
+            to_pil(image).save(path, pnginfo=info)
+            self.images.append(image)
+            self.paths.append(path)
+
+    def finish(self) -> None:
+        """grid.png (several images), prompts.txt of the images written, control.png."""
+        n = len(self.images)
+        if self.cfg.sample.grid and n > 1:
+            from torchvision.utils import make_grid
+
+            to_pil(make_grid(self.images, nrow=math.ceil(math.sqrt(n)), padding=2)).save(self.run / "grid.png")
+        (self.run / "prompts.txt").write_text("".join(f"{seed}\t{p}\n" for p, seed in
+                                                      zip(self.request.prompts[:n], self.request.seeds[:n])))
+        if self.request.control is not None and self.request.control.ndim == 3:  # the map, at the generated size
+            to_pil((self.request.control + 1) / 2).save(self.run / "control.png")
+
+
+@contextlib.contextmanager
+def signals_deferred(*signals):
+    """Signals that arrive inside the block are delivered when it ends (where the platform can block them)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def to_pil(image) -> Image.Image:
@@ -194,26 +228,35 @@ def main(argv=None) -> int:
              cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance, w, h, run)
     import torch
 
+    writer = RunWriter(run, cfg, request)
     try:
         from pipeline.generate import generate
 
-        result = generate(cfg, request, progress=not args.no_progress)
+        result = generate(cfg, request, progress=not args.no_progress, on_batch=writer.add_batch)
     except UserError as e:
-        log.error("error: %s (the run folder %s keeps config.yaml and log.txt)", e, run)
+        writer.finish()
+        log.error("error: %s (the run folder %s keeps config.yaml, log.txt and the %d images made before)", e, run,
+                  len(writer.paths))
         return 2
     except torch.OutOfMemoryError:
+        writer.finish()
         s = cfg.sample
         log.error("error: out of %s memory generating %d image(s) of %dx%d in batches of %d: pass a smaller "
-                  "--batch-size%s%s (the run folder %s keeps config.yaml and log.txt)", s.device, len(request.prompts),
-                  w, h, s.batch_size, "" if s.low_memory else ", --low-memory (8-bit T5, one-image VAE decoding)",
-                  "" if s.quantize != "none" else ", --quantize int8", run)
+                  "--batch-size%s%s (the run folder %s keeps config.yaml, log.txt and the %d images made before)",
+                  s.device, len(request.prompts), w, h, s.batch_size,
+                  "" if s.low_memory else ", --low-memory (8-bit T5, one-image VAE decoding)",
+                  "" if s.quantize != "none" else ", --quantize int8", run, len(writer.paths))
         return 2
-    paths = save_outputs(run, result, cfg, request)
+    except KeyboardInterrupt:
+        writer.finish()
+        log.warning("interrupted (Ctrl-C): kept the %d of %d images finished before it in %s", len(writer.paths),
+                    len(request.prompts), run)
+        return 130
+    writer.finish()
     t = result.timings
-    log.info("wrote %d images to %s (text %.2fs, loading %.2fs, denoising %.2fs, VAE %.2fs)", len(paths), run,
+    log.info("wrote %d images to %s (text %.2fs, loading %.2fs, denoising %.2fs, VAE %.2fs)", len(writer.paths), run,
              t.text_encoding, t.loading, t.denoising, t.vae_decoding)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import torch
 
 from configs import Config
 from configs.errors import UserError
-from data.features import batch_conditions
+from data.features import INDEX_NAME, FeatureDataset, batch_conditions
 from diffusion.losses import DiffusionLoss
 from engine.loop import Task
 from engine.precision import store_frozen
@@ -34,6 +34,10 @@ def check_config(cfg: Config) -> None:
     if not cfg.control.base:
         raise UserError("control.base is not set: the frozen base model the branch steers (any checkpoint format)")
     cfg.control.check(cfg.model.dims()[0])
+    cache = Path(cfg.data.cache_dir)
+    if (cache / INDEX_NAME).is_file() and "control" not in FeatureDataset(cache).shapes():
+        raise UserError(f"the feature cache {cfg.data.cache_dir} has no control maps: extract it with "
+                        f"tools/extract_features.py --control edge (or canny)")
 
 
 class ControlNetTask(Task):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from configs import Config
+from configs.errors import UserError
 from data.features import batch_conditions
 from diffusion.consistency import ConsistencyDistillationLoss
 from diffusion.guidance import null_caption_pair
@@ -116,3 +117,14 @@ class LCMTask(Task):
             state_dict = merged_state_dict(state_dict, scaling(dc.lora_rank, dc.lora_alpha))
         save_checkpoint(state_dict, self.student_config(), path, "safetensors",
                         metadata={**metadata, "teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash})
+
+
+def check_config(cfg: Config) -> None:
+    """The distill: section, before anything loads: a LoRA rank above the blocks' width adds nothing but memory."""
+    cfg.distill.check(cfg.diffusion.num_steps)
+    width = cfg.model.dims()[1]
+    if cfg.distill.lora_rank > width:
+        raise UserError(f"distill.lora_rank={cfg.distill.lora_rank} is above the width of the layers it adapts "
+                        f"({width}, model.hidden_size): a rank-r adapter of a {width}-wide layer is full rank at "
+                        f"r = {width}; use a rank of at most {width}")
+

@@ -63,6 +63,9 @@ SAMPLE_CASES = [
     (["--set", "sample.quantize=int4"], "unknown quantization 'int4'"),
     (["--quantize", "int4"], "(argparse)"),
     (["--set", "sample.stepz=3"], "did you mean 'sample.steps'"),
+    (["--control", "docs/examples/triangle_edges.png", "--control-scale", "1e9"], "must be a number in 0..2"),
+    (["--control", "docs/examples/triangle_edges.png", "--control-scale", "-1"], "must be a number in 0..2"),
+    (["--control", "docs/examples/triangle_edges.png", "--control-scale", "nan"], "must be a number in 0..2"),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append((["--device", "cuda"], "this machine has no CUDA GPU"))
@@ -163,3 +166,109 @@ def test_written_files_honour_the_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == file_mode
     assert (folder / "transformer").stat().st_mode & 0o777 == dir_mode
     assert all(p.stat().st_mode & 0o777 == file_mode for p in (folder / "transformer").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainers' feature cache: missing, or extracted for another image size (README's ControlNet extraction once
+# lacked --base-size 32 and cached the 32x32 shapes at 256x256: killed for memory, or training 200x slower).
+
+TRAINERS = {"train.py": "shapes_teacher", "train_lcm.py": "lcm_shapes", "train_controlnet.py": "controlnet_shapes"}
+
+
+@pytest.fixture(scope="module")
+def cache_at_64(tmp_path_factory):
+    """A feature cache of shapes images (with edge maps) extracted at 64x64 for the 32x32 shapes models."""
+    from data.synthetic import write_dataset
+    from tools.extract_features import main as extract
+
+    root = tmp_path_factory.mktemp("cache64")
+    write_dataset(root / "data", 4, seed=0, sizes=((32, 32),), progress=False)
+    assert extract([str(root / "data"), str(root / "cache"), "--config", "shapes_teacher", "--base-size", "64",
+                    "--control", "edge", "--no-progress"]) == 0
+    return root / "cache"
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_missing_cache_leaves_no_run_folder(script, tmp_path, caplog):
+    main = load_script(f"train/{script}").main
+    exits_2_with(main, ["--config", TRAINERS[script], "--set", f"data.cache_dir={tmp_path / 'nonexistent'}",
+                        "--set", f"train.runs_dir={tmp_path / 'runs'}"], caplog, "--base-size SIDE")
+    assert "does not exist" in caplog.text
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_cache_of_another_image_size_is_refused(script, cache_at_64, tmp_path, caplog):
+    main = load_script(f"train/{script}").main
+    exits_2_with(main, ["--config", TRAINERS[script], "--set", f"data.cache_dir={cache_at_64}",
+                        "--set", f"train.runs_dir={tmp_path / 'runs'}"], caplog,
+                 "holds 64x64 images (64x64 latents), but the model is made for 32x32")
+    assert "--base-size 32" in caplog.text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_convert_to_pipeline_refuses_a_vae_of_other_latent_channels(tmp_path, tiny_t5_path, tiny_vae_path, caplog):
+    """A 4-channel VAE around an 8-channel transformer once made a pipeline that diffusers failed to run."""
+    cfg = tiny_config(in_channels=8)
+    src = save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "c8.safetensors", "safetensors")
+    exits_2_with(convert_main, [str(src), str(tmp_path / "pipe"), "--to", "pipeline", "--text-encoder",
+                                str(tiny_t5_path), "--vae", str(tiny_vae_path)], caplog,
+                 "makes 4-channel latents but the transformer")
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_convert_to_pipeline_says_a_pixel_space_model_cannot_be_one(tmp_path, tiny_t5_path, tiny_vae_path, caplog):
+    student = ROOT / "weights" / "shapes" / "student.safetensors"
+    exits_2_with(convert_main, [str(student), str(tmp_path / "pipe"), "--to", "pipeline", "--text-encoder",
+                                str(ROOT / "weights" / "shapes" / "t5"), "--vae", str(tiny_vae_path)], caplog,
+                 "is a pixel-space model")
+    assert "--to diffusers" in caplog.text and not (tmp_path / "pipe").exists()
+
+
+def test_a_lora_rank_above_the_layer_width_is_refused_before_loading(tmp_path, caplog):
+    lcm_main = load_script("train/train_lcm.py").main
+    exits_2_with(lcm_main, ["--config", "lcm_shapes", "--set", "distill.lora_rank=100000", "--set",
+                            f"train.runs_dir={tmp_path / 'runs'}"], caplog,
+                 "distill.lora_rank=100000 is above the width of the layers it adapts (192")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_guidance_on_a_distilled_student_with_lcm_warns(tmp_path, caplog):
+    """The shipped student has its teacher's guidance distilled in: CFG 7 on top degrades it, and says so."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert sample_main(["--prompt", "a large red circle at the center", "--sampler", "lcm", "--guidance", "7",
+                            "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "guidance 7 with the LCM sampler on a distilled student" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert sample_main(["--prompt", "a large red circle at the center", "--out", str(tmp_path / "out"),
+                            "--no-progress"]) == 0
+    assert "distilled student" not in caplog.text
+
+
+def test_extract_features_lists_folders_and_links_named_like_images(tmp_path):
+    """A folder, a looping and a broken symbolic link named like images were skipped silently: report.json lists
+    each with its reason, and the real image is extracted."""
+    import json
+
+    from PIL import Image
+
+    from tools.extract_features import main as extract
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), "red").save(data / "good.png")
+    (data / "folder.png").mkdir()
+    (data / "loop.png").symlink_to(data / "loop.png")
+    (data / "broken.png").symlink_to(data / "missing-target.png")
+    for name in ("good", "folder", "loop", "broken"):
+        (data / f"{name}.txt").write_text("a large red circle at the center")
+    assert extract([str(data), str(tmp_path / "cache"), "--config", "shapes_teacher", "--base-size", "32",
+                    "--no-progress"]) == 0
+    report = json.loads((tmp_path / "cache" / "report.json").read_text())
+    reasons = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert "folder named like an image" in reasons["folder"]
+    assert "loops back on itself" in reasons["loop"]
+    assert "points to nothing" in reasons["broken"]
+    assert report["indexed"] == 1

@@ -259,3 +259,31 @@ def test_loading_does_not_need_twice_the_checkpoint_in_ram(tmp_path):
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
         growth = int(out.stdout.strip().splitlines()[-1])
         assert growth < 1.5 * size, f"{fmt}: RSS grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+def test_exports_are_byte_reproducible_across_processes(tmp_path):
+    """safetensors' metadata order changed from process to process: the same conversion gave other bytes. Two
+    processes convert the shipped student, and two write a file with twenty metadata keys: equal sha256 each."""
+    import hashlib
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    student = root / "weights" / "shapes" / "student.safetensors"
+    write = ("import sys, torch; from models.safetensors_file import save_file; "
+             "save_file({'w': torch.arange(6.0)}, sys.argv[1], metadata={f'key{i}': str(i) for i in range(20)})")
+    digests = {"convert": set(), "metadata": set()}
+    for i in range(2):
+        out = tmp_path / f"student{i}.safetensors"
+        subprocess.run([sys.executable, str(root / "tools/convert_checkpoint.py"), str(student), str(out), "--to",
+                        "safetensors"], check=True, cwd=root, timeout=120, capture_output=True)
+        digests["convert"].add(hashlib.sha256(out.read_bytes()).hexdigest())
+        many = tmp_path / f"many{i}.safetensors"
+        subprocess.run([sys.executable, "-c", write, str(many)], check=True, cwd=root, timeout=120)
+        digests["metadata"].add(hashlib.sha256(many.read_bytes()).hexdigest())
+    assert len(digests["convert"]) == 1 and len(digests["metadata"]) == 1, digests
+    from safetensors import safe_open
+
+    with safe_open(str(many), "pt") as f:
+        assert f.metadata() == {f"key{i}": str(i) for i in range(20)}
+        assert torch.equal(f.get_tensor("w"), torch.arange(6.0))

@@ -202,6 +202,11 @@ def test_evaluate_folder_cli(tmp_path, how, capsys):
     assert record["frechet_distance"] >= 0
     assert "| all | 12 |" in (run / "results.md").read_text()
     assert Image.open(run / "worst.png").size[0] > 100
+    capsys.readouterr()
+    assert evaluate.main(["table", str(run)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]  # a folder has no sampler, steps, guidance or time per image
+    assert row.startswith("| gen | - | - | - | 100.0 |") and row.endswith("| - |") and "None" not in row
+    assert "nan" not in row
 
 
 def test_evaluate_folder_missing_and_extra_images(tmp_path, caplog):
@@ -222,7 +227,10 @@ def test_evaluate_folder_missing_and_extra_images(tmp_path, caplog):
 def test_evaluate_folder_bad_inputs(tmp_path, caplog):
     out = ["--out", str(tmp_path / "out"), "--no-progress"]
     assert evaluate.main(["folder", str(tmp_path / "none"), *out]) == 2
-    assert "is not a folder of images" in caplog.text
+    assert "none': no such folder" in caplog.text
+    (tmp_path / "file.png").write_bytes(b"")
+    assert evaluate.main(["folder", str(tmp_path / "file.png"), *out]) == 2
+    assert "is a file, not a folder of images" in caplog.text
     (tmp_path / "gen").mkdir()
     Image.new("RGB", (32, 32), "white").save(tmp_path / "gen" / "a.png")
     (tmp_path / "gen" / "a.txt").write_text("a photo of a cat")

@@ -256,12 +256,14 @@ def test_demo_quantises_the_base_and_its_control_branch():
     demo = load_script("tools/demo.py")
     edges = np.zeros((32, 32, 3), np.uint8)
     edges[8:24, 8] = edges[8:24, 23] = edges[8, 8:24] = edges[23, 8:24] = 255
-    args = ("a large red square at the center", "lcm", 4, 0.0, 0, 32, 32, Image.fromarray(edges))
     results = {}
     for mode in ("none", "int8"):
-        d = demo.Demo(load_config(Config, "lcm_shapes", [f"sample.quantize={mode}"]), 64, 25)
-        linears = Q.block_linears(d.controlled)
+        engine = demo.Engine(load_config(Config, "lcm_shapes", [f"sample.quantize={mode}"]), "student")
+        linears = Q.block_linears(engine.controlled)
         assert any("branch" in name for name in linears)
         assert all(Q._is_quantized_tensor(m.weight) == (mode == "int8") for m in linears.values())
-        results[mode] = np.asarray(d.generate(*args), dtype=np.float64) / 255
+        image, control = engine.draw("a large red square at the center", 0, 32, 32, Image.fromarray(edges), 1.0,
+                                     sampler="lcm", steps=4, guidance=0.0)
+        assert control is not None
+        results[mode] = image.permute(1, 2, 0).double().numpy()
     assert np.abs(results["int8"] - results["none"]).mean() < 0.01

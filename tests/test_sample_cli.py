@@ -145,3 +145,54 @@ def test_command_line_help_and_exit_status(parts, tmp_path):
     out = subprocess.run([sys.executable, script, "--prompt", "x", "--checkpoint", str(parts["ckpt"]),
                           "--steps", "60", "--sampler", "lcm"], capture_output=True, text=True)
     assert out.returncode == 2 and "LCM steps must be an integer in 1..50" in out.stdout
+
+
+def test_ctrl_c_keeps_the_images_made_and_exits_130(tmp_path):
+    """Ctrl-C while the teacher draws 64 images in batches of 2: the finished ones stay (with prompts.txt and
+    grid.png), the log says how many, the exit status is 130 and no traceback is printed."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample/sample.py"), "--config", "shapes_teacher",
+                             "--prompt", "a large red circle at the center", "--images-per-prompt", "64",
+                             "--batch-size", "2",
+                             "--out", str(out), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*/0001_*.png")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    (run,) = out.iterdir()
+    pngs = sorted(run.glob("0*.png"))
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert 2 <= len(pngs) < 64
+    assert f"kept the {len(pngs)} of 64 images" in output and "kept the" in (run / "log.txt").read_text()
+    assert len((run / "prompts.txt").read_text().splitlines()) == len(pngs) and (run / "grid.png").is_file()
+
+
+def test_the_main_command_imports_only_what_it_needs(tmp_path):
+    """The README's first command once took 4x `import torch` on 2 cores: timm (torchvision, torch._dynamo),
+    transformers and diffusers loaded for a 2-layer T5 and a 32x32 pixel-space model. None of them loads now
+    (tools/startup_time.py measures the time)."""
+    code = ("import sys\n"
+            "sys.argv = ['sample.py', '--prompt', 'a large red circle at the center', '--out', sys.argv[1],"
+            " '--no-progress']\n"
+            "import runpy\n"
+            "try:\n"
+            "    runpy.run_path('sample/sample.py', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "heavy = ('timm', 'transformers', 'diffusers', 'torchvision', 'torchao', 'torch._dynamo', 'sympy',"
+            " 'scipy')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+    assert len(list(tmp_path.glob("*/0000_seed0.png"))) == 1

@@ -226,3 +226,55 @@ def test_latent_channels_of(tiny_vae_path, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", None)  # reading config.json must be enough
     assert latent_channels_of(AutoencoderConfig(path=str(tiny_vae_path))) == 4
     assert latent_channels_of(AutoencoderConfig(kind="pixel")) == 3
+
+
+def test_unknown_words_and_characters_warn_in_one_short_line(caplog):
+    """Emoji became <unk> without a word; 5,000 unknown words printed one 75 KB line."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    encoder = load_text_encoder(TextEncoderConfig(path=str(root / "weights/shapes/t5"), max_tokens=32, dtype="fp32"))
+    with caplog.at_level(logging.WARNING):
+        encoder.encode(["a large red circle at the center \N{CAT FACE}"])
+    assert "never saw in training: \N{CAT FACE}" in caplog.text
+    caplog.clear()
+    words = [f"zq{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}" for i in range(5000)]
+    with caplog.at_level(logging.WARNING):
+        encoder.encode([" ".join(words)])
+    assert "and 4980 more" in caplog.text
+    assert all(len(r.getMessage()) < 1000 for r in caplog.records), [len(r.getMessage()) for r in caplog.records]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        encoder.encode(["a large red circle at the center"])
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_the_t5_encoder_and_tokenizer_equal_transformers(tmp_path, tiny_t5_path, feed_forward):
+    """models/t5.py (no transformers import at start-up) against transformers' T5EncoderModel and tokenizer on the
+    same folder: token ids and masks equal, features to 1e-5; T5 v1.1 (gated-gelu) and the original T5 (relu)."""
+    from transformers import T5Config
+
+    from models.t5 import T5Tokenizer, load_t5_encoder
+
+    folder = tiny_t5_path
+    if feed_forward == "relu":  # the tiny folder's tokenizer with random weights of the original T5's layout
+        folder = tmp_path / "relu"
+        shutil.copytree(tiny_t5_path, folder)
+        config = T5Config.from_pretrained(folder)
+        config.feed_forward_proj, config.dense_act_fn, config.is_gated_act = "relu", "relu", False
+        torch.manual_seed(0)
+        T5EncoderModel(config).save_pretrained(folder)
+    prompts = ["a large red circle at the center", "two cats \N{CAT FACE} on the moon, 12 naive!", "x " * 200, ""]
+    theirs_tok, ours_tok = AutoTokenizer.from_pretrained(folder), T5Tokenizer(folder / "tokenizer.json")
+    assert theirs_tok(prompts).input_ids == ours_tok(prompts).input_ids
+    assert theirs_tok.tokenize(prompts[1]) == ours_tok.tokenize(prompts[1])
+    theirs = theirs_tok(prompts, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    ours = ours_tok(prompts, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    assert torch.equal(theirs.input_ids, ours.input_ids) and torch.equal(theirs.attention_mask, ours.attention_mask)
+    reference = T5EncoderModel.from_pretrained(folder).eval()
+    model = load_t5_encoder(folder, torch.float32)
+    with torch.no_grad():
+        want = reference(input_ids=ours.input_ids, attention_mask=ours.attention_mask).last_hidden_state
+        got = model(input_ids=ours.input_ids, attention_mask=ours.attention_mask).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

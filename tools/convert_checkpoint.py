@@ -6,6 +6,10 @@ assemble a whole diffusers pipeline folder around it.
     python tools/convert_checkpoint.py student.safetensors out/student-pipeline --to pipeline --scheduler lcm \
         --text-encoder weights/PixArt-XL-2-1024-MS --vae weights/PixArt-XL-2-1024-MS
 
+A pipeline folder needs a latent-space model and a VAE of its latent channels; a pixel-space model (the shipped
+shapes models) exports its transformer alone (--to diffusers or --to safetensors), as diffusers' pipeline always
+decodes with a VAE.
+
 ControlNet: an official PixArt-XL-2-*-ControlNet.pth (base_model.* + controlnet.*) splits into the base as this
 project's safetensors and the branch alone (recording the base's hash); a branch plus its base join back into
 the official layout:
@@ -122,6 +126,28 @@ def prediction_of(ckpt, cfg) -> str:
     return (yaml.safe_load(text) or {}).get("diffusion", {}).get("prediction", "eps") if text else "eps"
 
 
+def autoencoder_kind_of(ckpt, cfg) -> str:
+    """The autoencoder a checkpoint was trained with ("pixel", "sd-vae"): --config's, else its recorded run config."""
+    if cfg is not None:
+        return cfg.autoencoder.kind
+    text = ckpt.metadata.get("config")
+    return ((yaml.safe_load(text) or {}).get("autoencoder") or {}).get("kind", "sd-vae") if text else "sd-vae"
+
+
+def check_pipeline_autoencoder(src, ckpt, run_cfg, model_cfg, vae: str, vae_channels: int) -> None:
+    """A pipeline folder decodes the transformer's latents with --vae: a pixel-space model cannot be one, and the
+    VAE's latent channels must be the model's."""
+    if autoencoder_kind_of(ckpt, run_cfg) == "pixel":
+        raise CheckpointError(f"{src} is a pixel-space model (it draws RGB pixels, no autoencoder), and "
+                              f"diffusers' PixArtAlphaPipeline always decodes with an AutoencoderKL, so it cannot be "
+                              f"exported as a pipeline folder: export the transformer alone with --to diffusers "
+                              f"(PixArtTransformer2DModel) or --to safetensors, and sample it with sample/sample.py")
+    if vae_channels != model_cfg.in_channels:
+        raise CheckpointError(f"the VAE {vae} makes {vae_channels}-channel latents but the transformer {src} takes "
+                              f"{model_cfg.in_channels} (model.in_channels): the pipeline would fail at its first "
+                              f"step; pass the VAE the model was trained with")
+
+
 def is_control_file(path: Path) -> bool:
     """A ControlNet file: this project's branch (safetensors metadata) or an official base_model.* + controlnet.*."""
     from models.controlnet import FORMAT
@@ -225,7 +251,8 @@ def convert(args, run_cfg) -> None:
         sd = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     if args.to == "pipeline":
         text_dir, tok_dir = resolve_text_encoder(args.text_encoder)
-        vae_dir, _ = resolve_vae(args.vae)
+        vae_dir, vae_config = resolve_vae(args.vae)
+        check_pipeline_autoencoder(args.src, ckpt, run_cfg, cfg, args.vae, int(vae_config.get("latent_channels", 4)))
         with atomic_dir(dst, replace_existing=args.overwrite) as tmp:
             write_pipeline_folder(tmp, sd, cfg, text_dir, tok_dir, vae_dir,
                                   scheduler_config(args.scheduler, prediction_of(ckpt, run_cfg)))

@@ -21,6 +21,7 @@ standard weights files the user provides (nothing is downloaded).
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,10 @@ def load_images(paths: list[Path], min_side: int | None = None, what: str = "ima
 
 
 def image_files(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise EvalError(f"{str(folder)!r}: no such folder")
     if not folder.is_dir():
-        raise EvalError(f"{str(folder)!r} is not a folder of images")
+        raise EvalError(f"{str(folder)!r} is a file, not a folder of images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png"
                    and p.name != "worst.png")
     if not files:
@@ -351,6 +354,13 @@ def run_clip(args) -> dict:
     return out, record
 
 
+def cell(value, spec: str = "") -> str:
+    """A table cell: the value formatted, or "-" where the result has none (a folder's results have no sampler)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
 def run_table(args) -> tuple[None, dict]:
     """One Markdown row per results.json: the setting, single- and multi-object accuracy, FD, seconds per image."""
     header = ("| model | sampler | steps | guidance | single: kind | colour | size | position | count | all "
@@ -359,17 +369,17 @@ def run_table(args) -> tuple[None, dict]:
     for folder in args.results:
         path = folder / "results.json" if folder.is_dir() else folder
         if not path.is_file():
-            raise EvalError(f"{folder} holds no results.json (an output folder of `evaluate.py model`)")
+            raise EvalError(f"{folder} holds no results.json (an output folder of `evaluate.py model` or `folder`)")
         r = json.loads(path.read_text())
         one, many = r["groups"].get("single", {}), r["groups"].get("multi", {})
-        multi_all = (sum(many.get(a, 0) for a in ("kind", "color", "size", "position")) / 4) if many else float("nan")
-        model = args.label or Path(r.get("checkpoint") or r.get("config", "?")).stem
-        rows.append(f"| {model} | {r.get('sampler')} | {r.get('steps')} | {r.get('guidance')} | "
-                    + " | ".join(f"{one.get(k, float('nan')):.1f}" for k in ("kind", "color", "size", "position",
-                                                                            "count", "all"))
-                    + f" | {multi_all:.1f} | {many.get('count', float('nan')):.1f} | "
-                      f"{r.get('frechet_distance', float('nan')):.3f} "
-                      f"| {r.get('seconds_per_image', float('nan')):.4f} |")
+        multi_all = (sum(many.get(a, 0) for a in ("kind", "color", "size", "position")) / 4) if many else None
+        source = r.get("checkpoint") or r.get("config", "?")
+        model = args.label or (Path(r["folder"]).name if r.get("folder") else Path(source).stem)
+        rows.append(f"| {model} | {cell(r.get('sampler'))} | {cell(r.get('steps'))} | {cell(r.get('guidance'))} | "
+                    + " | ".join(cell(one.get(k), ".1f") for k in ("kind", "color", "size", "position", "count",
+                                                                    "all"))
+                    + f" | {cell(multi_all, '.1f')} | {cell(many.get('count'), '.1f')} | "
+                      f"{cell(r.get('frechet_distance'), '.3f')} | {cell(r.get('seconds_per_image'), '.4f')} |")
     print("\n".join(rows))
     return None, {}
 
@@ -408,7 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     fid.add_argument("--batch-size", type=int, default=32)
 
     probe = sub.add_parser("probe", parents=[common], help="noise real renders to timestep t0, denoise them back "
-                           "with the caption, score: where does the model decide each attribute?")
+                           "with the caption, score: where does the model decide each attribute? (slow: with the "
+                           "defaults over 15 minutes on 2 CPU cores for --swap kind)")
     add_config_arguments(probe, default="shapes_teacher")
     probe.add_argument("--from", dest="timesteps", type=lambda v: [int(t) for t in v.split(",")],
                        default=[100, 200, 300, 400, 500, 600, 800, 999], metavar="T0,T0,...",

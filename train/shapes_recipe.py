@@ -273,9 +273,9 @@ def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | N
     """fp16 weights (half the bytes; the evaluation runs on exactly these), and the T5 folder when given; the
     manifest's hashes follow at once (shipped files are verified on load, also by the evaluation that follows)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from models.checkpoint import atomic_dir, atomic_path
+    from models.safetensors_file import save_file
 
     with safe_open(str(source), framework="pt") as f:
         tensors = {k: f.get_tensor(k).half() for k in f.keys()}

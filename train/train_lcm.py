@@ -13,11 +13,11 @@ The task (student, EMA target, frozen teacher) is tasks/lcd.py; everything else 
 import sys
 
 from engine.cli import run_trainer
-from tasks.lcd import LCMTask
+from tasks.lcd import LCMTask, check_config
 
 
 def main(argv=None) -> int:
-    return run_trainer(LCMTask, __doc__, argv, check=lambda cfg: cfg.distill.check(cfg.diffusion.num_steps))
+    return run_trainer(LCMTask, __doc__, argv, check=check_config)
 
 
 if __name__ == "__main__":
