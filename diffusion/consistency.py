@@ -38,6 +38,8 @@ class DistillConfig:
     loss: str = "huber"              # huber (c = huber_c) | l2
     huber_c: float = 0.001
     target_decay: float = 0.95       # mu of the EMA target network
+    teacher_substeps: int = 1        # guided DDIM steps of the teacher from t_n to t_{n-k} (1: the paper's single
+                                     # step; more: a more exact ODE solve over the skip, as multi-step solvers do)
     lora_rank: int = 0               # > 0: LCM-LoRA, adapters of this rank; the teacher is the adapters-off model
     lora_alpha: float | None = None  # LoRA scale alpha / rank (None: alpha = rank)
 
@@ -59,6 +61,10 @@ class DistillConfig:
             raise UserError(f"distill.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0.0 <= self.target_decay < 1.0:
             raise UserError(f"distill.target_decay must be in [0, 1), got {self.target_decay}")
+        skip = num_train_steps // self.ddim_steps
+        if not 1 <= self.teacher_substeps <= skip:
+            raise UserError(f"distill.teacher_substeps must be in 1..{skip} (the skip of {skip} timesteps it divides), "
+                            f"got {self.teacher_substeps}")
         if self.lora_rank < 0:
             raise UserError(f"distill.lora_rank must be >= 0 (0: full distillation), got {self.lora_rank}")
         if self.lora_rank and self.guidance_embedding:
@@ -80,6 +86,7 @@ class ConsistencyDistillationLoss:
     huber_c: float = 0.001
     timestep_scaling: float = TIMESTEP_SCALING
     sigma_data: float = SIGMA_DATA
+    teacher_substeps: int = 1          # guided DDIM steps of the teacher over one skip
 
     def __post_init__(self):
         T = self.schedule.num_steps
@@ -105,12 +112,19 @@ class ConsistencyDistillationLoss:
     @torch.no_grad()
     def teacher_step(self, teacher: Network, z: Tensor, t_start: Tensor, t_end: Tensor, w: Tensor, cond: dict,
                      uncond: dict) -> Tensor:
-        """One guided DDIM step of the teacher from t_start to t_end: eps_hat = eps_c + w (eps_c - eps_u)."""
+        """The teacher's guided ODE solve from t_start to t_end: teacher_substeps DDIM steps over evenly spaced
+        timesteps, each with eps_hat = eps_c + w (eps_c - eps_u)."""
         eps = Denoiser(teacher, self.schedule, self.prediction, torch.float32).eps
-        eps_hat = classifier_free_guidance(eps, cond, uncond, 1.0 + w)(z, t_start)  # (N, C, H, W)
-        x0_hat = self.schedule.eps_to_x0(z.float(), t_start, eps_hat)  # = x0_c + w (x0_c - x0_u)
         abar = self.schedule.alphas_cumprod.to(z.device)
-        return ddim_step(x0_hat, eps_hat, abar[t_start], abar[t_end])  # (N, C, H, W), eta = 0
+        x, t = z.float(), t_start
+        for j in range(1, self.teacher_substeps + 1):
+            # t_j = t_start - round(j (t_start - t_end) / substeps): the last lands on t_end exactly
+            t_next = t_start - torch.div(j * (t_start - t_end) + self.teacher_substeps // 2, self.teacher_substeps,
+                                         rounding_mode="floor")
+            eps_hat = classifier_free_guidance(eps, cond, uncond, 1.0 + w)(x, t)  # (N, C, H, W)
+            x0_hat = self.schedule.eps_to_x0(x, t, eps_hat)  # = x0_c + w (x0_c - x0_u)
+            x, t = ddim_step(x0_hat, eps_hat, abar[t], abar[t_next]), t_next  # (N, C, H, W), eta = 0
+        return x
 
     def __call__(self, student: Network, target: Network, teacher: Network, x0: Tensor, noise: Tensor, n: Tensor,
                  w: Tensor, cond: dict, uncond: dict, student_cond: dict | None = None) -> tuple[Tensor, dict]:

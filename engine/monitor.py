@@ -54,7 +54,7 @@ class Monitor:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
-        text = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items())
+        text = " ".join(f"{k.removeprefix('train/')} {v:.4g}" for k, v in values.items())
         log.info("step %d: %s", step, text)
 
     def images(self, step: int, images: torch.Tensor, tag: str = "samples") -> Path | None:

@@ -55,7 +55,7 @@ class LCMTask(Task):
         self.target = EMA(self.model, dc.target_decay, warmup=False)  # mu = 0.95 from the first step
         self.schedule = cfg.diffusion.build()
         self.criterion = ConsistencyDistillationLoss(self.schedule, cfg.diffusion.prediction, dc.ddim_steps, dc.loss,
-                                                     dc.huber_c)
+                                                     dc.huber_c, teacher_substeps=dc.teacher_substeps)
         self.vae = None  # loaded at the first sample grid
 
     def references(self) -> dict[str, dict]:

@@ -81,6 +81,32 @@ def test_guided_teacher_step_equals_diffusers_ddim_step():
         torch.testing.assert_close(ours[i:i + 1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_two_teacher_substeps_equal_two_diffusers_ddim_steps():
+    """distill.teacher_substeps=2 solves each skip of 20 in two guided DDIM steps of 10: diffusers' DDIMScheduler
+    with 100 inference steps (stride 10) applied twice, guiding at each step."""
+    loss = ConsistencyDistillationLoss(SCHEDULE, "eps", teacher_substeps=2)
+    gen = torch.Generator().manual_seed(3)
+    t_start, t_end = loss.timesteps(torch.tensor([0, 1, 24, 49]))
+    z = torch.randn(4, 4, 8, 8, generator=gen)
+    y = torch.randn(4, 5, 8, generator=gen)
+    w = torch.tensor([1.0, 3.5, 4.5, 7.0])
+    keep = torch.zeros(4, dtype=torch.bool)
+    teacher = net(0.4)
+    cond, uncond = {"y": y, "drop_caption": keep}, {"y": y, "drop_caption": ~keep}
+    ours = loss.teacher_step(teacher, z, t_start, t_end, w, cond, uncond)
+    sched = DDIMScheduler(**PIXART_BETAS, set_alpha_to_one=False, clip_sample=False)
+    sched.set_timesteps(100)
+    for i in range(4):
+        x, t = z[i:i + 1], int(t_start[i])
+        for _ in range(2):
+            tt = torch.tensor([t])
+            eps_c = teacher(x, tt, y=y[i:i + 1], drop_caption=keep[i:i + 1])
+            eps_u = teacher(x, tt, y=y[i:i + 1], drop_caption=~keep[i:i + 1])
+            x = sched.step(eps_c + w[i] * (eps_c - eps_u), t, x).prev_sample
+            t -= 10
+        torch.testing.assert_close(ours[i:i + 1], x, rtol=1e-5, atol=1e-5)
+
+
 def test_huber_and_l2_losses_and_grid_errors():
     x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     noise = torch.randn_like(x0)
@@ -106,6 +132,8 @@ def test_huber_and_l2_losses_and_grid_errors():
     ({"guidance_embedding": True, "w_min": 9.0, "w_max": 3.0}, "w_min=9.0 > distill.w_max=3.0"),
     ({"lora_alpha": 16.0}, "lora_alpha is set on a full-distillation config"),
     ({"loss": "l1"}, "distill.loss must be one of huber, l2"),
+    ({"teacher_substeps": 0}, "distill.teacher_substeps must be in 1..20"),
+    ({"teacher_substeps": 21}, "distill.teacher_substeps must be in 1..20"),
 ])
 def test_distill_config_errors(change, message):
     with pytest.raises(UserError, match=message):
