@@ -95,6 +95,26 @@ class SceneSpec:
                              f"{self.cell_margin}")
 
 
+def conflicting_caption(text: str, kind_shifts: Sequence[int], cell_shifts: Sequence[int]) -> str:
+    """The caption with every object's kind and place replaced by another (object j: the kind kind_shifts[j] % 4 + 1
+    places further in KINDS, the cell cell_shifts[j] % 8 + 1 cells further in the 3x3 grid); colours and sizes stay."""
+    objects = parse_caption(text)
+    cells = [p for row in POSITIONS for p in row]
+    out = []
+    for obj, dk, dc in zip(objects, kind_shifts, cell_shifts):
+        kind = KINDS[(KINDS.index(obj.kind) + 1 + dk % (len(KINDS) - 1)) % len(KINDS)]
+        cell = cells[(cells.index(obj.position) + 1 + dc % (len(cells) - 1)) % len(cells)]
+        row, col = next((r, c) for r, names in enumerate(POSITIONS) for c, name in enumerate(names) if name == cell)
+        out.append(ShapeObject(kind, obj.color, obj.size, (col + 0.5) / 3, (row + 0.5) / 3))
+    return caption(out)
+
+
+def colour_only_caption(text: str) -> str:
+    """'a red shape' for each object of the caption: its colours alone."""
+    parts = [f"a {obj.color} shape" for obj in parse_caption(text)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def _clear_of_borders(v: float, margin: float) -> bool:
     return margin == 0 or min(abs(v - 1 / 3), abs(v - 2 / 3)) >= margin
 

@@ -56,12 +56,21 @@ class ControlConfig:
     scale: float = 1.0               # conditioning scale: multiplies every injected residual at sampling time
     check_base: bool = True          # refuse a branch recorded for another base; false: a model derived from that
                                      # base (e.g. the LCM student of the teacher the branch was trained on)
+    caption_conflict_prob: float = 0.0   # training: share of captions replaced by one naming another kind at another
+                                     # place for each object (same colours and sizes) while the image and its map stay:
+                                     # the branch learns that the map, not the caption, decides kind and place
+                                     # (captions of the synthetic shapes set only)
+    caption_colour_only_prob: float = 0.0  # training: share of captions replaced by "a COLOUR shape" per object
 
     def check(self, depth: int) -> None:
         if self.design not in DESIGNS:
             raise ControlError(f"control.design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
         if not 1 <= self.num_blocks <= depth:
             raise ControlError(f"control.num_blocks={self.num_blocks} must be in 1..{depth} (the base model's depth)")
+        probs = (self.caption_conflict_prob, self.caption_colour_only_prob)
+        if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs) or sum(probs) > 1:
+            raise ControlError(f"control.caption_conflict_prob and control.caption_colour_only_prob must be in 0..1 "
+                               f"with a sum of at most 1, got {probs[0]} and {probs[1]}")
         if not (math.isfinite(self.scale) and 0 <= self.scale <= MAX_SCALE):
             raise ControlError(f"the control scale (--control-scale, control.scale) must be a number in "
                                f"0..{MAX_SCALE:g} (0: the control is off, 1: the strength it was trained at), got "

@@ -158,6 +158,7 @@ class T5TextEncoder:
         self._feature_dim = model.config.d_model
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         self.known_words = known_words  # None: no vocabulary to check prompts against
+        self.warned: set[str] = set()   # unknown words already named in a warning
 
     @property
     def feature_dim(self) -> int:
@@ -215,7 +216,8 @@ class T5TextEncoder:
         texts = [clean_caption(p) for p in prompts] if self.cfg.clean_captions else list(prompts)
         if self.known_words is not None:
             for prompt, text in zip(prompts, texts):
-                unseen = self.unknown_words(text)
+                unseen = sorted(set(self.unknown_words(text)) - self.warned)  # each unknown word is named once
+                self.warned.update(unseen)
                 if unseen:
                     log.warning("prompt %s has words this text encoder's model never saw in training: %s (they "
                                 "will not steer the image; known words are listed in %s)", shorten(prompt),

@@ -15,7 +15,8 @@ import torch
 
 from configs import Config
 from configs.errors import UserError
-from data.features import INDEX_NAME, FeatureDataset, batch_conditions
+from data.features import INDEX_NAME, FeatureDataset, batch_conditions, read_index
+from data.synthetic import colour_only_caption, conflicting_caption, parse_caption
 from diffusion.losses import DiffusionLoss
 from engine.loop import Task
 from engine.precision import store_frozen
@@ -38,6 +39,13 @@ def check_config(cfg: Config) -> None:
     if (cache / INDEX_NAME).is_file() and "control" not in FeatureDataset(cache).shapes():
         raise UserError(f"the feature cache {cfg.data.cache_dir} has no control maps: extract it with "
                         f"tools/extract_features.py --control edge (or canny)")
+    if (cfg.control.caption_conflict_prob or cfg.control.caption_colour_only_prob) and (cache / INDEX_NAME).is_file():
+        first = read_index(cache)[0]["caption"]
+        try:
+            parse_caption(first)
+        except UserError as e:
+            raise UserError(f"control.caption_conflict_prob / caption_colour_only_prob rewrite captions of the "
+                            f"synthetic shapes set, and the cache {cache} holds others ({e}): set both to 0") from e
 
 
 class ControlNetTask(Task):
@@ -58,6 +66,12 @@ class ControlNetTask(Task):
         self.schedule = cfg.diffusion.build()
         self.criterion = DiffusionLoss.from_config(cfg, self.schedule)
         self.vae = None  # loaded at the first sample grid
+        self.text_encoder, self.captions = None, None
+        if cc.caption_conflict_prob or cc.caption_colour_only_prob:  # captions re-written and encoded per batch
+            from models.text_encoder import load_text_encoder
+
+            self.text_encoder = load_text_encoder(cfg.text_encoder, device)
+            self.captions = [e["caption"] for e in read_index(cfg.data.cache_dir)]
 
     def references(self) -> dict[str, dict]:
         return {"base": {"path": str(self.cfg.control.base), "sha256": self.base_hash}}
@@ -66,8 +80,34 @@ class ControlNetTask(Task):
         if "control" not in batch:
             raise UserError(f"the feature cache {self.cfg.data.cache_dir} has no control maps: extract it with "
                             f"tools/extract_features.py --control edge (or canny)")
+        cond = batch_conditions(self.model, batch)
+        if self.text_encoder is not None:
+            cond = {**cond, **self.rewritten_captions(batch, rng)}
         return self.criterion.training_loss(model, batch["latent"], rng, self.cfg.train.class_dropout_prob,
-                                            **batch_conditions(self.model, batch), control=batch["control"])
+                                            **cond, control=batch["control"])
+
+    def rewritten_captions(self, batch: dict, rng: SampleRandomness) -> dict:
+        """The batch's caption features with a share of the captions replaced (control.caption_conflict_prob: other
+        kinds at other places; control.caption_colour_only_prob: the colours alone); the images and maps stay."""
+        cc = self.cfg.control
+        u = rng.rand("cpu").tolist()
+        kind_shifts, cell_shifts = rng.randint(4 * 81, "cpu").tolist(), rng.randint(8 * 81, "cpu").tolist()
+        texts = {}
+        for row, (i, draw) in enumerate(zip(batch["index"].tolist(), u)):
+            text = self.captions[i]
+            if draw < cc.caption_conflict_prob:  # one draw gives every object's shifts: digits in bases 4 and 8
+                n = len(parse_caption(text))
+                texts[row] = conflicting_caption(text, [kind_shifts[row] // 4**j for j in range(n)],
+                                                 [cell_shifts[row] // 8**j for j in range(n)])
+            elif draw < cc.caption_conflict_prob + cc.caption_colour_only_prob:
+                texts[row] = colour_only_caption(text)
+        y, mask = batch["y"], batch["mask"]
+        if texts:
+            features, new_mask = self.text_encoder.encode(list(texts.values()))
+            rows = torch.tensor(list(texts), device=y.device)
+            y, mask = y.clone(), mask.clone()
+            y[rows], mask[rows] = features.to(y), new_mask.to(mask)
+        return {"y": y, "mask": mask}
 
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions and control maps drawn with the sample config; the control maps above the images."""

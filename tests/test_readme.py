@@ -82,7 +82,10 @@ def quoted_figures() -> list[tuple[str, str]]:
                           dtype="bf16")
     cpu = row_where("This machine (2-core AMD EPYC, AVX2 only), `python tools/benchmark.py transformer",
                     image="256px", dtype="fp32")
-    pipeline = table_after("`python tools/benchmark.py pipeline --size 1024 --dtype bf16")
+    pipeline = table_after("One 1024 px image end to end (text encoding + denoising + VAE decoding)")
+    lcd = table_after("One latent consistency distillation step of XL-2 at 1024-MS")[
+        "full (611.3M trainable), bf16 (`train.frozen_dtype=bf16`)"]
+    lcm4, dpm14 = "PixArt-δ LCM 4 steps, bf16, compiled", "PixArt-α DPM 14 steps, CFG 4.5, bf16, compiled"
     xl1024 = row_where("(`python tools/benchmark.py train --archs XL S", model="XL/2", image="1024px", batch="12")
     recipe = sentence_number(r"the recipe takes (\d+) minutes")
     distillation = sentence_number(r"400 steps at batch 32: ([\d.]+) minutes")
@@ -106,10 +109,13 @@ def quoted_figures() -> list[tuple[str, str]]:
          "H100 transformer 1024px fp32"),
         (f"and {h100_bf16['ours (s)']} s in bf16 against {h100_bf16['diffusers (s)']} s", "H100 transformer bf16"),
         (f"(256 px fp32: {cpu['ours (s)']} s against {cpu['diffusers (s)']} s)", "CPU transformer"),
-        (f"PixArt-δ (LCM 4 steps) takes {pipeline['PixArt-δ LCM 4 steps']['ours total (s)']} s (diffusers "
-         f"{pipeline['PixArt-δ LCM 4 steps']['diffusers total (s)']} s)", "H100 pipeline"),
-        (f"PixArt-α (DPM-Solver 14 steps) {pipeline['PixArt-α DPM 14 steps']['ours total (s)']} s (diffusers "
-         f"{pipeline['PixArt-α DPM 14 steps']['diffusers total (s)']} s)", "H100 pipeline"),
+        (f"PixArt-δ (LCM 4 steps) takes {pipeline[lcm4]['ours total (s)']} s "
+         f"(diffusers {pipeline[lcm4]['diffusers total (s)']} s)", "H200 pipeline"),
+        (f"PixArt-α (DPM-Solver 14 steps) {pipeline[dpm14]['ours total (s)']} s "
+         f"(diffusers {pipeline[dpm14]['diffusers total (s)']} s)", "H200 pipeline"),
+        (f"eagerly {pipeline['PixArt-δ LCM 4 steps, bf16 eager']['ours total (s)']} s and "
+         f"{pipeline['PixArt-α DPM 14 steps, CFG 4.5, bf16 eager']['ours total (s)']} s", "H200 pipeline"),
+        (f"takes {lcd['s/step']} s in {lcd['peak GPU memory (MiB)'].split(' ')[0]} MiB", "H200 LCD step"),
         (f"{xl1024['samples/s']} samples/s in {xl1024['peak memory (MB)']} MB", "H100 training step"),
         (f"# {recipe} minutes: data", "recipe time"),
         (f"({recipe} minutes on 2 cores)", "recipe time"),

@@ -201,7 +201,63 @@ def run_model(args) -> dict:
                       "control_blocks": cfg.control.num_blocks, "control_scale": cfg.control.scale,
                       **{k: round(v, 2) for k, v in edge_agreement(images, controls).items()},
                       "real_edge_f1": round(edge_agreement(real, controls)["edge_f1"], 2)})
-    return out, write_report(out, results, scores, images, captions, real, extra)
+    record = write_report(out, results, scores, images, captions, real, extra)
+    if controls is not None and args.control_sets:
+        record["control_sets"] = control_sets(cfg, args, out)
+        (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        with open(out / "results.md", "a") as md:
+            md.write("\n" + control_table(record["control_sets"]))
+    return out, record
+
+
+CONTROL_COLUMNS = ("edge_f1", "follows_map", "map_position", "map_kind", "follows_caption", "caption_color",
+                   "no_object")
+
+
+def control_sets(cfg, args, out: Path) -> dict:
+    """The control evaluation (evaluation/control.py) on each requested set of single-object scenes: the same
+    number of scenes as the config's held-out set, generated with its sampling settings through the branch."""
+    import torch
+
+    from evaluation.control import control_items, score_control
+    from evaluation.edges import edge_agreement
+    from pipeline.generate import generate, plan, with_controls
+
+    ec = cfg.evaluation
+    found = {}
+    for which in args.control_sets:
+        items = control_items(ec.seed, ec.num_images, which, ec.width, ec.height, ec.scene())
+        maps = torch.from_numpy(np.stack([it.edges for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        request = with_controls(cfg, plan(cfg, [it.caption for it in items]), maps)
+        generated = generate(cfg, request, progress=not args.no_progress)
+        images = [img.mul(255).round().byte().permute(1, 2, 0).numpy() for img in generated.images]
+        row = {"scenes": len(items), "edge_f1": edge_agreement(images, [it.edges for it in items])["edge_f1"],
+               **score_control(images, items)}
+        found[which] = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+        folder = out / f"control_{which}"
+        folder.mkdir(exist_ok=True)
+        tiles = []
+        for i, (image, item) in enumerate(zip(images, items)):
+            info = PngInfo()
+            info.add_text("prompt", item.caption)
+            Image.fromarray(image).save(folder / f"{i:05d}.png", pnginfo=info)
+            if i < 16:
+                tiles.append(np.concatenate([item.edges, image], axis=1))  # the map beside the image
+        grid = np.concatenate([np.concatenate(tiles[r:r + 4], axis=1) for r in range(0, len(tiles) - 3, 4)], axis=0)
+        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
+            out / f"control_{which}.png")
+        log.info("control set %s: %s", which, found[which])
+    return found
+
+
+def control_table(sets: dict) -> str:
+    """Markdown: one row per control set."""
+    lines = ["| control set | scenes | " + " | ".join(CONTROL_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(CONTROL_COLUMNS)]
+    for which, row in sets.items():
+        cells = " | ".join(f"{row[c]:.1f}" if c in row else "-" for c in CONTROL_COLUMNS)
+        lines.append(f"| {which} | {row['scenes']} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_agree(args) -> dict:
@@ -401,6 +457,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     model = sub.add_parser("model", parents=[common], help="generate the held-out captions with a config, score them")
     add_config_arguments(model, default="shapes_teacher")
+    model.add_argument("--control-sets", nargs="*", default=["agree", "conflict", "colour"],
+                       choices=["agree", "conflict", "colour"],
+                       help="with --control, also these single-object sets (evaluation/control.py): the caption "
+                            "agrees with the map, names another kind at another place, or only the colour "
+                            "(default: all three; none: skip)")
     model.add_argument("--control", action="store_true",
                        help="steer each image by its scene's edge map through control.checkpoint (a ControlNet "
                             "branch) and also report edge agreement (F1 of Canny edges against the map)")
