@@ -420,7 +420,8 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
         export = main.exported_weights()
         if d.is_main:
             last_good = save_state(run_dir, at_step, dict(
-                networks=networks, batches_consumed=consumed, updates=updates, rng=rng_state(), config=to_dict(cfg),
+                networks=networks, exported=exported, batches_consumed=consumed, updates=updates, rng=rng_state(),
+                config=to_dict(cfg),
                 task=task_state, references=task.references()), tc.keep_checkpoints)
             task.export(export, run_dir / ("ema.safetensors" if main.ema else "weights.safetensors"),
                         {"step": str(at_step), "config": to_yaml(cfg)})

@@ -115,11 +115,11 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 def network_state(state: dict, name: str | None = None) -> dict:
     """One trained network's entries of a training-state checkpoint ({"model", "ema", "optimizer", "scheduler",
-    "scaler"}): network `name`, or the exported (first) one. Reads the single-network layout of older checkpoints."""
+    "scaler"}): network `name`, or the exported one. Reads the single-network layout of older checkpoints."""
     networks = state.get("networks") or {"model": {k: state.get(k) for k in ("model", "ema", "optimizer",
                                                                              "scheduler", "scaler")}}
     if name is None:
-        return next(iter(networks.values()))
+        return networks[state["exported"]] if state.get("exported") in networks else next(iter(networks.values()))
     if name not in networks:
         raise ResumeError(f"the checkpoint trains the networks {sorted(networks)}, not {name!r}")
     return networks[name]

@@ -541,8 +541,11 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the optimiser state is never read
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project")
-    # the exported (first) network; checkpoints of single-network runs before several networks: the state itself
-    network = next(iter(state["networks"].values())) if state.get("networks") else state
+    # the exported network (named in the state; else the first that keeps an EMA, else the first); checkpoints of
+    # single-network runs written before tasks had several networks: the state itself
+    networks = state.get("networks") or {"model": state}
+    name = state.get("exported") or next((n for n, v in networks.items() if v.get("ema")), next(iter(networks)))
+    network = networks[name]
     if not network.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
         raise CheckpointError(f"{path} is a training checkpoint without its model weights or run config (truncated, "
                               f"or written by another version?)")
