@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 CANNY = {"sigma": 1.0, "low": 0.1, "high": 0.2}  # what training caches use (tools/extract_features.py)
 KINDS = ("none", "canny", "hed")
+EMPTY_SHARE = 0.001  # a map with fewer bright pixels than this carries no structure: the branch adds (almost) nothing
+FULL_SHARE = 0.5     # edges cover at most a few tenths of a real edge map (the synthetic set's: 2-15%)
 
 
 class ControlMapError(UserError):
@@ -60,4 +62,22 @@ def control_map(image: Image.Image, kind: str, size: tuple[int, int], strict: bo
         log.warning("%s: resizing it", message)
         x = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False,
                           antialias=True)[0].clamp(0, 1)
+    warn_about_coverage(x, name)
     return x * 2 - 1
+
+
+def warn_about_coverage(x: torch.Tensor, name: str) -> float:
+    """Warn when a (3, H, W) map in [0, 1] is blank or covered nearly everywhere; returns its bright share.
+
+    Either way the map does not say where anything goes: a blank one (all black) leaves the base model to the
+    caption, and one that is bright almost everywhere (all white, an inverted edge map, a photo given as `none`)
+    pushes the branch far outside what it was trained on."""
+    share = float((x.mean(0) > 0.5).float().mean())
+    if share < EMPTY_SHARE:
+        log.warning("%s carries no edges (%.2f%% of its pixels are bright): the control will not steer the image; "
+                    "give a map with white structure on black (or --control-type canny for a photo)", name,
+                    100 * share)
+    elif share > FULL_SHARE:
+        log.warning("%s is bright on %.0f%% of its pixels, not an edge map of white lines on black: invert it, or "
+                    "pass the photo with --control-type canny", name, 100 * share)
+    return share

@@ -342,6 +342,9 @@ def test_controlled_sampling_from_the_command_line(teacher_branches, tmp_path, c
     (["--control", "EDGES", "--control-checkpoint", "BIGGER"], "control.num_blocks=7 must be in 1..6"),
     (["--control", "/nonexistent/edges.png"], "does not exist"),
     (["--control", "EDGES", "--control-checkpoint", "/nonexistent/branch.safetensors"], "does not exist"),
+    (["--control", "EDGES", "--control-scale", "-0.5"], "must be a number in 0..2"),
+    (["--control", "EDGES", "--control-scale", "nan"], "must be a number in 0..2"),
+    (["--control", "EDGES", "--control-scale", "1e6"], "must be a number in 0..2"),
 ])
 def test_bad_control_requests(teacher_branches, tmp_path, caplog, args, message):
     root = teacher_branches
@@ -350,6 +353,29 @@ def test_bad_control_requests(teacher_branches, tmp_path, caplog, args, message)
     args = [str(names.get(a, a)) for a in args]
     code, _ = generate_with(root, tmp_path / "out", *args)
     assert code == 2 and message in caplog.text
+
+
+@pytest.mark.parametrize("fill,warning", [
+    (0, "carries no edges (0.00% of its pixels are bright)"),       # all black
+    (255, "is bright on 100% of its pixels, not an edge map"),       # all white
+    ("inverted", "is bright on 9"),                                  # an edge map drawn black on white
+    ("edges", None),                                                 # a real edge map: no warning
+])
+def test_control_maps_without_usable_edges_are_named(caplog, fill, warning):
+    from data.control_maps import control_map
+    from data.synthetic import ShapeObject, render_edges
+
+    edges = np.asarray(render_edges([ShapeObject("triangle", "red", "large", 0.5, 0.5)], 32, 32))  # (32, 32, 3)
+    pixels = {"edges": edges, "inverted": 255 - edges}.get(fill)
+    if pixels is None:
+        pixels = np.full((32, 32, 3), fill, np.uint8)
+    with caplog.at_level("WARNING", logger="data.control_maps"):
+        control = control_map(Image.fromarray(pixels), "none", (32, 32), name="--control e.png")
+    assert control.shape == (3, 32, 32)
+    if warning is None:
+        assert not caplog.records
+    else:
+        assert "--control e.png" in caplog.text and warning in caplog.text
 
 
 def test_evaluator_scores_controlled_generation(teacher_branches, tmp_path):
