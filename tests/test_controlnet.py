@@ -450,3 +450,26 @@ def test_converter_splits_and_joins_the_official_controlnet_layout(tmp_path):
     # a branch alone cannot become a transformer checkpoint
     assert convert([str(tmp_path / "split" / "control.safetensors"), str(tmp_path / "x.safetensors"), "--to",
                     "safetensors"]) == 2
+
+
+def test_scale_sweep_tool(teacher_branches, tmp_path):
+    """tools/control_scale_sweep.py: a row per scale, the table and the PNG; at scale 0 a trained (here random)
+    branch gives exactly what the base gives (a fresh branch at scale 1), so the two rows are equal."""
+    import json
+
+    from tools.control_scale_sweep import main as sweep
+
+    common = ["--config", "shapes_teacher", "--images", "4", "--set", "sample.steps=2"]
+    assert sweep(["--work", str(tmp_path / "random"), "--branch", str(teacher_branches / "random.safetensors"),
+                  "--scales", "0", "1", *common]) == 0
+    assert sweep(["--work", str(tmp_path / "fresh"), "--branch", str(teacher_branches / "fresh.safetensors"),
+                  "--scales", "1", *common]) == 0
+    rows = json.loads((tmp_path / "random" / "shapes_teacher" / "sweep.json").read_text())["rows"]
+    (base,) = json.loads((tmp_path / "fresh" / "shapes_teacher" / "sweep.json").read_text())["rows"]
+    assert [r["scale"] for r in rows] == [0, 1]
+    assert {k: v for k, v in rows[0].items() if k != "scale"} == {k: v for k, v in base.items() if k != "scale"}
+    assert rows[1] != rows[0]
+    assert Image.open(tmp_path / "random" / "shapes_teacher" / "sweep.png").size == (720, 440)
+    with pytest.raises(SystemExit, match="scales must lie in 0..2"):
+        sweep(["--work", str(tmp_path / "bad"), "--branch", str(teacher_branches / "random.safetensors"),
+               "--scales", "-1"])

@@ -57,7 +57,9 @@ def fresh_branch(path: Path, design: str, n: int, base: str) -> None:
                 content_hash(base))
 
 
-def evaluate(work: Path, name: str, branch: Path, args) -> dict:
+def evaluate(work: Path, name: str, branch: Path, args, extra: tuple[str, ...] = ()) -> dict:
+    """tools/evaluate.py model --control with `branch` on the conflict set (and the agreeing captions' scenes);
+    the results.json of WORK/eval/NAME, reused when it exists. `extra`: more config overrides."""
     out = work / "eval" / name
     if not (out / "results.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
@@ -65,7 +67,8 @@ def evaluate(work: Path, name: str, branch: Path, args) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         run(python("tools/evaluate.py", "model", "--config", args.config, "--control", "--control-sets", "conflict",
                    "--out", tmp, "--no-progress",
-                   *sets([f"control.checkpoint={branch}", f"evaluation.num_images={args.images}", *args.common])),
+                   *sets([f"control.checkpoint={branch}", f"evaluation.num_images={args.images}", *args.common,
+                          *extra])),
             work / "log.txt")
         next(tmp.iterdir()).rename(out)
         shutil.rmtree(tmp)
