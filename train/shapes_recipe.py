@@ -21,9 +21,10 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
 
 `student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
-evaluates it with LCM in 4 steps. `controlnet` extracts the edge-map cache, runs tools/controlnet_ablation.py,
-ships the best branch that fits the size budget (controlnet.safetensors, fp16) and evaluates it steering the
-teacher and the student.
+evaluates it with LCM in 4 steps. `controlnet` extracts the edge-map cache, trains the branch of
+configs/controlnet_shapes.yaml on the shipped teacher (captions partly rewritten to contradict the edge map), ships it
+(controlnet.safetensors, fp16) and evaluates it steering the teacher and the student on agreeing, conflicting and
+colour-only captions. The design ablation behind its choices is tools/controlnet_ablation.py.
 """
 
 import argparse
@@ -57,7 +58,6 @@ class Recipe:
     t5_vocab: int = 400
     config: str = "shapes_teacher"
     refine_config: str = "shapes_teacher_refine"
-    variants: list[str] = field(default_factory=list)  # ControlNet designs to train (DESIGN:N); empty: the ablation's
 
     @property
     def data(self) -> Path:
@@ -215,58 +215,51 @@ CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch be
 
 
 def controlnet(recipe: Recipe, dry_run: bool) -> None:
-    """The design ablation (tools/controlnet_ablation.py: trains and evaluates every variant; finished parts are
-    skipped), then ship the variant with the best final edge F1 among those whose fp16 branch fits the size
-    budget, and evaluate it steering the teacher (DPM-Solver 20, CFG) and the student (LCM 4, no guidance)."""
+    """Train the branch of configs/controlnet_shapes.yaml on the teacher's edge maps (its captions partly rewritten
+    to contradict the map, so that the map, not the caption, decides kind and place), ship it, and evaluate it
+    steering the teacher (DPM-Solver 20, CFG) and the student (LCM 4, no guidance) on the agreeing, conflicting and
+    colour-only sets. The design ablation is its own command: tools/controlnet_ablation.py."""
     stages = Stages(dry_run)
     edge_cache = recipe.work / "cache-edge"
+    t5 = f"text_encoder.path={recipe.ship / 't5'}"
     stages("edge features", (edge_cache / "index.jsonl").is_file(), python(
         "tools/extract_features.py", recipe.data, edge_cache, "--config", recipe.config, "--base-size", 32,
-        "--autoencoder", "pixel", "--control", "edge", "--batch-size", 256, "--no-progress",
-        *sets([f"text_encoder.path={recipe.ship / 't5'}"])))
-    from models.shipped import content_hash
-
-    # One ablation folder per teacher: its finished variants are skipped on a re-run, never reused for another base.
-    work = recipe.work.parent / f"controlnet-{content_hash(recipe.ship / 'teacher.safetensors')[:8]}"
-    variants = ["--variants", *recipe.variants] if recipe.variants else []
-    stages("ablation", False, python("tools/controlnet_ablation.py", "--work", work, *variants,
-                                     *sets([f"data.cache_dir={edge_cache}", *recipe.overrides])))
-    if dry_run:
-        return
-    summary = json.loads((work / "ablation.json").read_text())
-    rows = summary["rows"]
-    final = {}
-    for r in rows:
-        name = f"{r['design']}{r['N']}"
-        if r["step"] >= final.get(name, {}).get("step", -1):
-            final[name] = r
-    fits = {k: r for k, r in final.items()
-            if (work / "branches" / f"{k}-{r['step']}.safetensors").stat().st_size / 2 <= CONTROL_BUDGET_BYTES}
-    best = max(fits, key=lambda k: fits[k]["edge_f1"])
-    source = work / "branches" / f"{best}-{fits[best]['step']}.safetensors"
+        "--autoencoder", "pixel", "--control", "edge", "--batch-size", 256, "--no-progress", *sets([t5])))
+    config = "controlnet_shapes"
+    paths = [f"control.base={recipe.ship / 'teacher.safetensors'}", t5, f"data.cache_dir={edge_cache}",
+             f"train.runs_dir={recipe.runs}"]
+    run_dir = train_stage(stages, recipe, "train/train_controlnet.py", config, paths + recipe.overrides)
+    source = run_dir / "weights.safetensors"
+    if not dry_run and source.stat().st_size / 2 > CONTROL_BUDGET_BYTES:
+        raise SystemExit(f"error: the branch {source} takes {source.stat().st_size / 2e6:.1f} MB in fp16, more than "
+                         f"the {CONTROL_BUDGET_BYTES / 1e6:.1f} MB the shipped-weights budget leaves for it: train "
+                         f"fewer copied blocks (--set control.num_blocks=N)")
     stages("ship controlnet", False, fn=lambda: ship(source, recipe.ship / "controlnet.safetensors"))
     branch = f"control.checkpoint={recipe.ship / 'controlnet.safetensors'}"
-    t5 = f"text_encoder.path={recipe.ship / 't5'}"
     outs = {}
-    for name, config, extra in (("controlnet-teacher", "controlnet_shapes", []),
-                                ("controlnet-student", "lcm_shapes", ["control.check_base=false"])):
+    for name, evaluated, extra in (("controlnet-teacher", "controlnet_shapes", []),
+                                   ("controlnet-student", "lcm_shapes", ["control.check_base=false"])):
         out = recipe.work / "eval" / name
-        stages(f"evaluate {name}", False, python("tools/evaluate.py", "model", "--config", config, "--control",
+        stages(f"evaluate {name}", False, python("tools/evaluate.py", "model", "--config", evaluated, "--control",
                                                  *sets([branch, t5, *extra]), "--out", out, "--no-progress"))
         outs[name] = out
-    command = "python train/shapes_recipe.py controlnet" + (" --variants " + " ".join(recipe.variants)
-                                                            if recipe.variants else "")
-    update_manifest(recipe, "controlnet", ["controlnet.safetensors"], command, "controlnet_shapes",
-                    outs["controlnet-student"], {
-                        "what": f"ControlNet branch (fp16) of the teacher, design {fits[best]['design']}, N = "
-                                f"{fits[best]['N']}, {fits[best]['step']} steps at batch 32 on the edge maps; "
-                                f"the best final edge F1 of the ablation within the size budget; steers the "
-                                f"student too (control.check_base=false)",
-                        "ablation": {k: {"edge_f1": r["edge_f1"], "step": r["step"]} for k, r in final.items()},
-                        "evaluation_teacher": json.loads(sorted(outs["controlnet-teacher"].iterdir())[-1].joinpath(
-                            "results.json").read_text()).get("edge_f1"),
-                        "stage_seconds": stages.seconds})
-    log.info("shipped %s (%s); stage seconds: %s", recipe.ship / "controlnet.safetensors", best, stages.seconds)
+    if dry_run:
+        return
+    from configs import Config, load_config
+
+    cfg = load_config(Config, config, paths + recipe.overrides)
+    command = "python train/shapes_recipe.py controlnet" + "".join(f" --set {o}" for o in recipe.overrides)
+    teacher_results = json.loads(sorted(outs["controlnet-teacher"].iterdir())[-1].joinpath("results.json")
+                                 .read_text())
+    update_manifest(recipe, "controlnet", ["controlnet.safetensors"], command, config, outs["controlnet-student"], {
+        "what": f"ControlNet branch (fp16) of the teacher, design {cfg.control.design}, N = {cfg.control.num_blocks}, "
+                f"{cfg.train.steps} steps at batch {cfg.train.batch_size} on the edge maps, captions contradicting "
+                f"the map at {cfg.control.caption_conflict_prob:g} and naming only the colour at "
+                f"{cfg.control.caption_colour_only_prob:g}; steers the student too (control.check_base=false)",
+        "evaluation_teacher": {"edge_f1": teacher_results.get("edge_f1"),
+                               "control_sets": teacher_results.get("control_sets")},
+        "stage_seconds": stages.seconds})
+    log.info("shipped %s; stage seconds: %s", recipe.ship / "controlnet.safetensors", stages.seconds)
 
 
 def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | None = None) -> None:
@@ -320,13 +313,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ship", type=Path, default=ROOT / "weights" / "shapes", help="folder of shipped weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training config value, e.g. --set train.device=cuda (repeatable)")
-    parser.add_argument("--variants", nargs="+", default=[], metavar="DESIGN:N",
-                        help="controlnet: train only these designs (e.g. transformer:2) instead of the whole ablation")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides,
-                    variants=args.variants)
+    recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides)
     start = time.perf_counter()
     try:
         {"teacher": teacher, "student": student, "controlnet": controlnet}[args.what](recipe, args.dry_run)
