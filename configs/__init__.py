@@ -1,6 +1,6 @@
 """Config system (typed dataclasses from YAML) and the YAML presets that live beside it.
 
-Names are imported on first use (PEP 562), so that `configs.errors`, which every package imports, pulls in
+Names are imported on first use (PEP 562), so that `common.errors`, which every package imports, pulls in
 nothing else.
 """
 

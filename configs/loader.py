@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from configs.errors import UserError
-from models.checkpoint import atomic_path
+from common.errors import UserError
+from common.files import atomic_path
 
 PRESET_DIR = Path(__file__).resolve().parent
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.denoiser import Denoiser
 from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers.common import per_sample

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.denoiser import Denoiser, Network
 from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers.lcm import lcm_timesteps
@@ -74,7 +74,7 @@ class FakeScore(nn.Module):
         width = net.hidden_size
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(),
                                   nn.Linear(width, 1)) if gan_head else None
-        for attr in ("micro_conditions", "guidance_embedding", "in_channels", "out_channels", "patch_size"):
+        for attr in net.denoiser_attributes:
             setattr(self, attr, getattr(net, attr))
 
     def forward(self, x: Tensor, t: Tensor, *args, **cond) -> Tensor:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
 
 SCHEDULE_NAMES = ("linear", "scaled_linear")
 PREDICTIONS = ("eps", "v", "x0")  # what a network's first C output channels predict

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from models.text_encoder import local_snapshot, parse_dtype
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 from models.pixart import BlockHook, Conditioning, PixArt, PixArtBlock
 
 FORMAT = "pixart-delta-control/1"
@@ -176,7 +176,7 @@ class ControlledPixArt(nn.Module):
         self.base_model = base_model.requires_grad_(False)
         self.branch = branch
         # What the pipeline and the loss read from a denoiser.
-        for name in ("micro_conditions", "guidance_embedding", "in_channels", "out_channels", "patch_size"):
+        for name in base_model.denoiser_attributes:
             setattr(self, name, getattr(base_model, name))
 
     def train(self, mode: bool = True):
@@ -208,8 +208,8 @@ def branch_metadata(branch: ControlBranch, base: PixArt, base_sha256: str | None
 def save_branch(branch: ControlBranch, base: PixArt, path: str | Path, base_sha256: str | None = None,
                 extra: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """The branch alone as safetensors (the frozen base is referenced by its hash, not copied)."""
-    from models.checkpoint import atomic_path
-    from models.safetensors_file import save_file
+    from common.files import atomic_path
+    from common.safetensors_file import save_file
 
     state = branch.state_dict() if state is None else state
     with atomic_path(Path(path)) as tmp:

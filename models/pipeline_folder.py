@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, atomic_path, save_checkpoint
+from common.errors import CheckpointError
+from common.files import atomic_path
+from models.checkpoint import save_checkpoint
 from models.pixart import PixArtConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")

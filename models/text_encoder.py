@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from configs.errors import UserError
-from models.checkpoint import atomic_path
-from models.safetensors_file import save_file
+from common.errors import UserError
+from common.files import atomic_path
+from common.safetensors_file import save_file
 from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)

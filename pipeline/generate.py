@@ -18,7 +18,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion import NoiseSchedule, get_sampler, sampler_timesteps
 from diffusion.denoiser import Denoiser
 from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair

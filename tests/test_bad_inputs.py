@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import load_script, random_model, tiny_config
 
-from models.checkpoint import TRAIN_STATE_FORMAT, save_checkpoint
+from common.files import TRAIN_STATE_FORMAT
+from models.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sample_main = load_script("sample/sample.py").main

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler, LCMScheduler
 from safetensors.torch import load_file
 from toy_training import ToyLatents, last_state, toy_config, toy_data
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.consistency import ConsistencyDistillationLoss, DistillConfig
 from diffusion.samplers.lcm import consistency_function, lcm_boundary_scalings
 from diffusion.schedule import NoiseSchedule

@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT, random_inputs, random_model, tiny_config
 from toy_training import ToyLatents, toy_config
 
+from common.errors import UserError
 from configs import Config, load_config
-from configs.errors import UserError
 from diffusion.samplers.common import per_sample
 from diffusion.schedule import NoiseSchedule
 from engine.precision import store_frozen

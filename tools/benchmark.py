@@ -52,7 +52,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.monitor import peak_memory_mb
-from models.checkpoint import diffusers_config, official_to_diffusers
+from models.formats.diffusers import diffusers_config, official_to_diffusers
 from models.pixart import PixArtConfig, build_pixart
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
