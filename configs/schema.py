@@ -9,8 +9,8 @@ from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
 from models.autoencoder import AutoencoderConfig
 from models.controlnet import ControlConfig
-from models.pixart import PixArtConfig
 from models.text_encoder import TextEncoderConfig
+from models.variants import VARIANTS, PixArtConfig
 from pipeline.config import SampleConfig
 
 
@@ -29,3 +29,10 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+
+    @classmethod
+    def config_defaults(cls, data: dict) -> dict:
+        """A model variant (model.variant) also sets the text encoder's caption length: its family's."""
+        model = data.get("model") or {}
+        variant = VARIANTS.get(model.get("variant")) if isinstance(model, dict) else None
+        return {"text_encoder": {"max_tokens": variant.family.caption_tokens}} if variant else {}

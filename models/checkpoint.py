@@ -201,6 +201,7 @@ class CheckpointInfo:
     metadata: dict[str, str]         # this project's safetensors metadata (run config, step, ...)
     caption_tokens_known: bool = True  # False: a diffusers transformer folder alone, without null caption or
                                        # model_index.json, does not say its caption length (the run config does)
+    seen: dict = field(default_factory=dict)  # what an official file's weights show (infer_config), read memory-mapped
 
 
 def peek(path: str | os.PathLike) -> CheckpointInfo:
@@ -223,6 +224,10 @@ def peek(path: str | os.PathLike) -> CheckpointInfo:
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
             raise CheckpointError(training_state_message(path))
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            seen = infer_config(sd)  # shapes only: the family (caption length) and grid of a config-less file
+            return CheckpointInfo(read_sidecar_config(path), NULL_CAPTION_KEY in sd, {}, seen=seen)
     return CheckpointInfo(read_sidecar_config(path) if fmt == "official" else None, None, {})
 
 

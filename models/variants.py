@@ -222,11 +222,10 @@ def family_mismatch(cfg: PixArtConfig, seen: dict) -> str | None:
     if not fits or "caption_tokens" not in seen:
         return None
     theirs = fits[0].family
-    if theirs == cfg.family and seen["caption_tokens"] == cfg.caption_tokens:
+    if theirs == cfg.family:
         return None
-    why = {SIGMA: f"{SIGMA.caption_tokens} caption tokens: a ({SIGMA.caption_tokens}, C) y_embedding, no "
-                  f"micro-condition embedders",
-           ALPHA: f"{ALPHA.caption_tokens} caption tokens: a ({ALPHA.caption_tokens}, C) y_embedding"}[theirs]
+    why = {SIGMA: f"{SIGMA.caption_tokens} caption tokens, no micro-condition embedders",
+           ALPHA: f"{ALPHA.caption_tokens} caption tokens"}[theirs]
     return (f"this is a {theirs.title} checkpoint ({why}) but the config is {cfg.family.title} "
             f"({cfg.caption_tokens} caption tokens): use --config {presets_for(fits)}")
 
@@ -239,8 +238,9 @@ def variant_for_size(cfg: PixArtConfig, height: int, width: int) -> str | None:
     v = VARIANTS[cfg.variant]
     if max(height, width) <= v.max_image_side:
         return None
-    bigger = [o for o in VARIANTS.values() if o.family == v.family and max(height, width) <= o.max_image_side
-              and not o.name.startswith("delta")]
+    side = max(height, width)
+    ours = [o for o in VARIANTS.values() if o.family == v.family and not o.name.startswith("delta")]
+    bigger = [o for o in ours if o.image_size >= side] or [o for o in ours if o.max_image_side >= side]
     fix = f"use --config {bigger[0].preset}" if bigger else f"ask for at most {v.max_image_side} px a side"
     return (f"{width}x{height} px is beyond the {v.family.title} {v.image_size} model ({v.name}: trained at "
             f"{v.image_size} px, at most {v.max_image_side} px a side): {fix}")
