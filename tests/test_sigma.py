@@ -3,6 +3,7 @@ its Sigma configuration, PixArtSigmaPipeline) on random weights, official .pth <
 KV compression against a reference written from the paper's definition (and its exact bound), and the bad inputs
 of issue 22. Nothing is downloaded: the tests write tiny random T5, VAE and transformer folders."""
 
+import copy
 import math
 from dataclasses import asdict
 
@@ -12,9 +13,12 @@ import torch.nn.functional as F
 import yaml
 from conftest import load_script, random_inputs, random_model, tiny_config
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+from toy_training import ToyLatents, last_state, toy_config
 
 from common.errors import CheckpointError, UserError
 from configs import Config, ConfigError, load_config
+from data.buckets import BucketBatchSampler
+from engine.loop import train
 from models.attention import KVCompressionError, SelfAttention
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -22,6 +26,8 @@ from models.pixart import build_pixart
 from models.text_encoder import load_text_encoder
 from models.variants import SIGMA, VARIANTS, detect_variants
 from pipeline.generate import Timings, encode_prompts, initial_noise, load_denoiser, plan, sample_images
+from tasks.controlnet import ControlNetTask
+from tasks.lcd import LCMTask
 from tools.convert_checkpoint import main as convert
 from tools.random_weights import write_random_pipeline
 
@@ -344,3 +350,80 @@ def test_sigma_variant_config_errors():
         load_config(Config, "pixart_sigma_2k", ["model.variant=sigma-4k"])
     with pytest.raises(ConfigError, match=r"kv_compress_blocks \[30\].*0\.\.27"):
         load_config(Config, "pixart_sigma_2k", ["model.kv_compress_blocks=[30]"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainers and the int8 path on a tiny Sigma model (300-token captions, KV compression on block 0)
+
+
+class SigmaToyLatents(ToyLatents):
+    """The toy training set with 300-token captions (PixArt-Sigma's length), the first 8 real."""
+
+    def __init__(self, n: int = 16, seed: int = 0):
+        super().__init__(n, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.y = torch.randn(n, 300, 32, generator=gen)
+        self.mask = torch.zeros(n, 300, dtype=torch.long)
+        self.mask[:, :8] = 1
+
+
+def sigma_toy_data(cfg):
+    return SigmaToyLatents(), SigmaToyLatents.collate, BucketBatchSampler
+
+
+SIGMA_TOY = ("model.caption_tokens=300", "model.kv_compress_blocks=[0]")
+
+
+@pytest.fixture(scope="module")
+def sigma_teacher(tmp_path_factory):
+    cfg = tiny_config(caption_channels=32, caption_tokens=300, latent_size=8, kv_compress_blocks=[0])
+    path = tmp_path_factory.mktemp("sigma_teacher") / "teacher.safetensors"
+    save_checkpoint(random_model(cfg, seed=3, std=0.05).state_dict(), cfg, path, "safetensors")
+    return path
+
+
+def assert_resume_exact(make_config, task, steps=4):
+    """A run of `steps` steps equals one stopped halfway and resumed, bit for bit up to 1e-6."""
+    straight = train(make_config("a", f"train.steps={steps}"), task, sigma_toy_data)
+    half = train(make_config("b", f"train.steps={steps // 2}"), task, sigma_toy_data)
+    resumed = train(make_config("b", f"train.steps={steps}"), task, sigma_toy_data, resume=str(half))
+    a, b = (last_state(r) for r in (straight, resumed))
+    assert a["step"] == b["step"] == steps
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    return a
+
+
+@pytest.mark.parametrize("lora", [0, 4], ids=["lcd", "lcm-lora"])
+def test_lcd_and_lcm_lora_on_sigma_resume_exactly(sigma_teacher, tmp_path, lora):
+    def make(name, *extra):
+        return toy_config(tmp_path / name, *SIGMA_TOY, f"distill.teacher={sigma_teacher}", "train.ema_decay=0",
+                          f"distill.lora_rank={lora}", "train.checkpoint_every=2", *extra)
+
+    state = assert_resume_exact(make, LCMTask)
+    assert any("attn.sr" in k for k in state["model"]) or lora  # the compression trains with the student
+
+
+def test_controlnet_transformer_on_sigma_resumes_exactly(sigma_teacher, tmp_path):
+    def make(name, *extra):
+        return toy_config(tmp_path / name, *SIGMA_TOY, f"control.base={sigma_teacher}", "control.num_blocks=1",
+                          "train.ema_decay=0.9", "train.checkpoint_every=2", *extra)
+
+    state = assert_resume_exact(make, ControlNetTask)
+    assert "branch.controlnet.0.copied_block.attn.sr.weight" in state["model"]  # the copy compresses as its base
+
+
+def test_int8_path_quantises_a_kv_compressed_sigma_model():
+    pytest.importorskip("torchao")
+    from models.quantize import block_linears, quantize_transformer
+
+    cfg = sigma_config(latent_size=32, hidden_size=64, kv_compress_blocks=[0])
+    model = random_model(cfg, std=0.05)
+    x, t, y, mask, _ = random_inputs(cfg, height=16, width=16)
+    with torch.no_grad():
+        ref = model(x, t, y, mask)
+        quantized = quantize_transformer(copy.deepcopy(model), "int8")
+        out = quantized(x, t, y, mask)
+    assert len(block_linears(quantized)) == 2 * 7  # attn qkv, proj; cross_attn q, kv, proj; mlp fc1, fc2
+    assert isinstance(quantized.blocks[0].attn.sr, torch.nn.Conv2d)  # the compression's conv stays float
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
