@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from common.choices import choice_message
 from common.errors import UserError
 from common.files import atomic_path
 
@@ -94,7 +95,7 @@ def _check_value(value, tp, where: str):
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise ConfigError(choice_message(where, value, args))
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

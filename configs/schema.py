@@ -1,15 +1,13 @@
-"""The run config: one typed section per part of the system, each defined beside the code it configures."""
+"""The run config, the top floor: one typed section per part of the system, each defined in a torch-free config module
+of the package it configures (diffusion/config.py, models/config.py, models/variants.py, ...), so reading a YAML
+imports no torch."""
 
 from dataclasses import dataclass, field
 
-from diffusion.consistency import DistillConfig
-from diffusion.dmd import DMDConfig
-from diffusion.schedule import DiffusionConfig
+from diffusion.config import DiffusionConfig, DistillConfig, DMDConfig
 from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
-from models.autoencoder import AutoencoderConfig
-from models.controlnet import ControlConfig
-from models.text_encoder import TextEncoderConfig
+from models.config import AutoencoderConfig, ControlConfig, TextEncoderConfig
 from models.variants import VARIANTS, PixArtConfig
 from pipeline.config import SampleConfig
 

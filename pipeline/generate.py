@@ -28,7 +28,7 @@ from models.checkpoint import CheckpointError, load_checkpoint, peek
 from models.pixart import PixArt, PixArtBlock, PixArtConfig
 from models.text_encoder import load_text_encoder, parse_dtype, resolve_text_encoder
 from models.variants import family_mismatch, variant_for_size
-from pipeline.config import COMPILE_SCOPES, UNCOND_MODES, SampleConfig
+from pipeline.config import SEED_LIMIT, SampleConfig
 
 log = logging.getLogger(__name__)
 
@@ -224,37 +224,11 @@ def with_controls(cfg, request: Plan, maps: torch.Tensor) -> Plan:
     return replace(request, control=maps)
 
 
-SEED_LIMIT = 2**63 - 1_000_004  # torch generators take 64-bit seeds; stochastic samplers add 1,000,003
 
 
 def check_sample_values(s: SampleConfig) -> None:
-    """Numbers of the sample section that would fail late, or silently give black or huge images."""
-    if s.uncond not in UNCOND_MODES:
-        raise UserError(f"sample.uncond must be one of {', '.join(UNCOND_MODES)}, got {s.uncond!r}")
-    from models.compiled import MODES
-
-    if s.compile_scope not in COMPILE_SCOPES:
-        raise UserError(f"sample.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {s.compile_scope!r}")
-    if s.compile_mode not in MODES:
-        raise UserError(f"sample.compile_mode must be one of {', '.join(MODES)}, got {s.compile_mode!r}")
-    if not math.isfinite(s.guidance) or s.guidance < 0:
-        raise UserError(f"sample.guidance must be a finite number >= 0 (<= 1: no guidance), got {s.guidance}")
-    for name, value in (("images_per_prompt", s.images_per_prompt), ("batch_size", s.batch_size)):
-        if value < 1:
-            raise UserError(f"sample.{name} must be >= 1, got {value}")
-    if not 0 <= s.seed <= SEED_LIMIT:
-        raise UserError(f"sample.seed must be in 0..{SEED_LIMIT}, got {s.seed}")
-    for name, side in (("width", s.width), ("height", s.height)):
-        if side is not None and side < 1:
-            raise UserError(f"sample.{name} (--{name}) must be a positive number of pixels, got {side}")
-    if s.aspect_ratio is not None and (s.width is not None or s.height is not None):
-        raise UserError(f"both a size ({s.width}x{s.height}) and an aspect ratio ({s.aspect_ratio}) were given: pass "
-                        f"either --width/--height or --aspect-ratio, not both")
-    if (s.width or 1) * (s.height or 1) > s.max_pixels:
-        raise UserError(f"{s.width}x{s.height} is {s.width * s.height:,} pixels, more than sample.max_pixels "
-                        f"({s.max_pixels:,}); ask for a smaller image or raise the limit with "
-                        f"--set sample.max_pixels=N")
-    parse_dtype(s.dtype, "sample.dtype")
+    """The sample section's own checks (SampleConfig.validate), again after command-line flags changed it."""
+    s.validate()
 
 
 def check_device(device: str, dtype: str) -> None:

@@ -346,7 +346,7 @@ def tmp_checkpoint_512(folder):
 
 
 def test_sigma_variant_config_errors():
-    with pytest.raises(ConfigError, match="not one of"):
+    with pytest.raises(ConfigError, match="model.variant must be one of alpha-256, .*sigma-2k, got 'sigma-4k'"):
         load_config(Config, "pixart_sigma_2k", ["model.variant=sigma-4k"])
     with pytest.raises(ConfigError, match=r"kv_compress_blocks \[30\].*0\.\.27"):
         load_config(Config, "pixart_sigma_2k", ["model.kv_compress_blocks=[30]"])

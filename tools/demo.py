@@ -286,7 +286,7 @@ class Demo:
             raise FieldError(f"Sampler must be lcm, dpm or ddim, got {sampler!r}")
         if sampler == "lcm" and steps > 50:
             raise FieldError(f"Steps: the LCM sampler takes 1..50 steps, got {steps}")
-        from models.controlnet import MAX_SCALE
+        from models.config import MAX_SCALE
 
         control_scale = 1.0 if control_scale is None else float(control_scale)
         if not (math.isfinite(control_scale) and 0 <= control_scale <= MAX_SCALE):
