@@ -4,8 +4,12 @@ KV compression against a reference written from the paper's definition (and its 
 of issue 22. Nothing is downloaded: the tests write tiny random T5, VAE and transformer folders."""
 
 import copy
+import json
 import math
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +431,15 @@ def test_int8_path_quantises_a_kv_compressed_sigma_model():
     assert len(block_linears(quantized)) == 2 * 7  # attn qkv, proj; cross_attn q, kv, proj; mlp fc1, fc2
     assert isinstance(quantized.blocks[0].attn.sr, torch.nn.Conv2d)  # the compression's conv stays float
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.slow
+def test_gpu_checks_run_the_sigma_kv_benchmark_at_toy_size(tmp_path):
+    """tools/gpu_checks.py's sigma-kv check (the 2K KV-compression speed-up on a GPU), at toy size on the CPU."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "tools/gpu_checks.py", "--smoke", "--out", str(tmp_path), "--only",
+                           "sigma-kv", "--budget-s", "200"], cwd=root, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "gpu_checks.json").read_text())
+    check = {c["name"]: c for c in report["checks"]}["sigma-kv"]
+    assert check["exit_code"] == 0 and check["rows"], done.stdout[-2000:]
+    assert "sigma-512" in (tmp_path / "gpu_checks.md").read_text()
