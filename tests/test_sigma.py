@@ -218,8 +218,8 @@ def test_fresh_compressed_model_is_close_to_the_uncompressed_one_on_smooth_laten
             comp = build_pixart(sigma_config(latent_size=32, depth=4, kv_compress_blocks=[2, 3], kv_compress_norm=norm))
             comp.load_state_dict(base.state_dict(), strict=False)
             errors[norm] = ((comp(x, t, y, mask) - ref).norm() / ref.norm()).item()
-    assert errors[False] < 0.05
-    assert errors[True] > 2 * errors[False]
+    assert errors[False] < 0.01  # measured 0.16% (0.8% on white-noise latents)
+    assert errors[True] > 10 * errors[False]  # measured 12%
 
 
 def test_kv_compression_refuses_a_grid_the_stride_does_not_divide():
@@ -250,8 +250,19 @@ def sigma_run_config(path, *overrides):
         "sample.seed=3", "sample.steps=4", *overrides])
 
 
-def test_sigma_pipeline_matches_diffusers(sigma_folder):
+TINY_ARCH = ("model.arch=T", "model.depth=2", "model.hidden_size=48", "model.num_heads=4", "model.caption_channels=32")
+
+
+@pytest.mark.parametrize("source", ["diffusers-folder", "official-pth"])
+def test_sigma_pipeline_matches_diffusers(sigma_folder, tmp_path, source):
+    """sample.py's path (plan, encode, sample, decode) on the folder itself, and on its transformer as an official
+    .pth without a config (the run config's Sigma preset, at the tiny size, describes it), equals the folder run by
+    diffusers.PixArtSigmaPipeline."""
     cfg = sigma_run_config(sigma_folder)
+    if source == "official-pth":
+        sd = read_checkpoint(sigma_folder).state_dict
+        torch.save({"state_dict": sd}, tmp_path / "PixArt-Sigma-tiny.pth")
+        cfg = sigma_run_config(sigma_folder, f"sample.checkpoint={tmp_path / 'PixArt-Sigma-tiny.pth'}", *TINY_ARCH)
     assert cfg.text_encoder.max_tokens == 300  # from the variant
     request = plan(cfg, PROMPTS)
     assert request.model_cfg.variant == "sigma-1024-ms" and request.model_cfg.caption_tokens == 300
