@@ -473,7 +473,7 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
         dtype = compute_dtype(s.quantize, s.device, dtype)
     model, _, report = load_checkpoint(s.checkpoint, None if request.use_file_config else cfg.model,
                                        device=s.device, dtype=dtype)
-    if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption and not model.guidance_embedding:
+    if model.cfg.guided_by_cfg(s.guidance) and s.uncond == "null" and not report.null_caption:
         raise CheckpointError(f"{s.checkpoint} has no learned null caption, so guidance with the null caption is "
                               f'impossible: pass --negative-prompt "" (diffusers-style guidance), or --guidance 1 to '
                               f"turn guidance off")

@@ -331,6 +331,13 @@ def test_caption_length_disagreement_is_refused_before_t5_loads(sigma_folder, mo
         generate.generate(cfg, generate.plan(cfg, PROMPTS))
 
 
+def test_a_sigma_model_with_the_sd_vae_is_refused_naming_the_sdxl_vae(sigma_folder, tiny_vae_path):
+    cfg = sigma_run_config(sigma_folder, f"autoencoder.path={tiny_vae_path}")  # scaling factor 0.18215: the SD VAE
+    with pytest.raises(UserError, match="trained on the SDXL VAE \\(scaling factor 0.13025\\).*has scaling factor "
+                                        "0.18215"):
+        plan(cfg, PROMPTS)
+
+
 def test_kv_compression_stride_and_grid_in_the_plan(tmp_path, sigma_folder):
     cfg = sigma_config(kv_compress_blocks=[1])
     save_checkpoint(random_model(cfg).state_dict(), cfg, tmp_path / "kv.safetensors", "safetensors")
