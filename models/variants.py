@@ -175,7 +175,7 @@ class PixArtConfig:
     @property
     def family(self) -> Family:
         """The family of the named variant, else the one whose caption length this config has (alpha otherwise)."""
-        if self.variant:
+        if self.variant in VARIANTS:
             return VARIANTS[self.variant].family
         return next((f for f in FAMILIES.values() if f.caption_tokens == self.caption_tokens), ALPHA)
 
@@ -233,7 +233,7 @@ def family_mismatch(cfg: PixArtConfig, seen: dict) -> str | None:
 def variant_for_size(cfg: PixArtConfig, height: int, width: int) -> str | None:
     """A message when an image of height x width pixels is beyond what the config's variant was trained for,
     naming the preset to use; None when it is fine (or the config names no variant)."""
-    if not cfg.variant:
+    if cfg.variant not in VARIANTS:
         return None
     v = VARIANTS[cfg.variant]
     if max(height, width) <= v.max_image_side:

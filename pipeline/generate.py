@@ -27,7 +27,7 @@ from models.autoencoder import latent_channels_of, load_autoencoder
 from models.checkpoint import CheckpointError, load_checkpoint, peek
 from models.pixart import PixArt, PixArtBlock, PixArtConfig
 from models.text_encoder import load_text_encoder, parse_dtype, resolve_text_encoder
-from models.variants import family_mismatch, variant_for_size
+from models.variants import VARIANTS, family_mismatch, variant_for_size
 from pipeline.config import SEED_LIMIT, SampleConfig
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def check_caption_length(text_encoder, model_cfg: PixArtConfig, path) -> None:
 def check_autoencoder_family(ae, model_cfg: PixArtConfig) -> None:
     """A model of a named variant samples through its family's VAE: PixArt-Sigma's latents are the SDXL VAE's, which
     the SD VAE decodes into noise. The VAE is recognised by the scaling factor in its config.json."""
-    if ae.kind != "sd-vae" or not model_cfg.variant or ae.scale is not None:
+    if ae.kind != "sd-vae" or model_cfg.variant not in VARIANTS or ae.scale is not None:
         return
     from models.autoencoder import resolve_vae
 

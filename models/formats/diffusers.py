@@ -19,7 +19,7 @@ from common.errors import CheckpointError
 from common.files import atomic_dir
 from common.safetensors_file import save_file
 from models.formats.safetensors import read_safetensors, safetensors_header
-from models.variants import ALPHA, FAMILIES, PIXART_ARCHS, Family, PixArtConfig
+from models.variants import ALPHA, FAMILIES, PIXART_ARCHS, VARIANTS, Family, PixArtConfig
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -250,7 +250,8 @@ def diffusers_folder_config(folder: Path) -> tuple[PixArtConfig, bool]:
         meta = safetensors_header(null_caption)[1]
         with safe_open(str(null_caption), framework="pt") as f:
             tokens = f.get_slice("y_embedding").get_shape()[0]
-        cfg = replace(cfg, caption_tokens=tokens, arch=meta.get("arch", cfg.arch), variant=meta.get("variant") or None)
+        variant = meta.get("variant") if meta.get("variant") in VARIANTS else None  # one this version knows
+        cfg = replace(cfg, caption_tokens=tokens, arch=meta.get("arch", cfg.arch), variant=variant)
         return cfg, True
     return cfg, family is not None
 
