@@ -42,6 +42,9 @@ class SelfAttention(nn.Module):
     def compress(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Tokens (N, h*w, D) of a row-major h x w grid -> (N, h/s * w/s, D)."""
         (h, w), s = grid, self.kv_stride
+        if h * w != x.shape[1]:
+            raise ValueError(f"the token grid {h}x{w} does not hold the {x.shape[1]} tokens: build the Conditioning "
+                             f"with the image's grid (PixArt.condition(..., grid=(h, w)))")
         if h % s or w % s:
             raise KVCompressionError(
                 f"KV compression with stride {s} needs a token grid whose sides divide by {s}, got {h}x{w} tokens "

@@ -27,6 +27,7 @@ from models.variants import PIXART_ARCHS, PixArtConfig
 
 __all__ = ["PIXART_ARCHS", "BlockHook", "Conditioning", "PixArt", "PixArtBlock", "PixArtConfig", "build_pixart"]
 
+
 class Modulation(NamedTuple):
     """adaLN parameters for one sub-layer: y = LN(x) * (1 + scale) + shift; the output is gated."""
 
