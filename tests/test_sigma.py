@@ -461,3 +461,12 @@ def test_gpu_checks_run_the_sigma_kv_benchmark_at_toy_size(tmp_path):
     check = {c["name"]: c for c in report["checks"]}["sigma-kv"]
     assert check["exit_code"] == 0 and check["rows"], done.stdout[-2000:]
     assert "sigma-512" in (tmp_path / "gpu_checks.md").read_text()
+
+
+def test_the_demo_draws_with_a_sigma_pipeline_folder(sigma_folder):
+    from tools.demo import Engine
+
+    engine = Engine(sigma_run_config(sigma_folder), "PixArt-Sigma")
+    assert engine.model_cfg.variant == "sigma-1024-ms"
+    image, control = engine.draw(PROMPTS[0], seed=1, width=64, height=48, control=None, control_scale=1.0, steps=2)
+    assert image.shape == (3, 48, 64) and control is None and torch.isfinite(image).all()
