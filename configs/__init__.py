@@ -1,7 +1,7 @@
-"""Config system (typed dataclasses from YAML) and the YAML presets that live beside it.
+"""Config system (typed dataclasses from YAML) and the YAML presets that live beside it: the top floor, which
+gathers every package's torch-free config section (configs/schema.py). Errors live at the bottom, in common/.
 
-Names are imported on first use (PEP 562), so that `configs.errors`, which every package imports, pulls in
-nothing else.
+Names are imported on first use (PEP 562), so that importing `configs.loader` alone pulls in no schema.
 """
 
 import importlib

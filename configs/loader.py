@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from configs.errors import UserError
-from models.checkpoint import atomic_path
+from common.choices import choice_message
+from common.errors import UserError
+from common.files import atomic_path
 
 PRESET_DIR = Path(__file__).resolve().parent
 
@@ -94,7 +95,7 @@ def _check_value(value, tp, where: str):
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise ConfigError(choice_message(where, value, args))
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -128,6 +129,8 @@ def from_dict(cls, data: dict, where: str = ""):
     """Instantiate dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    if hasattr(cls, "config_defaults"):  # e.g. a model variant's fields are its section's defaults
+        data = deep_merge(cls.config_defaults(data), data)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -135,9 +138,12 @@ def from_dict(cls, data: dict, where: str = ""):
             raise ConfigError(f"unknown config key {path!r}{_nearest(key, names, f'{where}.' if where else '')}")
         kwargs[key] = _check_value(value, hints[key], path)
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        if hasattr(cfg, "validate"):  # one check per section of values that are well typed but wrong together
+            cfg.validate()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
+    return cfg
 
 
 def to_dict(cfg) -> dict:

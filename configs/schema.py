@@ -1,16 +1,14 @@
-"""The run config: one typed section per part of the system, each defined beside the code it configures."""
+"""The run config, the top floor: one typed section per part of the system, each defined in a torch-free config module
+of the package it configures (diffusion/config.py, models/config.py, models/variants.py, ...), so reading a YAML
+imports no torch."""
 
 from dataclasses import dataclass, field
 
-from diffusion.consistency import DistillConfig
-from diffusion.dmd import DMDConfig
-from diffusion.schedule import DiffusionConfig
+from diffusion.config import DiffusionConfig, DistillConfig, DMDConfig
 from engine.config import DataConfig, TrainConfig
 from evaluation.config import EvaluationConfig
-from models.autoencoder import AutoencoderConfig
-from models.controlnet import ControlConfig
-from models.pixart import PixArtConfig
-from models.text_encoder import TextEncoderConfig
+from models.config import AutoencoderConfig, ControlConfig, TextEncoderConfig
+from models.variants import VARIANTS, PixArtConfig
 from pipeline.config import SampleConfig
 
 
@@ -29,3 +27,10 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+
+    @classmethod
+    def config_defaults(cls, data: dict) -> dict:
+        """A model variant (model.variant) also sets the text encoder's caption length: its family's."""
+        model = data.get("model") or {}
+        variant = VARIANTS.get(model.get("variant")) if isinstance(model, dict) else None
+        return {"text_encoder": {"max_tokens": variant.family.caption_tokens}} if variant else {}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from configs.errors import UserError
+from common.errors import UserError
 from data.edges import canny, edges_to_control
 
 log = logging.getLogger(__name__)

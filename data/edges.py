@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from configs.errors import UserError
+from common.errors import UserError
 
 
 def _gaussian_blur(gray: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -24,11 +24,11 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from common.files import atomic_path
+from common.safetensors_file import save_file
 from data.buckets import group_by_bucket
 from data.folder import DataError
 from models.aspect_ratios import resize_and_center_crop
-from models.checkpoint import atomic_path
-from models.safetensors_file import save_file
 
 log = logging.getLogger(__name__)
 

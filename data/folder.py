@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from configs.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

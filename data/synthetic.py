@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from configs.errors import UserError
+from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 

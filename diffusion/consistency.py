@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
+from diffusion.config import LOSSES
 from diffusion.denoiser import Denoiser
 from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers.common import per_sample
@@ -22,57 +23,8 @@ from diffusion.samplers.lcm import SIGMA_DATA, TIMESTEP_SCALING, consistency_fun
 from diffusion.schedule import NoiseSchedule
 
 Network = Callable[..., Tensor]  # net(x (N, C, H, W), t (N,), **conditions) -> (N, C or 2C, H, W)
-LOSSES = ("huber", "l2")
 
 
-@dataclass
-class DistillConfig:
-    """Latent consistency distillation; the `distill:` section of a run config (train/train_lcm.py)."""
-
-    teacher: str | None = None       # the frozen teacher's checkpoint (any format); the student starts as it
-    ddim_steps: int = 50             # K of the teacher's DDIM grid; skip k = T / K must be a whole number (20)
-    guidance: float = 4.5            # fixed w of the teacher: eps_c + w (eps_c - eps_u), uncond = null caption
-    guidance_embedding: bool = False # LCM-style: w ~ U[w_min, w_max] per sample, given to the student as input
-    w_min: float = 3.0
-    w_max: float = 15.0
-    loss: str = "huber"              # huber (c = huber_c) | l2
-    huber_c: float = 0.001
-    target_decay: float = 0.95       # mu of the EMA target network
-    teacher_substeps: int = 1        # guided DDIM steps of the teacher from t_n to t_{n-k} (1: the paper's single
-                                     # step; more: a more exact ODE solve over the skip, as multi-step solvers do)
-    lora_rank: int = 0               # > 0: LCM-LoRA, adapters of this rank; the teacher is the adapters-off model
-    lora_alpha: float | None = None  # LoRA scale alpha / rank (None: alpha = rank)
-
-    def check(self, num_train_steps: int) -> None:
-        """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
-        if not self.teacher:
-            raise UserError("distill.teacher is not set: the checkpoint of the teacher to distil (any format)")
-        if num_train_steps % self.ddim_steps or not 1 <= self.ddim_steps <= num_train_steps:
-            skip = num_train_steps / self.ddim_steps
-            raise UserError(f"distill.ddim_steps={self.ddim_steps} gives a skip of {skip:g}"
-                             f" timesteps, which does not divide the {num_train_steps}-step schedule; use a divisor "
-                             f"of {num_train_steps} (50: k = 20, the paper's)")
-        if self.guidance_embedding and not self.w_min <= self.w_max:
-            raise UserError(f"distill.w_min={self.w_min} > distill.w_max={self.w_max}: w is drawn from [w_min, w_max]")
-        if self.guidance < 0 or self.w_min < 0:
-            raise UserError(f"guidance w must be >= 0 (w = 0 is the conditional teacher), got guidance="
-                             f"{self.guidance}, w_min={self.w_min}")
-        if self.loss not in LOSSES:
-            raise UserError(f"distill.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not 0.0 <= self.target_decay < 1.0:
-            raise UserError(f"distill.target_decay must be in [0, 1), got {self.target_decay}")
-        skip = num_train_steps // self.ddim_steps
-        if not 1 <= self.teacher_substeps <= skip:
-            raise UserError(f"distill.teacher_substeps must be in 1..{skip} (the skip of {skip} timesteps it divides), "
-                            f"got {self.teacher_substeps}")
-        if self.lora_rank < 0:
-            raise UserError(f"distill.lora_rank must be >= 0 (0: full distillation), got {self.lora_rank}")
-        if self.lora_rank and self.guidance_embedding:
-            raise UserError("distill.guidance_embedding with distill.lora_rank > 0: the w embedding is a new trainable "
-                             "layer inside the frozen model; distil it fully (distill.lora_rank=0) or drop it")
-        if self.lora_rank == 0 and self.lora_alpha is not None:
-            raise UserError("distill.lora_alpha is set on a full-distillation config (lora_rank 0): set "
-                             "distill.lora_rank > 0 for LCM-LoRA, or drop lora_alpha")
 
 
 @dataclass

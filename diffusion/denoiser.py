@@ -19,8 +19,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
-from diffusion.schedule import PREDICTIONS, NoiseSchedule
+from common.errors import UserError
+from diffusion.config import PREDICTIONS
+from diffusion.schedule import NoiseSchedule
 
 Network = Callable[..., Tensor]  # net(x (N, C, H, W), t (N,), **conditions) -> (N, C or 2C, H, W)
 

@@ -14,54 +14,16 @@ optionally adds a GAN term: a small head on the fake score's middle features tel
 generated ones (non-saturating losses).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from configs.errors import UserError
 from diffusion.denoiser import Denoiser, Network
 from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers.lcm import lcm_timesteps
 from diffusion.schedule import NoiseSchedule
-
-
-@dataclass
-class DMDConfig:
-    """Distribution matching distillation; the `dmd:` section of a run config (train/train_dmd.py)."""
-
-    teacher: str | None = None       # the frozen teacher (real score); generator and fake score start as it
-    generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
-                                     # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
-    real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off
-    fake_updates: int = 5            # fake-score updates per generator update (DMD2's two time-scale rule)
-    fake_lr: float | None = None     # learning rate of the fake score; None: train.lr
-    t_min: float = 0.02              # the generator loss's noise levels: t ~ U[t_min T, t_max T)
-    t_max: float = 0.98
-    gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
-    gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
-
-    def check(self, num_train_steps: int) -> None:
-        """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
-        if not self.teacher:
-            raise UserError("dmd.teacher is not set: the checkpoint of the teacher to distil (any format)")
-        if self.fake_updates < 1:
-            raise UserError(f"dmd.fake_updates must be >= 1 (fake-score updates per generator update; DMD2 uses 5), "
-                            f"got {self.fake_updates}")
-        if not 1 <= self.generator_steps <= 50 or num_train_steps % 50:
-            raise UserError(f"dmd.generator_steps must be in 1..50 (the generator's timesteps are picks of the "
-                            f"50-step LCM grid of the {num_train_steps}-step schedule), got {self.generator_steps}")
-        if not 0.0 <= self.t_min < self.t_max <= 1.0:
-            raise UserError(f"dmd.t_min and dmd.t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min} and "
-                            f"{self.t_max}")
-        for key in ("real_guidance", "gan_weight", "gan_head_weight"):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value < 0:
-                raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
-        if self.fake_lr is not None and not (math.isfinite(self.fake_lr) and self.fake_lr > 0):
-            raise UserError(f"dmd.fake_lr must be > 0 (or null: train.lr), got {self.fake_lr}")
 
 
 class FakeScore(nn.Module):
@@ -74,7 +36,7 @@ class FakeScore(nn.Module):
         width = net.hidden_size
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(),
                                   nn.Linear(width, 1)) if gan_head else None
-        for attr in ("micro_conditions", "guidance_embedding", "in_channels", "out_channels", "patch_size"):
+        for attr in net.denoiser_attributes:
             setattr(self, attr, getattr(net, attr))
 
     def forward(self, x: Tensor, t: Tensor, *args, **cond) -> Tensor:

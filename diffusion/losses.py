@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.denoiser import Denoiser
 from diffusion.schedule import NoiseSchedule
 

@@ -5,10 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
 
 SCHEDULE_NAMES = ("linear", "scaled_linear")
-PREDICTIONS = ("eps", "v", "x0")  # what a network's first C output channels predict
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # (beta_start, beta_end)
 
 
@@ -126,19 +125,3 @@ class NoiseSchedule:
         return sigma * x_t + alpha * out  # eps = sigma_t x_t + alpha_t v
 
 
-@dataclass
-class DiffusionConfig:
-    """The training noise schedule; the `diffusion:` section of a run config."""
-
-    schedule: str = "linear"          # linear (PixArt: betas 1e-4 -> 0.02) | scaled_linear (Stable Diffusion)
-    num_steps: int = 1000             # training timesteps T
-    beta_start: float | None = None   # None: the schedule's default
-    beta_end: float | None = None     # None: the schedule's default
-    prediction: str = "eps"           # the network predicts eps (PixArt) | v (alpha eps - sigma x0) | x0
-
-    def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise UserError(f"diffusion.prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
-
-    def build(self) -> NoiseSchedule:
-        return NoiseSchedule.from_name(self.schedule, self.num_steps, self.beta_start, self.beta_end)

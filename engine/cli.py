@@ -81,8 +81,8 @@ def check_resume_networks(resume: str, make_task) -> None:
 
 def run_trainer(make_task: Callable, description: str, argv=None, check: Callable | None = None) -> int:
     """Parse the trainer command line, check everything, train; returns the exit code."""
+    from common.errors import UserError
     from configs import Config, add_config_arguments, load_config, to_yaml
-    from configs.errors import UserError
     from engine.loop import Interrupted, TrainingError, train
 
     parser = argparse.ArgumentParser(description=description, epilog=CONFIG_KEYS_HINT,

@@ -1,6 +1,15 @@
 """The `train:` and `data:` sections of a run config."""
 
 from dataclasses import dataclass
+from typing import Literal
+
+from common.choices import check_choices
+from common.errors import UserError
+
+DType = Literal["fp32", "bf16", "fp16"]
+LRSchedule = Literal["constant", "cosine"]
+Precision = Literal["no", "bf16", "fp16"]
+Strategy = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -18,16 +27,16 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     warmup_steps: int = 1000              # linear warm-up of the learning rate from 0
-    lr_schedule: str = "constant"         # after warm-up: constant | cosine (to 0 at the last step)
+    lr_schedule: LRSchedule = "constant"  # after warm-up: constant | cosine (to 0 at the last step)
     grad_clip: float = 0.01               # max global gradient norm; <= 0: no clipping (the norm is still logged)
     ema_decay: float = 0.9999             # EMA of the weights (exported and sampled); 0: no EMA
-    mixed_precision: str = "no"           # no | bf16 (autocast, CPU and GPU) | fp16 (autocast + grad scaler, GPU)
+    mixed_precision: Precision = "no"     # no | bf16 (autocast, CPU and GPU) | fp16 (autocast + grad scaler, GPU)
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
-    frozen_dtype: str = "fp32"            # fp32 | bf16 | fp16: how frozen networks (an LCD teacher, a ControlNet's
+    frozen_dtype: DType = "fp32"          # fp32 | bf16 | fp16: how frozen networks (an LCD teacher, a ControlNet's
                                           # base, LoRA's base weights) are stored; under autocast their matmuls run
                                           # in the autocast dtype anyway, so bf16 halves their memory for free
     compile: bool = False                 # torch.compile the model's forward and backward (eager fallback, warned)
-    distributed: str = "ddp"              # ddp | fsdp (blocks' parameters, gradients, optimiser state sharded)
+    distributed: Strategy = "ddp"         # ddp | fsdp (blocks' parameters, gradients, optimiser state sharded)
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda
     log_every: int = 10
@@ -44,6 +53,14 @@ class TrainConfig:
     loss_edge_weight: float = 0.0         # pixel space: pixels on an edge of the clean image (3x3 neighbourhood
                                           # spanning > 0.5 in some channel) weigh 1 + this in the MSE, normalised to
                                           # mean 1 per image; 4 lets the shapes teacher learn an object's kind; 0: off
+
+    def validate(self) -> None:
+        check_choices(self, "train")
+        for name in ("steps", "batch_size", "grad_accumulation"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from configs.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import contextlib
 import torch
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 
 
 def trainable_names(model: nn.Module) -> list[str]:

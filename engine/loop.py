@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import UserError
 from configs import save_config, to_dict, to_yaml
-from configs.errors import UserError
 from engine import distributed
 from engine.ema import EMA
 from engine.monitor import Monitor, log, peak_memory_mb, setup_logging

@@ -8,7 +8,7 @@ the few operations autocast leaves in fp32 (its normalisation-free adaLN tables,
 import torch
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

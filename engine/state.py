@@ -4,15 +4,19 @@ Checkpoints are written to a temporary file and renamed, and `latest.txt` is upd
 an interrupted write never replaces a good checkpoint.
 """
 
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from configs.errors import UserError
-from models.checkpoint import TRAIN_STATE_FORMAT, atomic_path
+from common.errors import CheckpointError, UserError
+from common.files import TRAIN_STATE_FORMAT, atomic_path
+from models.checkpoint import Checkpoint
+from models.formats.safetensors import config_from_json
 
 FORMAT = TRAIN_STATE_FORMAT
 
@@ -136,3 +140,51 @@ def checkpoint_networks(path: Path) -> list[str]:
         raise ResumeError(f"{path} is not a training-state checkpoint of this project")
     return list(state.get("networks") or {"model": None})
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a training checkpoint's weights (tools/convert_checkpoint.py exports them)
+
+
+def is_training_state(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training checkpoint of engine/state.py (read memory-mapped, so cheap)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT
+
+
+def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkpoint:
+    """The PixArt weights inside a training checkpoint: its EMA ("ema", what the run exports) or the raw training
+    weights ("model"), with the run's model config and the run config as metadata (like the exported files).
+
+    Only runs that train a whole PixArt (train.py, train_lcm.py) have one; a ControlNet run trains a branch."""
+    path = Path(path)
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"weights={weights!r}: a training checkpoint holds 'ema' or 'model' weights")
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the optimiser state is never read
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project")
+    # the exported network (named in the state; else the first that keeps an EMA, else the first); checkpoints of
+    # single-network runs written before tasks had several networks: the state itself
+    networks = state.get("networks") or {"model": state}
+    name = state.get("exported") or next((n for n, v in networks.items() if v.get("ema")), next(iter(networks)))
+    network = networks[name]
+    if not network.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise CheckpointError(f"{path} is a training checkpoint without its model weights or run config (truncated, "
+                              f"or written by another version?)")
+    sd = dict(network["model"])
+    if any(k.startswith("branch.") for k in sd):
+        raise CheckpointError(f"{path} is the training state of a ControlNet branch, not of a PixArt: use the "
+                              f"branch its run exports (control.safetensors)")
+    if weights == "ema":
+        if not network.get("ema"):
+            raise CheckpointError(f"{path} kept no EMA (the run had train.ema_decay 0): export --weights model")
+        sd.update(network["ema"]["shadow"])
+    run = state["config"]
+    cfg = config_from_json(json.dumps(run["model"]), path)
+    metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}
+    return Checkpoint(sd, "training-state", path, cfg, metadata)

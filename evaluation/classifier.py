@@ -21,7 +21,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 from data.synthetic import KINDS, PALETTE, POSITIONS, SIZES
 
 INPUT_SIDE = 32                                     # every image is read at 32x32
@@ -122,7 +122,7 @@ def save_classifier(model: ShapeClassifier, path: str | Path, metadata: dict[str
     """fp16 safetensors with the ClassifierConfig (and any extra string metadata) in the header; atomic."""
     from safetensors.torch import save_file
 
-    from models.checkpoint import atomic_path
+    from common.files import atomic_path
 
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(metadata or {})}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from configs.errors import UserError
+from common.errors import UserError
 
 
 class ImageInputError(UserError):

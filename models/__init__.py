@@ -1,10 +1,13 @@
-"""Networks: the PixArt-alpha transformer, its building blocks, and checkpoint formats.
+"""Networks: the PixArt transformer, its building blocks, its variants and checkpoint formats.
 
     from models import build_pixart, load_checkpoint
     model = build_pixart(cfg.model)                        # random init from a config
     model, model_cfg, report = load_checkpoint(path)       # any supported checkpoint, format detected
+
+Names are imported on first use (PEP 562), so that `models.variants` (read by every config) imports no torch.
 """
 
+import importlib
 import logging
 
 # Import-time notices of library pairings, not about the user's run: torchao registers enums with torch's pytree
@@ -14,10 +17,22 @@ import logging
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
 
-from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
-from models.pixart import PIXART_ARCHS, PixArt, PixArtConfig, build_pixart  # noqa: E402
+_EXPORTS = {
+    "CheckpointError": "common.errors",
+    "load_checkpoint": "models.checkpoint",
+    "read_checkpoint": "models.checkpoint",
+    "save_checkpoint": "models.checkpoint",
+    "PixArt": "models.pixart",
+    "build_pixart": "models.pixart",
+    "PIXART_ARCHS": "models.variants",
+    "PixArtConfig": "models.variants",
+    "VARIANTS": "models.variants",
+}
 
-__all__ = [
-    "PIXART_ARCHS", "CheckpointError", "PixArt", "PixArtConfig", "build_pixart", "load_checkpoint",
-    "read_checkpoint", "save_checkpoint",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,12 +9,11 @@ Weights are only read from disk (`local_files_only=True`): nothing here download
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from configs.errors import UserError
+from models.config import AutoencoderConfig, AutoencoderError
 from models.text_encoder import local_snapshot, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -24,18 +23,6 @@ DOWNLOAD_HINT = ('hf download PixArt-alpha/PixArt-XL-2-1024-MS --include "vae/*"
                  "(or: hf download stabilityai/sd-vae-ft-ema --local-dir <folder>; then set autoencoder.path)")
 
 
-class AutoencoderError(UserError):
-    """An autoencoder that cannot be found or is not a VAE; the message names the path and what would be right."""
-
-
-@dataclass
-class AutoencoderConfig:
-    """Which autoencoder maps images to the latents the transformer sees; the `autoencoder:` section of a config."""
-
-    kind: str = "sd-vae"           # sd-vae (diffusers AutoencoderKL) | pixel (identity: latent = image)
-    path: str = "sd-vae-ft-ema"    # AutoencoderKL folder, pipeline root with vae/, or a cached hub id
-    scale: float | None = None     # latent = scale * VAE latent; None: the VAE config's scaling_factor (0.18215)
-    dtype: str = "fp32"            # fp32 | bf16 | fp16
 
 
 def resolve_vae(path: str) -> tuple[Path, dict]:

@@ -1,45 +1,57 @@
-"""Read, check and write PixArt transformer weights in the three formats people have.
+"""Read, check and write PixArt transformer weights in the three formats people have; one module per format in
+models/formats/:
 
-- "official": the PixArt-alpha repository's .pth (weights under "state_dict" or bare, pos_embed buffer optional).
+- "official": the PixArt-alpha / -Sigma repositories' .pth (weights under "state_dict" or bare, pos_embed optional).
 - "diffusers": a folder with transformer/config.json + diffusion_pytorch_model.safetensors (or shards).
-  diffusers does not store the null caption; this project writes it beside the weights as null_caption.safetensors.
 - "safetensors": this project's own file, official key names, the PixArtConfig in the metadata.
 
 Every reader returns official key names, which are this project's module names, so a load is one
 `load_state_dict(assign=True)` into a model built on the meta device (no second copy of the weights in RAM).
+What the weights say about their variant (models/variants.py) turns a mismatch into a message naming the preset.
 """
 
 import contextlib
-import json
 import logging
 import os
-import shutil
-import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors import SafetensorError, safe_open
 
-from configs.errors import UserError
+from common.errors import CheckpointError
+from common.files import TRAIN_STATE_FORMAT, training_state_message
 from models.embeddings import sincos_pos_embed_2d
-from models.pixart import PIXART_ARCHS, PixArt, PixArtConfig, build_pixart
-from models.safetensors_file import save_file
+from models.formats.diffusers import (
+    NULL_CAPTION_FILE,
+    NULL_CAPTION_KEY,
+    diffusers_dir,
+    diffusers_folder_config,
+    num_blocks,
+    read_diffusers_dir,
+    read_diffusers_file,
+    write_diffusers,
+)
+from models.formats.official import read_official, read_sidecar_config, write_official
+from models.formats.safetensors import (
+    FORMAT_TAG,
+    config_from_json,
+    read_safetensors,
+    safetensors_header,
+    write_safetensors,
+)
+from models.pixart import PixArt, build_pixart
 from models.shipped import ShippedWeightsError, verify_shipped
+from models.variants import PixArtConfig, family_mismatch
+
+__all__ = [
+    "FORMATS", "NULL_CAPTION_KEY", "Checkpoint", "CheckpointError", "CheckpointInfo", "LoadReport", "check_state_dict",
+    "describe_mismatch", "detect_format", "infer_config", "load_checkpoint", "peek", "peek_config", "read_checkpoint",
+    "save_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("official", "diffusers", "safetensors")
-FORMAT_TAG = "pixart-delta"  # metadata["format"] of this project's safetensors files
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-NULL_CAPTION_FILE = "null_caption.safetensors"
-NULL_CAPTION_KEY = "y_embedder.y_embedding"  # (caption_tokens, caption_channels) buffer; diffusers drops it
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why and what to do."""
 
 
 @dataclass
@@ -51,214 +63,14 @@ class Checkpoint:
     path: Path
     config: PixArtConfig | None = None           # from the file when it carries one (diffusers, safetensors)
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it.
-
-    The temporary name is unique (pid + random). The result gets the usual permissions of new files (the umask's),
-    also when the writer makes private files (safetensors writes 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.touch()
-    mode = tmp.stat().st_mode & 0o777  # what a new file gets here
-    try:
-        yield tmp
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def normalise_modes(folder: Path) -> None:
-    """Give every file and folder under `folder` the permissions new ones get here (private writers aside)."""
-    probe = folder / f".mode-probe-{uuid.uuid4().hex[:8]}"
-    probe.touch()
-    file_mode = probe.stat().st_mode & 0o777
-    probe.unlink()
-    dir_mode = folder.stat().st_mode & 0o777  # made by os.mkdir: the umask's
-    for item in folder.rglob("*"):
-        os.chmod(item, dir_mode if item.is_dir() else file_mode)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, replace_existing: bool = False):
-    """Yield a new empty folder beside `path`; on success it becomes `path` (an existing `path` is removed first if
-    replace_existing, else it is an error), on failure it is deleted. Made with os.mkdir, so it has the usual
-    permissions of new folders (tempfile's are private)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not replace_existing:
-        raise CheckpointError(f"{path} already exists; remove it or choose another destination")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        normalise_modes(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Key maps: official <-> diffusers
-
-
-def _diffusers_block_map(i: int) -> dict[str, str]:
-    """Official -> diffusers names for block i's unfused tensors (qkv and kv handled separately)."""
-    o, d = f"blocks.{i}.", f"transformer_blocks.{i}."
-    return {
-        o + "scale_shift_table": d + "scale_shift_table",
-        o + "attn.proj.weight": d + "attn1.to_out.0.weight",
-        o + "attn.proj.bias": d + "attn1.to_out.0.bias",
-        o + "cross_attn.q_linear.weight": d + "attn2.to_q.weight",
-        o + "cross_attn.q_linear.bias": d + "attn2.to_q.bias",
-        o + "cross_attn.proj.weight": d + "attn2.to_out.0.weight",
-        o + "cross_attn.proj.bias": d + "attn2.to_out.0.bias",
-        o + "mlp.fc1.weight": d + "ff.net.0.proj.weight",
-        o + "mlp.fc1.bias": d + "ff.net.0.proj.bias",
-        o + "mlp.fc2.weight": d + "ff.net.2.weight",
-        o + "mlp.fc2.bias": d + "ff.net.2.bias",
-    }
-
-
-_DIFFUSERS_TOP = {
-    "x_embedder.proj": "pos_embed.proj",
-    "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
-    "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
-    "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
-    "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
-    "t_block.1": "adaln_single.linear",
-    "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-    "y_embedder.y_proj.fc2": "caption_projection.linear_2",
-    "final_layer.linear": "proj_out",
-}
-
-
-def _num_blocks(keys, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
-
-
-def official_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename and split (qkv -> q, k, v; kv -> k, v) official tensors into diffusers' names."""
-    out = {}
-    for o, d in _DIFFUSERS_TOP.items():
-        for p in ("weight", "bias"):
-            if f"{o}.{p}" in sd:
-                out[f"{d}.{p}"] = sd[f"{o}.{p}"]
-    out["scale_shift_table"] = sd["final_layer.scale_shift_table"]
-    for i in range(_num_blocks(sd, "blocks.")):
-        out.update({d: sd[o] for o, d in _diffusers_block_map(i).items()})
-        d = f"transformer_blocks.{i}."
-        for p in ("weight", "bias"):
-            q, k, v = sd[f"blocks.{i}.attn.qkv.{p}"].chunk(3, dim=0)
-            out[d + f"attn1.to_q.{p}"], out[d + f"attn1.to_k.{p}"], out[d + f"attn1.to_v.{p}"] = q, k, v
-            k, v = sd[f"blocks.{i}.cross_attn.kv_linear.{p}"].chunk(2, dim=0)
-            out[d + f"attn2.to_k.{p}"], out[d + f"attn2.to_v.{p}"] = k, v
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def diffusers_to_official(get, keys) -> dict[str, torch.Tensor]:
-    """Inverse of official_to_diffusers; `get(key)` fetches one diffusers tensor (lazily, to bound memory)."""
-    keys = set(keys)
-    out, used = {}, set()
-
-    def take(name):
-        used.add(name)
-        return get(name)
-
-    for o, d in _DIFFUSERS_TOP.items():
-        for p in ("weight", "bias"):
-            if f"{d}.{p}" in keys:
-                out[f"{o}.{p}"] = take(f"{d}.{p}")
-    if "scale_shift_table" in keys:
-        out["final_layer.scale_shift_table"] = take("scale_shift_table")
-    for i in range(_num_blocks(keys, "transformer_blocks.")):
-        d = f"transformer_blocks.{i}."
-        for o_key, d_key in _diffusers_block_map(i).items():
-            if d_key in keys:
-                out[o_key] = take(d_key)
-        for p in ("weight", "bias"):
-            qkv = [d + f"attn1.to_{n}.{p}" for n in "qkv"]
-            if all(k in keys for k in qkv):
-                out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([take(k) for k in qkv], dim=0)
-            kv = [d + f"attn2.to_{n}.{p}" for n in "kv"]
-            if all(k in keys for k in kv):
-                out[f"blocks.{i}.cross_attn.kv_linear.{p}"] = torch.cat([take(k) for k in kv], dim=0)
-    for k in sorted(keys - used):  # kept under their own name so the report lists them as unexpected
-        out[k] = get(k)
-    return out
-
-
-def diffusers_config(cfg: PixArtConfig) -> dict:
-    """transformer/config.json for diffusers.PixArtTransformer2DModel."""
-    cfg = cfg.resolved()
-    if cfg.mlp_ratio != 4.0:
-        raise CheckpointError(f"diffusers' PixArt block has an MLP ratio of 4; this model has {cfg.mlp_ratio}")
-    if cfg.guidance_embedding:
-        raise CheckpointError("diffusers' PixArtTransformer2DModel has no guidance embedding (w input): keep this "
-                              "student as safetensors or an official .pth")
-    return {
-        "_class_name": "PixArtTransformer2DModel",
-        "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": cfg.hidden_size // cfg.num_heads,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "num_layers": cfg.depth,
-        "cross_attention_dim": cfg.hidden_size,
-        "attention_bias": True,
-        "sample_size": cfg.latent_size,
-        "patch_size": cfg.patch_size,
-        "activation_fn": "gelu-approximate",
-        "num_embeds_ada_norm": 1000,
-        "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False,
-        "norm_eps": 1e-6,
-        "interpolation_scale": cfg.pe_interpolation,
-        "use_additional_conditions": cfg.micro_conditions,
-        "caption_channels": cfg.caption_channels,
-        "dropout": 0.0,
-        "upcast_attention": False,
-        "attention_type": "default",
-    }
-
-
-def config_from_diffusers(dc: dict, caption_tokens: int = 120) -> PixArtConfig:
-    """PixArtConfig from a diffusers transformer/config.json (diffusers' defaults where keys are absent)."""
-    heads, head_dim = dc.get("num_attention_heads", 16), dc.get("attention_head_dim", 72)
-    depth, hidden = dc.get("num_layers", 28), heads * head_dim
-    sample = dc.get("sample_size", 128)
-    in_ch = dc.get("in_channels", 4)
-    out_ch = dc.get("out_channels") or in_ch
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise CheckpointError(f"out_channels {out_ch} is neither in_channels {in_ch} nor twice it (learned sigma)")
-    interp = dc.get("interpolation_scale") or max(sample // 64, 1)
-    micro = dc.get("use_additional_conditions")
-    arch = next((n for n, dims in PIXART_ARCHS.items() if dims == (depth, hidden, heads)), "XL")
-    return PixArtConfig(
-        arch=arch, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=dc.get("patch_size", 2),
-        in_channels=in_ch, learn_sigma=out_ch == 2 * in_ch, caption_channels=dc.get("caption_channels") or 4096,
-        caption_tokens=caption_tokens, latent_size=sample, pe_interpolation=float(interp),
-        micro_conditions=bool(sample == 128 if micro is None else micro),
-    )
+    caption_tokens_known: bool = True  # see CheckpointInfo
 
 
 # ----------------------------------------------------------------------------------------------------------
 # What a state dict looks like
 
 
-def _other_model_kind(keys) -> str | None:
+def other_model_kind(keys) -> str | None:
     """Name the kind of model a non-PixArt state dict belongs to, if recognisable."""
     keys = list(keys)
     has = lambda s: any(s in k for k in keys)  # noqa: E731
@@ -281,7 +93,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
         out.update(hidden_size=hidden, in_channels=in_ch, patch_size=p)
         if "final_layer.linear.weight" in sd:
             out["learn_sigma"] = sd["final_layer.linear.weight"].shape[0] // (p * p) == 2 * in_ch
-    out["depth"] = _num_blocks(sd, "blocks.")
+    out["depth"] = num_blocks(sd, "blocks.")
     if "blocks.0.mlp.fc1.weight" in sd and "hidden_size" in out:
         out["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / out["hidden_size"]
     if "y_embedder.y_proj.fc1.weight" in sd:
@@ -312,14 +124,14 @@ def _infer_pos_embed(pos: torch.Tensor, hidden: int, patch: int) -> dict:
 
 def describe_mismatch(cfg: PixArtConfig, sd: dict[str, torch.Tensor]) -> list[str]:
     """Human-readable reasons why weights `sd` do not fit `cfg`, each with the fix."""
-    kind = _other_model_kind(sd.keys())
+    kind = other_model_kind(sd.keys())
     if kind:
         return [f"this looks like {kind}"]
     seen, want = infer_config(sd), asdict(cfg.resolved())
     hints = []
-    if seen.get("caption_tokens") == 300 and not seen.get("micro_conditions"):
-        hints.append("this looks like a PixArt-Sigma checkpoint (300 caption tokens, no micro-condition "
-                     "embedders); this codebase's model is PixArt-alpha (120 tokens)")
+    family = family_mismatch(cfg, seen)
+    if family:
+        hints.append(family)
     if seen.get("micro_conditions") and not cfg.micro_conditions:
         hints.append("the checkpoint is multi-scale (MS: has csize/ar embedders) but the config is not: "
                      "use configs/pixart_xl2_1024_ms.yaml or --set model.micro_conditions=true")
@@ -353,63 +165,14 @@ def detect_format(path: str | os.PathLike) -> str:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        _diffusers_dir(path)  # raises if the folder is not a diffusers transformer
+        diffusers_dir(path)  # raises if the folder is not a diffusers transformer
         return "diffusers"
     if path.suffix == ".safetensors":
-        keys, meta = _safetensors_header(path)
+        keys, meta = safetensors_header(path)
         if meta.get("format") == FORMAT_TAG:
             return "safetensors"
         return "diffusers" if any(k.startswith("transformer_blocks.") for k in keys) else "official"
     return "official"
-
-
-def _diffusers_dir(path: Path) -> Path:
-    """The folder holding the transformer's config.json (a pipeline root or the transformer folder itself)."""
-    for cand in (path / "transformer", path):
-        if (cand / "config.json").is_file():
-            cls = json.loads((cand / "config.json").read_text()).get("_class_name", "")
-            if cls and cls not in ("PixArtTransformer2DModel", "Transformer2DModel"):
-                raise CheckpointError(f"{cand / 'config.json'} describes a {cls}, not a PixArtTransformer2DModel")
-            return cand
-    raise CheckpointError(f"folder {path} is not a diffusers PixArt transformer: expected transformer/config.json "
-                          f"or config.json with {DIFFUSERS_WEIGHTS} beside it")
-
-
-def _safetensors_header(path: Path) -> tuple[list[str], dict]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys()), f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: not a valid safetensors file, it may be corrupt or truncated "
-                              f"({e}); re-download or re-convert it") from e
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    _safetensors_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with mmap (weights stay in the page cache, not copied) and weights_only."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:  # legacy (non-zip) serialisation cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: the file may be corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              f"re-download or re-convert it") from e
-    if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
-        raise CheckpointError(training_state_message(path))
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no tensor state dict (top-level keys: {list(obj)[:8]})")
-    return obj
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -417,67 +180,16 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "safetensors":
-        _, meta = _safetensors_header(path)
-        cfg = _config_from_json(meta["model_config"], path) if "model_config" in meta else None
-        return Checkpoint(_read_safetensors(path), fmt, path, cfg, meta)
+        _, meta = safetensors_header(path)
+        cfg = config_from_json(meta["model_config"], path) if "model_config" in meta else None
+        return Checkpoint(read_safetensors(path), fmt, path, cfg, meta)
     if fmt == "official":
-        sd = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
-        return Checkpoint(sd, fmt, path, _read_sidecar_config(path))
+        sd = read_safetensors(path) if path.suffix == ".safetensors" else read_official(path)
+        return Checkpoint(sd, fmt, path, read_sidecar_config(path))
     if path.is_file():  # a bare diffusers-key safetensors file without config.json
-        with safe_open(str(path), framework="pt") as f:
-            return Checkpoint(diffusers_to_official(f.get_tensor, f.keys()), fmt, path)
-    return _read_diffusers_dir(_diffusers_dir(path))
-
-
-def _read_diffusers_dir(folder: Path) -> Checkpoint:
-    index = folder / DIFFUSERS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    elif (folder / DIFFUSERS_WEIGHTS).is_file():
-        shards = [DIFFUSERS_WEIGHTS]
-    else:
-        raise CheckpointError(f"{folder} has config.json but no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} "
-                              f"(.bin weights are not supported: convert them with diffusers' save_pretrained)")
-    handles = {}
-    with contextlib.ExitStack() as stack:
-        where = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise CheckpointError(f"shard {folder / shard} named in {DIFFUSERS_INDEX} is missing")
-            _safetensors_header(folder / shard)
-            handles[shard] = stack.enter_context(safe_open(str(folder / shard), framework="pt"))
-            where.update({k: shard for k in handles[shard].keys()})
-        sd = diffusers_to_official(lambda k: handles[where[k]].get_tensor(k), where.keys())
-    cfg = config_from_diffusers(json.loads((folder / "config.json").read_text()))
-    if (folder / NULL_CAPTION_FILE).is_file():  # written by this project: the null caption and the arch name
-        sd[NULL_CAPTION_KEY] = _read_safetensors(folder / NULL_CAPTION_FILE)["y_embedding"]
-        arch = _safetensors_header(folder / NULL_CAPTION_FILE)[1].get("arch", cfg.arch)
-        cfg = replace(cfg, caption_tokens=sd[NULL_CAPTION_KEY].shape[0], arch=arch)
-    return Checkpoint(sd, "diffusers", folder, cfg)
-
-
-def _read_sidecar_config(path: Path) -> PixArtConfig | None:
-    """The `model:` section of NAME.yaml beside an official NAME.pth (written by save_checkpoint), if any."""
-    side = path.with_suffix(".yaml")
-    if not side.is_file():
-        return None
-    data = yaml.safe_load(side.read_text()) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        return None
-    return _config_from_json(json.dumps(data["model"]), side)
-
-
-def _config_from_json(text: str, path: Path) -> PixArtConfig:
-    data = json.loads(text)
-    valid = {f.name for f in fields(PixArtConfig)}
-    unknown = set(data) - valid
-    if unknown:
-        raise CheckpointError(f"{path} stores model config keys this version does not know: {sorted(unknown)}")
-    return PixArtConfig(**data)
-
-
-TRAIN_STATE_FORMAT = "pixart-delta-train-state"  # engine/state.py's checkpoints (model, optimiser, RNG, ...)
+        return Checkpoint(read_diffusers_file(path), fmt, path)
+    sd, cfg, known = read_diffusers_dir(diffusers_dir(path))
+    return Checkpoint(sd, fmt, path, cfg, caption_tokens_known=known)
 
 
 @dataclass
@@ -487,6 +199,9 @@ class CheckpointInfo:
     config: PixArtConfig | None      # None: an official file without a config beside it
     null_caption: bool | None        # whether it holds the learned null caption; None: unknown until loaded
     metadata: dict[str, str]         # this project's safetensors metadata (run config, step, ...)
+    caption_tokens_known: bool = True  # False: a diffusers transformer folder alone, without null caption or
+                                       # model_index.json, does not say its caption length (the run config does)
+    seen: dict = field(default_factory=dict)  # what an official file's weights show (infer_config), read memory-mapped
 
 
 def peek(path: str | os.PathLike) -> CheckpointInfo:
@@ -497,70 +212,23 @@ def peek(path: str | os.PathLike) -> CheckpointInfo:
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "safetensors":
-        keys, meta = _safetensors_header(path)
-        return CheckpointInfo(_config_from_json(meta["model_config"], path), NULL_CAPTION_KEY in keys, meta)
+        keys, meta = safetensors_header(path)
+        return CheckpointInfo(config_from_json(meta["model_config"], path), NULL_CAPTION_KEY in keys, meta)
     if fmt == "diffusers" and path.is_dir():
-        folder = _diffusers_dir(path)
-        return CheckpointInfo(config_from_diffusers(json.loads((folder / "config.json").read_text())),
-                              (folder / NULL_CAPTION_FILE).is_file(), {})
+        folder = diffusers_dir(path)
+        cfg, known = diffusers_folder_config(folder)
+        return CheckpointInfo(cfg, (folder / NULL_CAPTION_FILE).is_file(), {}, known)
     if fmt == "official" and path.suffix != ".safetensors":
         obj = None
         with contextlib.suppress(Exception):  # unreadable files are reported by the loader with their reason
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
             raise CheckpointError(training_state_message(path))
-    return CheckpointInfo(_read_sidecar_config(path) if fmt == "official" else None, None, {})
-
-
-def training_state_message(path) -> str:
-    return (f"{path} is a training checkpoint (model, optimiser and RNG state for --resume), not weights: use the "
-            f"run's ema.safetensors (or weights.safetensors), which every checkpoint step exports, or export this "
-            f"step's weights with `python tools/convert_checkpoint.py {path} OUT.safetensors --to safetensors`")
-
-
-def is_training_state(path: str | os.PathLike) -> bool:
-    """Whether `path` is a training checkpoint of engine/state.py (read memory-mapped, so cheap)."""
-    path = Path(path)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return False
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT
-
-
-def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkpoint:
-    """The PixArt weights inside a training checkpoint: its EMA ("ema", what the run exports) or the raw training
-    weights ("model"), with the run's model config and the run config as metadata (like the exported files).
-
-    Only runs that train a whole PixArt (train.py, train_lcm.py) have one; a ControlNet run trains a branch."""
-    path = Path(path)
-    if weights not in ("ema", "model"):
-        raise CheckpointError(f"weights={weights!r}: a training checkpoint holds 'ema' or 'model' weights")
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the optimiser state is never read
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        raise CheckpointError(f"{path} is not a training checkpoint of this project")
-    # the exported network (named in the state; else the first that keeps an EMA, else the first); checkpoints of
-    # single-network runs written before tasks had several networks: the state itself
-    networks = state.get("networks") or {"model": state}
-    name = state.get("exported") or next((n for n, v in networks.items() if v.get("ema")), next(iter(networks)))
-    network = networks[name]
-    if not network.get("model") or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
-        raise CheckpointError(f"{path} is a training checkpoint without its model weights or run config (truncated, "
-                              f"or written by another version?)")
-    sd = dict(network["model"])
-    if any(k.startswith("branch.") for k in sd):
-        raise CheckpointError(f"{path} is the training state of a ControlNet branch, not of a PixArt: use the "
-                              f"branch its run exports (control.safetensors)")
-    if weights == "ema":
-        if not network.get("ema"):
-            raise CheckpointError(f"{path} kept no EMA (the run had train.ema_decay 0): export --weights model")
-        sd.update(network["ema"]["shadow"])
-    run = state["config"]
-    cfg = _config_from_json(json.dumps(run["model"]), path)
-    metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}
-    return Checkpoint(sd, "training-state", path, cfg, metadata)
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            seen = infer_config(sd)  # shapes only: the family (caption length) and grid of a config-less file
+            return CheckpointInfo(read_sidecar_config(path), NULL_CAPTION_KEY in sd, {}, seen=seen)
+    return CheckpointInfo(read_sidecar_config(path) if fmt == "official" else None, None, {})
 
 
 def peek_config(path: str | os.PathLike) -> PixArtConfig | None:
@@ -652,7 +320,7 @@ def load_checkpoint(
 
 def _config_from_official(sd: dict[str, torch.Tensor], path: Path) -> PixArtConfig:
     """Best-effort config for a config-less official file; heads assume the PixArt head width of 72."""
-    kind = _other_model_kind(sd.keys())
+    kind = other_model_kind(sd.keys())
     if kind:
         raise CheckpointError(f"{path}: this looks like {kind}")
     seen = infer_config(sd)
@@ -691,52 +359,10 @@ def save_checkpoint(
         raise CheckpointError(f"int8 weights are saved as this project's safetensors only, not {fmt}: save the float "
                               f"weights as {fmt}, or pass --to safetensors")
     if fmt == "safetensors":
-        meta = {"format": FORMAT_TAG, "model_config": json.dumps(asdict(cfg)), **(metadata or {})}
-        if int8:
-            meta["quantization"] = "int8"
-        with atomic_path(path) as tmp:
-            save_file(sd, str(tmp), metadata=meta)
+        write_safetensors(sd, cfg, path, metadata, int8)
     elif fmt == "official":
-        grid = cfg.latent_size // cfg.patch_size  # the buffer official code expects, at the config's base grid
-        pos = sincos_pos_embed_2d(cfg.hidden_size, grid, grid, grid, cfg.pe_interpolation)[None]
-        with atomic_path(path) as tmp:
-            torch.save({"state_dict": {**sd, "pos_embed": pos}}, tmp)
-        with atomic_path(path.with_suffix(".yaml")) as tmp:  # the config official files lack; also a --config
-            tmp.write_text(yaml.safe_dump({"model": asdict(cfg)}, sort_keys=False))
+        write_official(sd, cfg, path)
     else:
-        _write_diffusers(sd, cfg, path, max_shard_bytes, overwrite)
+        write_diffusers(sd, cfg, path, max_shard_bytes, overwrite)
     return path
 
-
-def _write_diffusers(sd, cfg: PixArtConfig, root: Path, max_shard_bytes: int | None, overwrite: bool) -> None:
-    """root/transformer/{config.json, weights (sharded past max_shard_bytes), null_caption.safetensors}."""
-    weights = official_to_diffusers(sd)
-    with atomic_dir(root / "transformer", replace_existing=overwrite) as tmp:
-        shards = _shard(weights, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / DIFFUSERS_WEIGHTS))
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name))
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in weights.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2))
-        if NULL_CAPTION_KEY in sd:
-            save_file({"y_embedding": sd[NULL_CAPTION_KEY]}, str(tmp / NULL_CAPTION_FILE), metadata={"arch": cfg.arch})
-        (tmp / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
-
-
-def _shard(sd: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    if not max_bytes:
-        return [sd]
-    shards, current, size = [], {}, 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if current and size + n > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k], size = v, size + n
-    return shards + [current] if current else shards

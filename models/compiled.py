@@ -32,7 +32,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FORWARDED = ("micro_conditions", "guidance_embedding", "in_channels", "out_channels", "patch_size")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -87,7 +86,7 @@ class CompiledModule(nn.Module):
                 region.compile(**options)
             self.compiled = module
         self.eager = False
-        for name in FORWARDED:  # what the pipeline reads off a denoiser
+        for name in getattr(module, "denoiser_attributes", ()):  # what the pipeline reads off a denoiser
             if hasattr(module, name):
                 setattr(self, name, getattr(module, name))
 
@@ -115,7 +114,7 @@ def compile_module(module: nn.Module, what: str, device: torch.device | str, reg
     module docstring); mode: torch.compile's mode (MODES). A failure inside dynamo/inductor at a call also falls
     back to eager; an error of the model itself then raises from the eager run, with its own traceback."""
     if mode not in MODES:
-        from configs.errors import UserError
+        from common.errors import UserError
 
         raise UserError(f"unknown compile mode {mode!r}: use one of {', '.join(MODES)}")
     problem = compiler_problem(device)

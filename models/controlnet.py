@@ -25,59 +25,21 @@ own state dict uses exactly the controlnet.* names.
 
 import copy
 import logging
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from configs.errors import UserError
+from models.config import ControlConfig, ControlError
 from models.pixart import BlockHook, Conditioning, PixArt, PixArtBlock
 
 FORMAT = "pixart-delta-control/1"
 log = logging.getLogger(__name__)
 
 
-class ControlError(UserError):
-    """A control branch that does not fit its config or base model; the message names the difference."""
 
 
-@dataclass
-class ControlConfig:
-    """The `control:` section: which branch, and how strongly it steers at sampling time."""
-
-    design: str = "transformer"      # transformer | unet (DESIGNS)
-    num_blocks: int = 13             # N copies of the base's first N blocks (the released model: 13 of 28)
-    base: str | None = None          # training: the frozen base model's checkpoint (any format)
-    checkpoint: str | None = None    # sampling: a branch file (this project's safetensors, or an official .pth);
-                                     # training starts a fresh branch (train.init_from: from a trained one)
-    scale: float = 1.0               # conditioning scale: multiplies every injected residual at sampling time
-    check_base: bool = True          # refuse a branch recorded for another base; false: a model derived from that
-                                     # base (e.g. the LCM student of the teacher the branch was trained on)
-    caption_conflict_prob: float = 0.0   # training: share of captions replaced by one naming another kind at another
-                                     # place for each object (same colours and sizes) while the image and its map stay:
-                                     # the branch learns that the map, not the caption, decides kind and place
-                                     # (captions of the synthetic shapes set only)
-    caption_colour_only_prob: float = 0.0  # training: share of captions replaced by "a COLOUR shape" per object
-
-    def check(self, depth: int) -> None:
-        if self.design not in DESIGNS:
-            raise ControlError(f"control.design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        if not 1 <= self.num_blocks <= depth:
-            raise ControlError(f"control.num_blocks={self.num_blocks} must be in 1..{depth} (the base model's depth)")
-        probs = (self.caption_conflict_prob, self.caption_colour_only_prob)
-        if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs) or sum(probs) > 1:
-            raise ControlError(f"control.caption_conflict_prob and control.caption_colour_only_prob must be in 0..1 "
-                               f"with a sum of at most 1, got {probs[0]} and {probs[1]}")
-        if not (math.isfinite(self.scale) and 0 <= self.scale <= MAX_SCALE):
-            raise ControlError(f"the control scale (--control-scale, control.scale) must be a number in "
-                               f"0..{MAX_SCALE:g} (0: the control is off, 1: the strength it was trained at), got "
-                               f"{self.scale}")
-
-
-MAX_SCALE = 2.0  # residuals scaled further push the base out of its training distribution: noise, then NaN
 
 
 def zero_linear(width: int) -> nn.Linear:
@@ -176,7 +138,7 @@ class ControlledPixArt(nn.Module):
         self.base_model = base_model.requires_grad_(False)
         self.branch = branch
         # What the pipeline and the loss read from a denoiser.
-        for name in ("micro_conditions", "guidance_embedding", "in_channels", "out_channels", "patch_size"):
+        for name in base_model.denoiser_attributes:
             setattr(self, name, getattr(base_model, name))
 
     def train(self, mode: bool = True):
@@ -208,8 +170,8 @@ def branch_metadata(branch: ControlBranch, base: PixArt, base_sha256: str | None
 def save_branch(branch: ControlBranch, base: PixArt, path: str | Path, base_sha256: str | None = None,
                 extra: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """The branch alone as safetensors (the frozen base is referenced by its hash, not copied)."""
-    from models.checkpoint import atomic_path
-    from models.safetensors_file import save_file
+    from common.files import atomic_path
+    from common.safetensors_file import save_file
 
     state = branch.state_dict() if state is None else state
     with atomic_path(Path(path)) as tmp:

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 from models.layers import Mlp, scaled_randn
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from configs.errors import UserError
-from models.checkpoint import _diffusers_block_map
+from common.errors import UserError
+from models.formats.diffusers import diffusers_block_map
 
 ADAPTER = "default"
 # Every linear layer of every block (the LCM-LoRA recipe adapts the attention and MLP projections).
@@ -98,7 +98,7 @@ def diffusers_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
             parts = [value.clone() for _ in names] if kind == "lora_A" else value.chunk(len(names), dim=0)
             out.update({f"{d}{n}.{kind}.weight": p.contiguous() for n, p in zip(names, parts)})
         else:
-            target = _diffusers_block_map(block)[f"{layer}.weight"]
+            target = diffusers_block_map(block)[f"{layer}.weight"]
             out[target.replace(".weight", f".{kind}.weight")] = value.contiguous()
     return out
 
@@ -117,8 +117,8 @@ def save_diffusers_lora(state: dict[str, torch.Tensor], rank: int, alpha: float 
         inject_adapter_in_model(config, transformer); set_peft_model_state_dict(transformer, load_file(path))
 
     gives diffusers' PixArtTransformer2DModel this student."""
-    from models.checkpoint import atomic_path
-    from models.safetensors_file import save_file
+    from common.files import atomic_path
+    from common.safetensors_file import save_file
 
     adapters = diffusers_lora_state_dict(state)
     if not adapters:

@@ -1,4 +1,5 @@
-"""A diffusers pipeline folder (what diffusers.PixArtAlphaPipeline.from_pretrained loads) from this project's parts.
+"""A diffusers pipeline folder (what diffusers.PixArtAlphaPipeline / PixArtSigmaPipeline.from_pretrained load) from
+this project's parts; the model's family (models/variants.py) names the pipeline class.
 
     ROOT/model_index.json
     ROOT/transformer/    config.json, diffusion_pytorch_model.safetensors (+ this project's null_caption.safetensors)
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, atomic_path, save_checkpoint
+from common.errors import CheckpointError
+from common.files import atomic_path
+from models.checkpoint import save_checkpoint
 from models.pixart import PixArtConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
@@ -53,7 +56,8 @@ def write_pipeline_folder(root: str | Path, transformer: dict[str, torch.Tensor]
     shutil.copytree(sources["vae"], root / "vae")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+    # the family's pipeline class: PixArtAlphaPipeline | PixArtSigmaPipeline
+    index = {"_class_name": cfg.family.diffusers_pipeline, "transformer": ["diffusers", "PixArtTransformer2DModel"],
              "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", scheduler["_class_name"]]}
     with atomic_path(root / "model_index.json") as tmp:

@@ -1,11 +1,10 @@
-"""PixArt-alpha: a diffusion transformer with cross-attention to T5 captions and adaLN-single.
+"""PixArt-alpha and -Sigma: a diffusion transformer with cross-attention to T5 captions and adaLN-single.
 
 The network is a pure function of (latents, timesteps, caption features, caption mask, micro-conditions).
 It knows no noise schedule; losses live in diffusion/, sampling in diffusion/samplers/.
 """
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -13,7 +12,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from configs.errors import UserError
+from common.errors import UserError
 from models.aspect_ratios import nearest_multiples
 from models.attention import CrossAttention, SelfAttention
 from models.embeddings import (
@@ -24,52 +23,9 @@ from models.embeddings import (
     sincos_pos_embed_2d,
 )
 from models.layers import Mlp, PatchEmbed, building_on_meta, scaled_randn
+from models.variants import PIXART_ARCHS, PixArtConfig
 
-# Size presets: (depth, hidden_size, num_heads). Patch size is a separate field of PixArtConfig.
-PIXART_ARCHS = {
-    "XL": (28, 1152, 16),  # the paper's model: 611,349,152 parameters as 1024-MS
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-    "T": (6, 288, 4),  # tiny (head width 72 like XL; divisible by 3 for micro-conditions): a laptop CPU trains it
-}
-
-
-@dataclass
-class PixArtConfig:
-    """Architecture of a PixArt transformer; stored in every checkpoint this project writes."""
-
-    arch: str = "XL"                 # size preset in PIXART_ARCHS; depth/hidden_size/num_heads override it
-    depth: int | None = None         # number of transformer blocks
-    hidden_size: int | None = None   # token width D
-    num_heads: int | None = None     # attention heads (head dim = D / heads)
-    patch_size: int = 2              # latent pixels per token side
-    mlp_ratio: float = 4.0           # MLP width / D
-    in_channels: int = 4             # latent channels (4 for the SD VAE)
-    learn_sigma: bool = True         # also predict the variance interpolation (output 2 x in_channels)
-    caption_channels: int = 4096     # text-encoder feature width (T5-v1.1-XXL: 4096)
-    caption_tokens: int = 120        # length of the learned null caption (y_embedding)
-    latent_size: int = 32            # latent side the positional grid is defined for (image side / 8)
-    pe_interpolation: float = 0.5    # positional-embedding scale: 0.5 at 256px, 1 at 512px, 2 at 1024px
-    micro_conditions: bool = False   # image-size and aspect-ratio embedders (the 1024-MS model)
-    guidance_embedding: bool = False # LCM-style guidance-scale input w (a distilled student; not in diffusers)
-
-    def dims(self) -> tuple[int, int, int]:
-        """(depth, hidden_size, num_heads) after applying overrides to the preset."""
-        if self.arch not in PIXART_ARCHS:
-            raise UserError(f"unknown model.arch {self.arch!r}; valid: {', '.join(PIXART_ARCHS)}")
-        preset = PIXART_ARCHS[self.arch]
-        given = (self.depth, self.hidden_size, self.num_heads)
-        return tuple(p if g is None else g for p, g in zip(preset, given))
-
-    def resolved(self) -> "PixArtConfig":
-        """Copy with depth/hidden_size/num_heads filled in, as written into checkpoints."""
-        depth, hidden, heads = self.dims()
-        return PixArtConfig(**{**asdict(self), "depth": depth, "hidden_size": hidden, "num_heads": heads})
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * (2 if self.learn_sigma else 1)
+__all__ = ["PIXART_ARCHS", "BlockHook", "Conditioning", "PixArt", "PixArtBlock", "PixArtConfig", "build_pixart"]
 
 
 class Modulation(NamedTuple):
@@ -83,24 +39,36 @@ class Modulation(NamedTuple):
         return torch.addcmul(self.shift, x, 1 + self.scale)
 
 
+class Conditioning(NamedTuple):
+    """Everything a block needs besides the image tokens, computed once per forward and passed whole to every block
+    (the base's and a ControlNet's copies), so that a block variant (KV compression) sees what every block sees."""
+
+    c: torch.Tensor            # (N, D) timestep (+ micro-condition) embedding, used by the final layer
+    t6: torch.Tensor           # (N, 6D) shared adaLN-single vector, used by every block
+    y: torch.Tensor            # (N, L, D) projected caption tokens
+    mask: torch.Tensor | None  # (N, 1, 1, L) bool, True = attend; None = attend to all tokens
+    grid: tuple[int, int]      # (h, w) token grid of the image tokens, row-major (attention over the 2-D grid needs it)
+
+
 class PixArtBlock(nn.Module):
     """Self-attention, cross-attention to the caption, MLP; adaLN-single modulation of attention and MLP."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, kv_stride: int = 1,
+                 kv_norm: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads, kv_stride, kv_norm)  # kv_stride > 1: Sigma's KV compression
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(scaled_randn(6, hidden_size, scale=hidden_size**0.5))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t6: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (N, T, D) image tokens; y (N, L, D) caption tokens; t6 (N, 6D) shared adaLN vector; mask (N,1,1,L)."""
-        params = (self.scale_shift_table[None] + rearrange(t6, "N (K D) -> N K D", K=6)).chunk(6, dim=1)
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x (N, T, D) image tokens of the grid cond.grid; cond: the shared adaLN vector, caption tokens and mask."""
+        params = (self.scale_shift_table[None] + rearrange(cond.t6, "N (K D) -> N K D", K=6)).chunk(6, dim=1)
         msa, mlp = Modulation(*params[:3]), Modulation(*params[3:])  # each (N, 1, D)
-        x = x + msa.gate * self.attn(msa.apply(self.norm1(x)))  # (N, T, D)
-        x = x + self.cross_attn(x, y, mask)  # (N, T, D): no norm, no gate
+        x = x + msa.gate * self.attn(msa.apply(self.norm1(x)), cond.grid)  # (N, T, D)
+        x = x + self.cross_attn(x, cond.y, cond.mask)  # (N, T, D): no norm, no gate
         x = x + mlp.gate * self.mlp(mlp.apply(self.norm2(x)))  # (N, T, D)
         return x
 
@@ -119,24 +87,22 @@ class FinalLayer(nn.Module):
         return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))  # (N, T, p*p*C)
 
 
-class Conditioning(NamedTuple):
-    """Everything the blocks need besides the image tokens, computed once per forward."""
-
-    c: torch.Tensor            # (N, D) timestep (+ micro-condition) embedding, used by the final layer
-    t6: torch.Tensor           # (N, 6D) shared adaLN-single vector, used by every block
-    y: torch.Tensor            # (N, L, D) projected caption tokens
-    mask: torch.Tensor | None  # (N, 1, 1, L) bool, True = attend; None = attend to all tokens
-
-
 BlockHook = Callable[[int, torch.Tensor, Conditioning], torch.Tensor]  # (block index or -1, tokens, cond) -> tokens
 
 
 class PixArt(nn.Module):
-    """The PixArt-alpha diffusion transformer (PixArt and PixArtMS of the official code in one class)."""
+    """The PixArt diffusion transformer: PixArt and PixArtMS of the official alpha and Sigma code in one class (its
+    variants are configs: models/variants.py)."""
+
+    # What wrappers of a PixArt (ControlNet, compiled, DMD's networks) expose of it, the pipeline and the losses
+    # reading them off any denoiser; cfg is the resolved PixArtConfig, so a wrapper answers questions about its variant.
+    denoiser_attributes = ("denoiser_attributes", "cfg", "micro_conditions", "guidance_embedding", "in_channels",
+                           "out_channels", "patch_size")
 
     def __init__(self, cfg: PixArtConfig):
         super().__init__()
         depth, hidden, heads = cfg.dims()
+        self.cfg = cfg.resolved()  # the architecture, as checkpoints store it
         self.patch_size = cfg.patch_size
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
@@ -158,7 +124,12 @@ class PixArt(nn.Module):
             self.ar_embedder = SizeEmbedder(hidden // 3)  # aspect ratio -> 1/3 of D
         if cfg.guidance_embedding:
             self.w_embedder = GuidanceEmbedder(hidden)  # w -> added to the timestep embedding
-        self.blocks = nn.ModuleList(PixArtBlock(hidden, heads, cfg.mlp_ratio) for _ in range(depth))
+        compressed = set(cfg.kv_compress_blocks)
+        self.blocks = nn.ModuleList(
+            PixArtBlock(hidden, heads, cfg.mlp_ratio, cfg.kv_compress_stride if i in compressed else 1,
+                        cfg.kv_compress_norm)
+            for i in range(depth)
+        )
         self.final_layer = FinalLayer(hidden, cfg.patch_size, self.out_channels)
         if not building_on_meta():  # a shell for loading weights has nothing to initialise
             self.initialize_weights()
@@ -223,8 +194,10 @@ class PixArt(nn.Module):
         aspect_ratio: torch.Tensor | None = None,
         drop_caption: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        grid: tuple[int, int] = (0, 0),
     ) -> Conditioning:
-        """Timestep, micro-condition, guidance and caption embeddings shared by all blocks (and ControlNet copies)."""
+        """Timestep, micro-condition, guidance and caption embeddings shared by all blocks (and ControlNet copies);
+        grid (h, w) is the token grid of the image tokens they will see."""
         n = y.shape[0]
         t = t.expand(n) if t.ndim == 0 or t.shape[0] == 1 else t
         c = self.t_embedder(t)  # (N, D)
@@ -248,15 +221,15 @@ class PixArt(nn.Module):
                              f"got {tuple(y.shape)}")
         if mask is not None:
             mask = mask.to(torch.bool)[:, None, None, :]  # (N, 1, 1, L)
-        return Conditioning(c=c, t6=self.t_block(c), y=self.y_embedder(y, drop_caption), mask=mask)
+        return Conditioning(c=c, t6=self.t_block(c), y=self.y_embedder(y, drop_caption), mask=mask, grid=tuple(grid))
 
     def run_block(self, block: "int | PixArtBlock", x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """A block (an index into self.blocks, or any PixArtBlock, e.g. a ControlNet copy) on tokens x (N, T, D)
         with this model's conditioning, with activation checkpointing when enabled and training."""
         block = self.blocks[block] if isinstance(block, int) else block
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, cond.y, cond.t6, cond.mask, use_reentrant=False)
-        return block(x, cond.y, cond.t6, cond.mask)
+            return checkpoint(block, x, cond, use_reentrant=False)
+        return block(x, cond)
 
     def run_blocks(self, tokens: torch.Tensor, cond: Conditioning, hook: "BlockHook | None" = None) -> torch.Tensor:
         """Every block in order. hook(i, tokens, cond) -> tokens runs after block i, and with i = -1 before block 0:
@@ -297,7 +270,7 @@ class PixArt(nn.Module):
         """
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.embed_image(x)  # (N, T, D)
-        cond = self.condition(t, y, mask, resolution, aspect_ratio, drop_caption, guidance)
+        cond = self.condition(t, y, mask, resolution, aspect_ratio, drop_caption, guidance, (grid_h, grid_w))
         tokens = self.run_blocks(tokens, cond, block_hook)  # (N, T, D)
         out = self.final_layer(tokens, cond.c)  # (N, T, p*p*C_out)
         return self.unpatchify(out, grid_h, grid_w)  # (N, C_out, H, W)

@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from configs.errors import UserError
+from common.errors import UserError
 
 MANIFEST_NAME = "MANIFEST.json"
 FORMAT = "pixart-delta-shipped/1"

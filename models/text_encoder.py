@@ -14,15 +14,15 @@ import html
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from configs.errors import UserError
-from models.checkpoint import atomic_path
-from models.safetensors_file import save_file
+from common.errors import UserError
+from common.files import atomic_path
+from common.safetensors_file import save_file
+from models.config import TextEncoderConfig
 from models.shipped import ShippedWeightsError, verify_shipped
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,6 @@ class TextEncoderError(UserError):
     """A text encoder that cannot be found or loaded; the message names the path and how to get the weights."""
 
 
-@dataclass
-class TextEncoderConfig:
-    """Which T5 encoder turns captions into features, and how; the `text_encoder:` section of a run config."""
-
-    path: str = "t5-v1_1-xxl"     # T5 + tokenizer folder, pipeline root (text_encoder/, tokenizer/), cached hub id
-    max_tokens: int = 120         # captions are padded / truncated to this many tokens (PixArt-alpha: 120)
-    clean_captions: bool = True   # lower-case and strip URLs, HTML, @mentions, junk punctuation before tokenizing
-    dtype: str = "bf16"           # fp32 | bf16 | fp16 (T5-v1.1 overflows in fp16: prefer bf16)
-    load_in_8bit: bool = False    # int8 Linear weights (torchao weight-only, CPU and CUDA): half of bf16 memory
-    cache_dir: str | None = None  # folder of cached caption embeddings (one safetensors file per prompt)
 
 
 def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:

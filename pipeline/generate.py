@@ -18,7 +18,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion import NoiseSchedule, get_sampler, sampler_timesteps
 from diffusion.denoiser import Denoiser
 from diffusion.guidance import classifier_free_guidance, conditional_denoiser, null_caption_pair
@@ -27,7 +27,8 @@ from models.autoencoder import latent_channels_of, load_autoencoder
 from models.checkpoint import CheckpointError, load_checkpoint, peek
 from models.pixart import PixArt, PixArtBlock, PixArtConfig
 from models.text_encoder import load_text_encoder, parse_dtype, resolve_text_encoder
-from pipeline.config import COMPILE_SCOPES, UNCOND_MODES, SampleConfig
+from models.variants import VARIANTS, family_mismatch, variant_for_size
+from pipeline.config import SEED_LIMIT, SampleConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,16 @@ def plan(cfg, prompts: list[str]) -> Plan:
     if stored != "none" and s.quantize not in ("none", stored):
         raise CheckpointError(f"{s.checkpoint} holds {stored} weights already; --quantize {s.quantize} needs the "
                               f"float checkpoint (or drop --quantize to run the {stored} file as it is)")
-    model_cfg = info.config or cfg.model
+    model_cfg = file_model_config(info, cfg.model, s.checkpoint)
+    check_caption_length(cfg.text_encoder, model_cfg, s.checkpoint)
+    check_autoencoder_family(cfg.autoencoder, model_cfg)
     vae_channels = latent_channels_of(cfg.autoencoder)
     if vae_channels != model_cfg.in_channels:
         raise CheckpointError(f"the transformer {s.checkpoint} takes {model_cfg.in_channels}-channel latents but the "
                               f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
                               f"use the autoencoder the model was trained with")
     check_prediction(info, cfg.diffusion.prediction, s.checkpoint)
-    if s.sampler == "lcm" and s.guidance > 1.0 and not model_cfg.guidance_embedding and info.metadata.get("teacher"):
+    if s.sampler == "lcm" and model_cfg.guided_by_cfg(s.guidance) and info.metadata.get("teacher"):
         log.warning("guidance %g with the LCM sampler on a distilled student: the teacher's guidance is distilled "
                     "into it, so more guidance on top over-saturates and degrades the image; use guidance 0",
                     s.guidance)
@@ -118,12 +121,14 @@ def plan(cfg, prompts: list[str]) -> Plan:
         raise CheckpointError(f"the text encoder {cfg.text_encoder.path} makes {text_width}-dim features but the "
                               f"transformer {s.checkpoint} expects caption_channels={model_cfg.caption_channels}: "
                               f"use the text encoder the model was trained with")
-    guided = s.guidance > 1.0 and not model_cfg.guidance_embedding
-    if guided and s.uncond == "null" and info.null_caption is False:
+    if model_cfg.guided_by_cfg(s.guidance) and s.uncond == "null" and info.null_caption is False:
         raise CheckpointError(f"{s.checkpoint} has no learned null caption (a plain diffusers folder), so guidance "
                               f'with the null caption is impossible: pass --negative-prompt "" (diffusers-style '
                               f"guidance), or --guidance 1 to turn guidance off")
     gen_size, out_size = resolve_size(s, model_cfg, downsample=1 if cfg.autoencoder.kind == "pixel" else 8)
+    too_big = variant_for_size(model_cfg, *out_size)  # binning would draw at the base size and stretch it
+    if too_big:
+        raise UserError(too_big)
     prompts = [p for p in prompts for _ in range(s.images_per_prompt)]
     if s.seed + len(prompts) > SEED_LIMIT:
         raise UserError(f"sample.seed {s.seed} + {len(prompts)} images exceeds the largest seed {SEED_LIMIT}")
@@ -132,6 +137,55 @@ def plan(cfg, prompts: list[str]) -> Plan:
         raise CheckpointError(int8_base_message(s.checkpoint, stored))
     return Plan(prompts, [s.seed + i for i in range(len(prompts))], model_cfg.resolved(), info.config is not None,
                 gen_size, out_size, control)
+
+
+def file_model_config(info, run_model: PixArtConfig, path) -> PixArtConfig:
+    """The architecture a checkpoint declares (else the run config's), checked against the run config's family: a
+    PixArt-Sigma file with an alpha preset, or the reverse, is refused here, naming the preset to use. A file that
+    does not say its caption length (a lone diffusers transformer folder) takes the run config's, and a file that
+    names no variant takes the run config's when the two describe the same network."""
+    seen = dict(info.seen)
+    if info.config is not None and info.caption_tokens_known:
+        for key in ("caption_tokens", "micro_conditions", "latent_size", "pe_interpolation"):
+            seen.setdefault(key, getattr(info.config, key))
+    mismatch = family_mismatch(run_model, seen)
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}")
+    model_cfg = info.config or run_model
+    if not info.caption_tokens_known:
+        model_cfg = replace(model_cfg, caption_tokens=run_model.caption_tokens)
+    if not model_cfg.variant and run_model.variant:
+        same = ("caption_tokens", "latent_size", "pe_interpolation", "micro_conditions")
+        if all(getattr(model_cfg, k) == getattr(run_model, k) for k in same):
+            model_cfg = replace(model_cfg, variant=run_model.variant)
+    return model_cfg
+
+
+def check_caption_length(text_encoder, model_cfg: PixArtConfig, path) -> None:
+    """The text encoder pads captions to the model's caption length: the one check that the two agree, made before
+    T5 loads (a mismatch would otherwise surface as a shape error at the first guided step)."""
+    if text_encoder.max_tokens != model_cfg.caption_tokens:
+        family = model_cfg.family
+        raise UserError(
+            f"the text encoder pads captions to text_encoder.max_tokens={text_encoder.max_tokens} tokens but the "
+            f"transformer {path} takes {model_cfg.caption_tokens}-token captions ({family.title}: "
+            f"{family.caption_tokens}): --set text_encoder.max_tokens={model_cfg.caption_tokens}, or use the preset "
+            f"of the model's variant")
+
+
+def check_autoencoder_family(ae, model_cfg: PixArtConfig) -> None:
+    """A model of a named variant samples through its family's VAE: PixArt-Sigma's latents are the SDXL VAE's, which
+    the SD VAE decodes into noise. The VAE is recognised by the scaling factor in its config.json."""
+    if ae.kind != "sd-vae" or model_cfg.variant not in VARIANTS or ae.scale is not None:
+        return
+    from models.autoencoder import resolve_vae
+
+    scale = resolve_vae(ae.path)[1].get("scaling_factor")
+    want = model_cfg.family.vae
+    if scale is not None and abs(float(scale) - want.scaling_factor) > 1e-6:
+        raise UserError(f"{model_cfg.family.title} ({model_cfg.variant}) was trained on {want.name} (scaling factor "
+                        f"{want.scaling_factor}), but autoencoder.path {ae.path} has scaling factor {scale}: point "
+                        f"autoencoder.path at {want.name} ({want.get}), or set autoencoder.scale to force it")
 
 
 def plan_control(cfg, model_cfg: PixArtConfig, gen_size: tuple[int, int]) -> torch.Tensor | None:
@@ -170,37 +224,11 @@ def with_controls(cfg, request: Plan, maps: torch.Tensor) -> Plan:
     return replace(request, control=maps)
 
 
-SEED_LIMIT = 2**63 - 1_000_004  # torch generators take 64-bit seeds; stochastic samplers add 1,000,003
 
 
 def check_sample_values(s: SampleConfig) -> None:
-    """Numbers of the sample section that would fail late, or silently give black or huge images."""
-    if s.uncond not in UNCOND_MODES:
-        raise UserError(f"sample.uncond must be one of {', '.join(UNCOND_MODES)}, got {s.uncond!r}")
-    from models.compiled import MODES
-
-    if s.compile_scope not in COMPILE_SCOPES:
-        raise UserError(f"sample.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {s.compile_scope!r}")
-    if s.compile_mode not in MODES:
-        raise UserError(f"sample.compile_mode must be one of {', '.join(MODES)}, got {s.compile_mode!r}")
-    if not math.isfinite(s.guidance) or s.guidance < 0:
-        raise UserError(f"sample.guidance must be a finite number >= 0 (<= 1: no guidance), got {s.guidance}")
-    for name, value in (("images_per_prompt", s.images_per_prompt), ("batch_size", s.batch_size)):
-        if value < 1:
-            raise UserError(f"sample.{name} must be >= 1, got {value}")
-    if not 0 <= s.seed <= SEED_LIMIT:
-        raise UserError(f"sample.seed must be in 0..{SEED_LIMIT}, got {s.seed}")
-    for name, side in (("width", s.width), ("height", s.height)):
-        if side is not None and side < 1:
-            raise UserError(f"sample.{name} (--{name}) must be a positive number of pixels, got {side}")
-    if s.aspect_ratio is not None and (s.width is not None or s.height is not None):
-        raise UserError(f"both a size ({s.width}x{s.height}) and an aspect ratio ({s.aspect_ratio}) were given: pass "
-                        f"either --width/--height or --aspect-ratio, not both")
-    if (s.width or 1) * (s.height or 1) > s.max_pixels:
-        raise UserError(f"{s.width}x{s.height} is {s.width * s.height:,} pixels, more than sample.max_pixels "
-                        f"({s.max_pixels:,}); ask for a smaller image or raise the limit with "
-                        f"--set sample.max_pixels=N")
-    parse_dtype(s.dtype, "sample.dtype")
+    """The sample section's own checks (SampleConfig.validate), again after command-line flags changed it."""
+    s.validate()
 
 
 def check_device(device: str, dtype: str) -> None:
@@ -271,15 +299,17 @@ def size_for_aspect_ratio(text: str, base: int) -> tuple[int, int]:
 def resolve_size(s: SampleConfig, model_cfg: PixArtConfig, downsample: int) -> tuple[tuple, tuple]:
     """(generation size, output size) as (height, width) pixels; an invalid size without binning is an error."""
     base = model_cfg.latent_size * downsample
+    stride = model_cfg.kv_compress_stride if model_cfg.kv_compress_blocks else 1  # KV compression's token cells
     default_w, default_h = size_for_aspect_ratio(s.aspect_ratio, base) if s.aspect_ratio else (base, base)
     height, width = s.height or default_h, s.width or default_w
-    multiple = downsample * model_cfg.patch_size
+    multiple = downsample * model_cfg.patch_size * stride
     if s.resolution_binning:
         _, gen = closest_bin(height, width, aspect_ratio_bins(base, multiple))
         return gen, (height, width)
     if height % multiple or width % multiple:
         raise UserError(f"image size {width}x{height} (width x height) is not a multiple of {multiple} "
-                         f"(autoencoder downsampling {downsample} x patch {model_cfg.patch_size}): nearest valid "
+                         f"(autoencoder downsampling {downsample} x patch {model_cfg.patch_size}"
+                         f"{f' x KV-compression stride {stride}' if stride > 1 else ''}): nearest valid "
                          f"widths {nearest_multiples(width, multiple)}, heights {nearest_multiples(height, multiple)}; "
                          f"or turn resolution_binning on")
     return (height, width), (height, width)
@@ -443,7 +473,7 @@ def load_denoiser(cfg, request: Plan) -> PixArt:
         dtype = compute_dtype(s.quantize, s.device, dtype)
     model, _, report = load_checkpoint(s.checkpoint, None if request.use_file_config else cfg.model,
                                        device=s.device, dtype=dtype)
-    if s.guidance > 1.0 and s.uncond == "null" and not report.null_caption and not model.guidance_embedding:
+    if model.cfg.guided_by_cfg(s.guidance) and s.uncond == "null" and not report.null_caption:
         raise CheckpointError(f"{s.checkpoint} has no learned null caption, so guidance with the null caption is "
                               f'impossible: pass --negative-prompt "" (diffusers-style guidance), or --guidance 1 to '
                               f"turn guidance off")
@@ -526,7 +556,7 @@ def sample_images(model: PixArt, vae, schedule: NoiseSchedule, s: SampleConfig, 
                 latent = shared if shared is not None else vae.encode(
                     request.control[b:b + len(batch)].to(device), sample=False).float()
             cond.update(control=latent.expand(len(batch), -1, -1, -1), control_scale=control_scale)
-        guided = 2 if s.guidance > 1.0 and not request.model_cfg.guidance_embedding else 1
+        guided = 2 if request.model_cfg.guided_by_cfg(s.guidance) else 1
         macs = forward_macs(request.model_cfg, request.gen_size, vae.downsample, guided * len(batch))
         with torch.inference_mode(), cpu_threads_for(device, macs):
             start = time.perf_counter()

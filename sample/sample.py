@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from common.errors import UserError
 from configs import Config, add_config_arguments, load_config, save_config, to_yaml
-from configs.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.generate import Plan

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from configs import Config
-from configs.errors import UserError
 from data.features import INDEX_NAME, FeatureDataset, batch_conditions, read_index
 from data.synthetic import colour_only_caption, conflicting_caption, parse_caption
 from diffusion.losses import DiffusionLoss

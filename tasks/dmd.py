@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import UserError
 from configs import Config
-from configs.errors import UserError
 from data.features import batch_conditions
 from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from configs import Config
-from configs.errors import UserError
 from data.features import batch_conditions
 from diffusion.consistency import ConsistencyDistillationLoss
 from diffusion.guidance import null_caption_pair

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import load_script, random_model, tiny_config
 
-from models.checkpoint import TRAIN_STATE_FORMAT, save_checkpoint
+from common.files import TRAIN_STATE_FORMAT
+from models.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sample_main = load_script("sample/sample.py").main
@@ -60,7 +61,7 @@ SAMPLE_CASES = [
     (["--out", "{root}/a_file"], "is a file, not a folder"),
     (["--prompts-file", "{root}/missing.txt"], "does not exist"),
     (["--control", "{root}/missing.png"], "missing.png"),
-    (["--set", "sample.quantize=int4"], "unknown quantization 'int4'"),
+    (["--set", "sample.quantize=int4"], "sample.quantize must be one of none, int8, fp8, got 'int4'"),
     (["--quantize", "int4"], "(argparse)"),
     (["--set", "sample.stepz=3"], "did you mean 'sample.steps'"),
     (["--control", "docs/examples/triangle_edges.png", "--control-scale", "1e9"], "must be a number in 0..2"),

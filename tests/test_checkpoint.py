@@ -270,7 +270,7 @@ def test_exports_are_byte_reproducible_across_processes(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     student = root / "weights" / "shapes" / "student.safetensors"
-    write = ("import sys, torch; from models.safetensors_file import save_file; "
+    write = ("import sys, torch; from common.safetensors_file import save_file; "
              "save_file({'w': torch.arange(6.0)}, sys.argv[1], metadata={f'key{i}': str(i) for i in range(20)})")
     digests = {"convert": set(), "metadata": set()}
     for i in range(2):

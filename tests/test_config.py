@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,30 @@ def test_print_config_from_the_command_line():
                          capture_output=True, text=True, check=True).stdout
     printed = yaml.safe_load(out)
     assert printed["model"]["depth"] == 7 and printed["model"]["micro_conditions"] is True
+
+
+def test_reading_a_yaml_imports_no_torch():
+    """configs/ is the top floor (the schema of every section) over torch-free section modules: reading a preset,
+    a variant's defaults and its checks included, loads no torch, diffusers or transformers."""
+    code = ("import sys\n"
+            "from configs import Config, load_config\n"
+            "cfg = load_config(Config, 'pixart_sigma_2k', ['model.kv_compress_blocks=[14, 15]'])\n"
+            "assert cfg.model.caption_tokens == cfg.text_encoder.max_tokens == 300\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_choice_fields_are_literals_checked_by_the_loader_and_validate():
+    from common.choices import literal_choices
+
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of no, bf16, fp16, got 'fp8'"):
+        load_config(Config, None, ["train.mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match="autoencoder.kind must be one of sd-vae, pixel"):
+        load_config(Config, None, ["autoencoder.kind=vqgan"])
+    hints = typing.get_type_hints(Config)
+    for section in ("sample", "train", "diffusion", "distill", "autoencoder", "text_encoder", "control", "model"):
+        cls = hints[section]
+        assert hasattr(cls, "validate"), section
+        assert any(literal_choices(t) for t in typing.get_type_hints(cls).values()), section

@@ -14,8 +14,9 @@ from diffusers import DDIMScheduler, LCMScheduler
 from safetensors.torch import load_file
 from toy_training import ToyLatents, last_state, toy_config, toy_data
 
-from configs.errors import UserError
-from diffusion.consistency import ConsistencyDistillationLoss, DistillConfig
+from common.errors import UserError
+from diffusion.config import DistillConfig
+from diffusion.consistency import ConsistencyDistillationLoss
 from diffusion.samplers.lcm import consistency_function, lcm_boundary_scalings
 from diffusion.schedule import NoiseSchedule
 from engine.loop import train

@@ -56,16 +56,16 @@ def official_transformer_forward(base, branch, x, t, y, mask, control, scale=1.0
     """PixArt-delta's loop as the official ControlPixArtHalf writes it: base block 0, then for index 1..N the copy
     index-1 on (x, c) and base block index on x + skip, then the remaining base blocks."""
     tokens, c = base.embed_image(x), base.embed_image(control)
-    cond = base.condition(t, y, mask)
-    blocks = [lambda h, b=b: b(h, cond.y, cond.t6, cond.mask) for b in base.blocks]
+    cond = base.condition(t, y, mask, grid=(x.shape[-2] // base.patch_size, x.shape[-1] // base.patch_size))
+    blocks = [lambda h, b=b: b(h, cond) for b in base.blocks]
     copies = branch.controlnet
     tokens = blocks[0](tokens)
     for index in range(1, len(copies) + 1):
         copy = copies[index - 1]
         if index == 1:
-            c = copy.copied_block(tokens + copy.before_proj(c), cond.y, cond.t6, cond.mask)
+            c = copy.copied_block(tokens + copy.before_proj(c), cond)
         else:
-            c = copy.copied_block(c, cond.y, cond.t6, cond.mask)
+            c = copy.copied_block(c, cond)
         skip = scale * copy.after_proj(c)
         tokens = blocks[index](tokens + skip) if index < len(blocks) else tokens + skip
     for index in range(len(copies) + 1, len(blocks)):
@@ -77,14 +77,14 @@ def official_transformer_forward(base, branch, x, t, y, mask, control, scale=1.0
 def mirrored_unet_forward(base, branch, x, t, y, mask, control, scale=1.0):
     """The ablation's ControlNet-UNet: copies encode embed(x) + before_proj(c); skip i enters block depth-1-i."""
     tokens, c = base.embed_image(x), base.embed_image(control)
-    cond = base.condition(t, y, mask)
+    cond = base.condition(t, y, mask, grid=(x.shape[-2] // base.patch_size, x.shape[-1] // base.patch_size))
     h, skips = tokens + branch.controlnet[0].before_proj(c), []
     for copy in branch.controlnet:
-        h = copy.copied_block(h, cond.y, cond.t6, cond.mask)
+        h = copy.copied_block(h, cond)
         skips.append(scale * copy.after_proj(h))
     enters = {DEPTH - 1 - i: s for i, s in enumerate(skips)}
     for index, block in enumerate(base.blocks):
-        tokens = block(tokens + enters[index] if index in enters else tokens, cond.y, cond.t6, cond.mask)
+        tokens = block(tokens + enters[index] if index in enters else tokens, cond)
     out = base.final_layer(tokens, cond.c)
     return base.unpatchify(out, x.shape[-2] // base.patch_size, x.shape[-1] // base.patch_size)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.denoiser import Denoiser
 from diffusion.schedule import NoiseSchedule
 

@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT, random_inputs, random_model, tiny_config
 from toy_training import ToyLatents, toy_config
 
+from common.errors import UserError
 from configs import Config, load_config
-from configs.errors import UserError
 from diffusion.samplers.common import per_sample
 from diffusion.schedule import NoiseSchedule
 from engine.precision import store_frozen
@@ -121,9 +121,8 @@ def test_regional_compile_traces_one_graph_for_every_block():
     ("sample.compile_scope", "layers", "sample.compile_scope must be one of blocks, model"),
 ])
 def test_bad_compile_settings_are_refused_before_loading(key, value, message):
-    cfg = load_config(Config, "lcm_shapes", [f"{key}={value}"])
-    with pytest.raises(UserError, match=message):
-        plan(cfg, ["a large red circle at the center"])
+    with pytest.raises(UserError, match=message):  # by the config loader (Literal fields), before any plan
+        plan(load_config(Config, "lcm_shapes", [f"{key}={value}"]), ["a large red circle at the center"])
 
 
 def test_frozen_networks_in_bf16_and_the_trainable_ones_in_fp32(tmp_path):

@@ -117,7 +117,7 @@ def test_v_loss_is_zero_for_a_perfect_v_network():
 def test_timestep_power_draws_the_stated_distribution():
     """power 1 is exactly the uniform draw PixArt trains with; power 2 has the CDF (t / T)^(1/2) (an exact property
     of floor(T u^2)), checked against the empirical CDF of 20,000 draws (the KS bound at this n is ~0.01)."""
-    from configs.errors import UserError
+    from common.errors import UserError
     from engine.randomness import SampleRandomness
 
     schedule = NoiseSchedule.linear()
@@ -139,7 +139,7 @@ def test_timestep_logit_normal_draws_the_stated_distribution():
     checked against 20,000 draws (KS bound ~0.01), and each draw uses one normal of the sample's own generator."""
     from scipy.special import logit, ndtr
 
-    from configs.errors import UserError
+    from common.errors import UserError
     from engine.randomness import SampleRandomness
 
     schedule = NoiseSchedule.linear()
@@ -191,7 +191,7 @@ def test_edge_weights_mark_the_outline_band_of_rendered_shapes():
 def test_edge_weight_moves_the_cost_of_an_error_towards_outlines():
     """The same error costs more with the edge weight when it sits on outline pixels and less when it sits
     elsewhere; on a flat image (no edges) the weighted and plain losses are equal."""
-    from configs.errors import UserError
+    from common.errors import UserError
     from data.synthetic import ShapeObject, render
 
     image = torch.from_numpy(np.array(render([ShapeObject("circle", "red", "large", 0.5, 0.5)], 32, 32)))

@@ -16,7 +16,7 @@ from conftest import load_script, random_inputs, random_model, tiny_config
 from PIL import Image
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 from models import quantize as Q
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.compiled import CompiledModule, compile_module

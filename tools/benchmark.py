@@ -1,6 +1,8 @@
 """Benchmarks that compare side by side in one process (timings on shared machines are noisy otherwise).
 
     python tools/benchmark.py transformer --sizes 256 512 --dtypes fp32 bf16
+    python tools/benchmark.py transformer --variant sigma --sizes 512 1024 --dtypes bf16
+    python tools/benchmark.py kv --sizes 1024 2048 --depth 2 --dtype fp32
     python tools/benchmark.py pipeline --size 256 --dtype fp32
     python tools/benchmark.py train --archs XL S --size 256 --batch 2
     python tools/benchmark.py lcd --archs S --size 256 --batch 2 --lora-ranks 0 32
@@ -9,7 +11,8 @@
     python tools/benchmark.py memory --modes none int8 --device cuda
 
 transformer: one forward of this project's PixArt and of diffusers' PixArtTransformer2DModel on the same
-weights, batch 1, 120 caption tokens. Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
+weights, batch 1, 120 caption tokens (--variant sigma: PixArt-Sigma's configuration, 300 tokens, no micro-conditions,
+sizes 512 / 1024 / 2048). Prints the time of each, the ratio diffusers / ours (> 1: ours is faster)
 and each one's fraction of the machine's measured matmul peak for that dtype.
 
 pipeline: one image, text encoding + denoising + VAE decoding, this project's pipeline against
@@ -34,6 +37,12 @@ the shipped shapes student.
 memory: peak memory of one PixArt-delta image through the pipeline alone (T5 encodes and is freed, then the
 transformer and VAE run; --low-memory's one-image VAE decoding), float vs --quantize.
 
+kv: PixArt-Sigma's KV token compression: one forward of the same Sigma model uncompressed and with keys and values
+compressed (2x2 cells: 4x fewer) in the second half of its blocks (the official kvcompress configs' blocks 14..27),
+interleaved: seconds each and the speed-up. --depth keeps the per-block cost (tokens and width, so the ratio of
+attention to linear work) and cuts the number of blocks, for a CPU; the speed-up of half the blocks compressed does
+not depend on the depth.
+
 control: one denoiser forward of the base alone and with a ControlNet branch (ControlNet-Transformer with N
 copies, ControlNet-UNet), interleaved: seconds, the branch's share of a sampling step, peak memory (GPU).
 """
@@ -52,11 +61,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.monitor import peak_memory_mb
-from models.checkpoint import diffusers_config, official_to_diffusers
+from models.formats.diffusers import diffusers_config, official_to_diffusers
 from models.pixart import PixArtConfig, build_pixart
+from models.variants import VARIANTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIXART_PRESETS = {256: (32, 0.5, False), 512: (64, 1.0, False), 1024: (128, 2.0, True)}  # latent, pe, micro
+SIGMA_VARIANTS = {512: "sigma-512", 1024: "sigma-1024-ms", 2048: "sigma-2k"}  # models/variants.py
 log = logging.getLogger("benchmark")
 
 
@@ -151,22 +162,66 @@ def bench_forward(ours, theirs, cfg: PixArtConfig, size: int, dtype_name: str, d
         flops = count_flops(run_ours)
         peak = matmul_peak(dtype, device)
         t_ours, t_theirs = map(min, time_interleaved([run_ours, run_theirs], device, args.reps))
-    return dict(size=size, dtype=dtype_name, ours=t_ours, diffusers=t_theirs, ratio=t_theirs / t_ours,
-                tflop=flops / 1e12, peak=peak, ours_mfu=flops / t_ours / peak, diffusers_mfu=flops / t_theirs / peak)
+    return dict(size=size, variant=cfg.variant or "alpha", dtype=dtype_name, ours=t_ours, diffusers=t_theirs,
+                ratio=t_theirs / t_ours, tflop=flops / 1e12, peak=peak, ours_mfu=flops / t_ours / peak,
+                diffusers_mfu=flops / t_theirs / peak)
 
 
 def bench_transformer(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for size in args.sizes:
-        latent, pe, micro = PIXART_PRESETS[size]
-        cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
+        if args.variant == "sigma":
+            if size not in SIGMA_VARIANTS:
+                raise SystemExit(f"--variant sigma sizes: {', '.join(map(str, SIGMA_VARIANTS))}")
+            cfg = VARIANTS[SIGMA_VARIANTS[size]].config(arch=args.arch)
+        else:
+            if size not in PIXART_PRESETS:
+                raise SystemExit(f"--variant alpha sizes: {', '.join(map(str, PIXART_PRESETS))}")
+            latent, pe, micro = PIXART_PRESETS[size]
+            cfg = PixArtConfig(arch=args.arch, latent_size=latent, pe_interpolation=pe, micro_conditions=micro)
         ours = build_pixart(cfg).eval()
         theirs = diffusers_twin(ours, cfg)
         for name in args.dtypes:
             rows.append(bench_forward(ours, theirs, cfg, size, name, device, args))
             log.info("%s", format_row(rows[-1]))
     return rows
+
+
+KV_HEADER = ("| variant | image | tokens | blocks (compressed) | keys per compressed block | dtype | s/forward plain "
+             "| s/forward compressed | speed-up |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def bench_kv(args) -> list[dict]:
+    """The same random Sigma model uncompressed and with KV compression on its second half of blocks, interleaved."""
+    rows = []
+    for size in args.sizes:
+        rows.append(kv_row(args, size))
+        r = rows[-1]
+        log.info("| %s | %dpx | %d | %d (%d) | %d | %s | %.3f | %.3f | %.2fx |", r["variant"], size, r["tokens"],
+                 r["depth"], r["compressed"], r["keys"], args.dtype, r["plain"], r["compressed_s"], r["speedup"])
+    return rows
+
+
+def kv_row(args, size: int) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    variant = VARIANTS[SIGMA_VARIANTS[size]]
+    plain_cfg = variant.config(arch=args.arch, depth=args.depth)
+    depth = plain_cfg.dims()[0]
+    comp_cfg = variant.config(arch=args.arch, depth=depth, kv_compress_blocks=list(range(depth // 2, depth)))
+    plain = build_pixart(plain_cfg).eval()
+    comp = build_pixart(comp_cfg).eval()
+    comp.load_state_dict(plain.state_dict(), strict=False)  # the same network; the compression is average-init
+    plain.to(device, dtype)
+    comp.to(device, dtype)
+    x, t, y, mask, _ = pixart_inputs(plain_cfg, size, device, dtype, args.batch)
+    with torch.inference_mode():
+        t_plain, t_comp = map(min, time_interleaved([lambda: plain(x, t, y, mask), lambda: comp(x, t, y, mask)],
+                                                    device, args.reps))
+    tokens = (size // 8 // plain_cfg.patch_size) ** 2
+    return dict(variant=variant.name, size=size, tokens=tokens, depth=depth, compressed=depth - depth // 2,
+                keys=tokens // plain_cfg.kv_compress_stride**2, dtype=args.dtype, plain=t_plain, compressed_s=t_comp,
+                speedup=t_plain / t_comp, arch=args.arch, device=device_name(args.device))
 
 
 PIPELINE_CASES = {"lcm4": ("PixArt-delta LCM", "lcm", 4, 0.0), "dpm14": ("PixArt-alpha DPM", "dpm", 14, 4.5),
@@ -857,7 +912,8 @@ MEMORY_HEADER = ("| case | image | dtype | quantize | text encoder | peak memory
 
 
 def format_row(r: dict) -> str:
-    return (f"| {r['size']}px | {r['dtype']} | {r['tflop']:.3f} | {r['ours']:.3f} | {r['diffusers']:.3f} "
+    image = f"{r['size']}px" + (f" {r['variant']}" if r.get("variant", "alpha") != "alpha" else "")
+    return (f"| {image} | {r['dtype']} | {r['tflop']:.3f} | {r['ours']:.3f} | {r['diffusers']:.3f} "
             f"| {r['ratio']:.2f} | {100 * r['ours_mfu']:.0f}% | {100 * r['diffusers_mfu']:.0f}% "
             f"| {r['peak'] / 1e12:.2f} |")
 
@@ -866,12 +922,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     tr = sub.add_parser("transformer", help="one forward: ours vs diffusers on the same weights")
-    tr.add_argument("--sizes", type=int, nargs="+", default=[256, 512], choices=sorted(PIXART_PRESETS))
+    tr.add_argument("--sizes", type=int, nargs="+", default=[256, 512],
+                    choices=sorted({*PIXART_PRESETS, *SIGMA_VARIANTS}))
+    tr.add_argument("--variant", default="alpha", choices=["alpha", "sigma"],
+                    help="sigma: PixArt-Sigma's configuration (300 caption tokens, no micro-conditions)")
     tr.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     tr.add_argument("--arch", default="XL")
     tr.add_argument("--batch", type=int, default=1)
     tr.add_argument("--reps", type=int, default=4, help="timed rounds; the best of each is reported")
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    kv = sub.add_parser("kv", help="PixArt-Sigma's KV compression on half the blocks against none")
+    kv.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], choices=sorted(SIGMA_VARIANTS))
+    kv.add_argument("--arch", default="XL")
+    kv.add_argument("--depth", type=int, help="fewer blocks than the arch's (same tokens and width); default: all")
+    kv.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    kv.add_argument("--batch", type=int, default=1)
+    kv.add_argument("--reps", type=int, default=3)
+    kv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     pl = sub.add_parser("pipeline", help="one image end to end: ours vs diffusers.PixArtAlphaPipeline")
     vae_p = sub.add_parser("vae", help="the VAE decoder alone: default vs channels-last vs compiled")
     for q in (pl, vae_p):
@@ -961,7 +1028,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("device %s, torch %s, %d threads", args.device, torch.__version__, torch.get_num_threads())
     header, bench = {"memory": (MEMORY_HEADER, bench_memory), "quantize": (QUANTIZE_HEADER, bench_quantize),
-                     "transformer": (HEADER, bench_transformer),
+                     "transformer": (HEADER, bench_transformer), "kv": (KV_HEADER, bench_kv),
                      "control": (CONTROL_TRAIN_HEADER if getattr(args, "train", False) else CONTROL_HEADER,
                                  bench_control),
                      "lcd": (DMD_HEADER if getattr(args, "dmd", False) else LCD_HEADER,

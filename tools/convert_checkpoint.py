@@ -36,20 +36,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from common.errors import CheckpointError, UserError
+from common.files import atomic_dir
 from configs import Config, add_config_arguments, load_config, to_yaml
-from configs.errors import UserError
+from engine.state import is_training_state, read_training_state
 from models.autoencoder import resolve_vae
-from models.checkpoint import (
-    FORMATS,
-    NULL_CAPTION_KEY,
-    CheckpointError,
-    atomic_dir,
-    check_state_dict,
-    is_training_state,
-    read_checkpoint,
-    read_training_state,
-    save_checkpoint,
-)
+from models.checkpoint import FORMATS, NULL_CAPTION_KEY, check_state_dict, read_checkpoint, save_checkpoint
 from models.pipeline_folder import scheduler_config, write_pipeline_folder
 from models.pixart import build_pixart
 from models.text_encoder import resolve_text_encoder
@@ -212,7 +204,7 @@ def convert_control(args, run_cfg) -> None:
     branch = load_branch(src, base, ControlConfig(design=design, num_blocks=n), content_hash(args.base))
     if design != "transformer":
         raise CheckpointError(f"{src} is a {design} branch; the official layout holds ControlNet-Transformers only")
-    from models.checkpoint import atomic_path
+    from common.files import atomic_path
 
     with atomic_path(dst) as tmp:
         torch.save(join_official(base.state_dict(), branch.state_dict()), tmp)

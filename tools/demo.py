@@ -168,7 +168,7 @@ class Engine:
         sampler/steps/guidance default to the engine's config. UserError for a request the pipeline refuses."""
         import torch
 
-        from configs.errors import UserError
+        from common.errors import UserError
         from data.control_maps import control_map
         from pipeline.generate import Timings, encode_prompts, plan, sample_images
 
@@ -286,7 +286,7 @@ class Demo:
             raise FieldError(f"Sampler must be lcm, dpm or ddim, got {sampler!r}")
         if sampler == "lcm" and steps > 50:
             raise FieldError(f"Steps: the LCM sampler takes 1..50 steps, got {steps}")
-        from models.controlnet import MAX_SCALE
+        from models.config import MAX_SCALE
 
         control_scale = 1.0 if control_scale is None else float(control_scale)
         if not (math.isfinite(control_scale) and 0 <= control_scale <= MAX_SCALE):
@@ -400,7 +400,7 @@ def build_app(demo: Demo):
 
     import gradio as gr
 
-    from configs.errors import UserError
+    from common.errors import UserError
 
     s, lim = demo.cfg.sample, demo.limits
     downloads = Path(tempfile.mkdtemp(prefix="pixart-demo-"))
@@ -569,8 +569,8 @@ def make_engines(args, cfg):
 
 
 def main(argv=None) -> int:
+    from common.errors import UserError
     from configs import Config, add_config_arguments, load_config
-    from configs.errors import UserError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, default=DEFAULT_CONFIG)

@@ -29,6 +29,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from common.files import atomic_path
 from configs import Config, ConfigError, add_config_arguments, load_config
 from data.edges import canny, edges_to_control
 from data.features import (
@@ -42,7 +43,6 @@ from data.features import (
 from data.folder import DataError, ImageCaptionFolder, Problem, Record, load_image
 from models.aspect_ratios import aspect_ratio_bins, closest_bin
 from models.autoencoder import AutoencoderConfig, AutoencoderError, load_autoencoder, resolve_vae
-from models.checkpoint import atomic_path
 from models.text_encoder import TextEncoderConfig, TextEncoderError, load_text_encoder, resolve_text_encoder
 
 log = logging.getLogger("extract_features")

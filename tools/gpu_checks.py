@@ -24,6 +24,8 @@ What runs (XL-2 1024-MS, random weights of the real sizes, T5 with T5-XXL's 24 l
   cli        sample.py on CUDA once with every flag that touches it (--dtype, --quantize, --compile, --low-memory,
              --control, together), exit codes checked; CUDA out of memory gives the --batch-size message; --compile
              without triton falls back with a warning
+  sigma-kv   PixArt-Sigma (XL-2, 300-token captions) at 1024 and 2048 px: one forward uncompressed against KV
+             compression on blocks 14..27 (4x fewer keys and values there), interleaved: the speed-up
   quantize   one XL-2 forward in fp32 / int8 / fp8, eager and compiled, against diffusers fp32
 """
 
@@ -84,12 +86,16 @@ def checks(folder: Path, smoke: bool = False) -> list[Check]:
         Check("control", "ControlNet branch's share of a sampling forward, 1024 px, bf16",
               ["control", "--size", "1024", "--dtype", "bf16", "--variants", "transformer:1", "transformer:13",
                "unet:14", "--reps", "10"], 90, 20),
+        Check("sigma-kv", "PixArt-Sigma KV compression on half the blocks (14..27) against none, XL-2, bf16",
+              ["kv", "--sizes", "1024", "2048", "--dtype", "bf16", "--reps", "5"], 120, 30),
         Check("quantize", "One XL-2 forward at 1024 px: fp32 / int8 / fp8, eager and compiled, vs diffusers fp32",
               ["quantize", "--size", "1024", "--modes", "int8", "fp8", "--reps", "10", "--no-images"], 200, 60),
     ]
     if smoke:
         for check in found:
             check.argv = [SMOKE.get(a, a) for a in check.argv]
+            if check.name == "sigma-kv":  # the smallest Sigma size, two blocks
+                check.argv = ["kv", "--sizes", "512", "--arch", "T", "--depth", "2", "--dtype", "fp32", "--reps", "1"]
             if check.name in ("vae", "pipeline", "memory"):  # bf16 is slow on CPUs without it
                 check.argv = ["fp32" if a == "bf16" else a for a in check.argv]
     return found

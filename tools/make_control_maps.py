@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hed-weights", help="ControlNetHED.pth for --type hed (nothing is downloaded)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from configs.errors import UserError
+    from common.errors import UserError
 
     try:
         if args.src.is_dir():

@@ -111,8 +111,9 @@ def write_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0, num_laye
 
 
 def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: int = 0, layers_per_block: int = 1,
-                   norm_num_groups: int = 8) -> Path:
-    """A real diffusers AutoencoderKL folder: 4 latent channels, 1/8 resolution like the SD VAE (4 levels).
+                   norm_num_groups: int = 8, scaling_factor: float = 0.18215) -> Path:
+    """A real diffusers AutoencoderKL folder: 4 latent channels, 1/8 resolution like the SD and SDXL VAEs (4 levels);
+    scaling_factor 0.18215 is the SD VAE's config, 0.13025 the SDXL VAE's (PixArt-Sigma).
 
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32 is the SD VAE's size.
     """
@@ -126,7 +127,7 @@ def write_tiny_vae(folder: str | Path, block_out_channels=(8, 8, 16, 16), seed: 
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
         up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-        norm_num_groups=norm_num_groups, sample_size=32, scaling_factor=0.18215)
+        norm_num_groups=norm_num_groups, sample_size=32, scaling_factor=scaling_factor)
     vae.save_pretrained(folder)
     return folder
 

@@ -44,7 +44,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def export(ckpt: Path, out: Path, weights: str) -> Path:
-    from models.checkpoint import read_training_state, save_checkpoint
+    from engine.state import read_training_state
+    from models.checkpoint import save_checkpoint
 
     if not out.is_file():
         state = read_training_state(ckpt, weights)

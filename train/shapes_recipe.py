@@ -267,8 +267,8 @@ def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | N
     manifest's hashes follow at once (shipped files are verified on load, also by the evaluation that follows)."""
     from safetensors import safe_open
 
-    from models.checkpoint import atomic_dir, atomic_path
-    from models.safetensors_file import save_file
+    from common.files import atomic_dir, atomic_path
+    from common.safetensors_file import save_file
 
     with safe_open(str(source), framework="pt") as f:
         tensors = {k: f.get_tensor(k).half() for k in f.keys()}

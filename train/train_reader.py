@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.errors import UserError
+from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("train_reader")

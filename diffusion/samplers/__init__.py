@@ -8,7 +8,7 @@ classifier-free guidance is a closure around the model. `callback` receives a St
 
 from collections.abc import Callable
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.samplers.common import Denoise, StepInfo
 from diffusion.samplers.ddim import ddim_timesteps, sample_ddim
 from diffusion.samplers.dpm_solver import dpm_solver_timesteps, sample_dpm_solver

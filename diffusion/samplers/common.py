@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # denoise(x (N, C, H, W), t (N,) long) -> eps (N, C, H, W)
 

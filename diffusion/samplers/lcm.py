@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from configs.errors import UserError
+from common.errors import UserError
 from diffusion.samplers.common import Denoise, StepInfo, check_steps, per_sample, randn_like, timestep_batch
 from diffusion.schedule import NoiseSchedule
 

@@ -7,3 +7,7 @@ a bug and keeps its traceback. Every subclass's message names the thing that is 
 
 class UserError(ValueError):
     """A bad config value, file or input; the message says what is wrong and how to fix it."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why and what to do."""

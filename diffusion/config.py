@@ -1,0 +1,133 @@
+"""The diffusion/ sections of a run config (`diffusion:`, `distill:`, `dmd:`): plain dataclasses that import no
+torch, so reading a config stays cheap; the code they configure lives beside them (schedule.py, consistency.py,
+dmd.py) and imports them from here."""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from common.choices import check_choices
+from common.errors import UserError
+
+Schedule = Literal["linear", "scaled_linear"]  # linear: PixArt (betas 1e-4 -> 0.02); scaled_linear: Stable Diffusion
+Prediction = Literal["eps", "v", "x0"]          # what a network's first C output channels predict
+Loss = Literal["huber", "l2"]                  # the consistency distance: pseudo-Huber (LCM) or squared
+PREDICTIONS = Prediction.__args__
+LOSSES = Loss.__args__
+
+
+@dataclass
+class DiffusionConfig:
+    """The training noise schedule; the `diffusion:` section of a run config."""
+
+    schedule: Schedule = "linear"          # linear (PixArt: betas 1e-4 -> 0.02) | scaled_linear (Stable Diffusion)
+    num_steps: int = 1000             # training timesteps T
+    beta_start: float | None = None   # None: the schedule's default
+    beta_end: float | None = None     # None: the schedule's default
+    prediction: Prediction = "eps"         # the network predicts eps (PixArt) | v (alpha eps - sigma x0) | x0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        check_choices(self, "diffusion")
+        if self.num_steps < 1:
+            raise UserError(f"diffusion.num_steps must be >= 1, got {self.num_steps}")
+
+    def build(self) -> "NoiseSchedule":  # noqa: F821 (diffusion.schedule imports torch: loaded when used)
+        from diffusion.schedule import NoiseSchedule
+
+        return NoiseSchedule.from_name(self.schedule, self.num_steps, self.beta_start, self.beta_end)
+
+
+@dataclass
+class DistillConfig:
+    """Latent consistency distillation; the `distill:` section of a run config (train/train_lcm.py)."""
+
+    teacher: str | None = None       # the frozen teacher's checkpoint (any format); the student starts as it
+    ddim_steps: int = 50             # K of the teacher's DDIM grid; skip k = T / K must be a whole number (20)
+    guidance: float = 4.5            # fixed w of the teacher: eps_c + w (eps_c - eps_u), uncond = null caption
+    guidance_embedding: bool = False # LCM-style: w ~ U[w_min, w_max] per sample, given to the student as input
+    w_min: float = 3.0
+    w_max: float = 15.0
+    loss: Loss = "huber"               # huber (c = huber_c) | l2
+    huber_c: float = 0.001
+    target_decay: float = 0.95       # mu of the EMA target network
+    teacher_substeps: int = 1        # guided DDIM steps of the teacher from t_n to t_{n-k} (1: the paper's single
+                                     # step; more: a more exact ODE solve over the skip, as multi-step solvers do)
+    lora_rank: int = 0               # > 0: LCM-LoRA, adapters of this rank; the teacher is the adapters-off model
+    lora_alpha: float | None = None  # LoRA scale alpha / rank (None: alpha = rank)
+
+    def check(self, num_train_steps: int) -> None:
+        """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
+        if not self.teacher:
+            raise UserError("distill.teacher is not set: the checkpoint of the teacher to distil (any format)")
+        self.validate()
+        if num_train_steps % self.ddim_steps or not 1 <= self.ddim_steps <= num_train_steps:
+            skip = num_train_steps / self.ddim_steps
+            raise UserError(f"distill.ddim_steps={self.ddim_steps} gives a skip of {skip:g}"
+                             f" timesteps, which does not divide the {num_train_steps}-step schedule; use a divisor "
+                             f"of {num_train_steps} (50: k = 20, the paper's)")
+        skip = num_train_steps // self.ddim_steps
+        if not 1 <= self.teacher_substeps <= skip:
+            raise UserError(f"distill.teacher_substeps must be in 1..{skip} (the skip of {skip} timesteps it divides), "
+                            f"got {self.teacher_substeps}")
+
+    def validate(self) -> None:
+        """Checks of this section alone (the loader calls it; check() adds the schedule's)."""
+        check_choices(self, "distill")
+        if self.guidance_embedding and not self.w_min <= self.w_max:
+            raise UserError(f"distill.w_min={self.w_min} > distill.w_max={self.w_max}: w is drawn from [w_min, w_max]")
+        if self.guidance < 0 or self.w_min < 0:
+            raise UserError(f"guidance w must be >= 0 (w = 0 is the conditional teacher), got guidance="
+                             f"{self.guidance}, w_min={self.w_min}")
+        if not 0.0 <= self.target_decay < 1.0:
+            raise UserError(f"distill.target_decay must be in [0, 1), got {self.target_decay}")
+        if self.lora_rank < 0:
+            raise UserError(f"distill.lora_rank must be >= 0 (0: full distillation), got {self.lora_rank}")
+        if self.lora_rank and self.guidance_embedding:
+            raise UserError("distill.guidance_embedding with distill.lora_rank > 0: the w embedding is a new trainable "
+                             "layer inside the frozen model; distil it fully (distill.lora_rank=0) or drop it")
+        if self.lora_rank == 0 and self.lora_alpha is not None:
+            raise UserError("distill.lora_alpha is set on a full-distillation config (lora_rank 0): set "
+                             "distill.lora_rank > 0 for LCM-LoRA, or drop lora_alpha")
+
+
+@dataclass
+class DMDConfig:
+    """Distribution matching distillation; the `dmd:` section of a run config (train/train_dmd.py)."""
+
+    teacher: str | None = None       # the frozen teacher (real score); generator and fake score start as it
+    generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
+                                     # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
+    real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off
+    fake_updates: int = 5            # fake-score updates per generator update (DMD2's two time-scale rule)
+    fake_lr: float | None = None     # learning rate of the fake score; None: train.lr
+    t_min: float = 0.02              # the generator loss's noise levels: t ~ U[t_min T, t_max T)
+    t_max: float = 0.98
+    gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
+    gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
+
+    def check(self, num_train_steps: int) -> None:
+        """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
+        if not self.teacher:
+            raise UserError("dmd.teacher is not set: the checkpoint of the teacher to distil (any format)")
+        self.validate()
+        if not 1 <= self.generator_steps <= 50 or num_train_steps % 50:
+            raise UserError(f"dmd.generator_steps must be in 1..50 (the generator's timesteps are picks of the "
+                            f"50-step LCM grid of the {num_train_steps}-step schedule), got {self.generator_steps}")
+
+    def validate(self) -> None:
+        """Checks of this section alone (the loader calls it; check() adds the schedule's)."""
+        if self.fake_updates < 1:
+            raise UserError(f"dmd.fake_updates must be >= 1 (fake-score updates per generator update; DMD2 uses 5), "
+                            f"got {self.fake_updates}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise UserError(f"dmd.t_min and dmd.t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min} and "
+                            f"{self.t_max}")
+        for key in ("real_guidance", "gan_weight", "gan_head_weight"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
+        if self.fake_lr is not None and not (math.isfinite(self.fake_lr) and self.fake_lr > 0):
+            raise UserError(f"dmd.fake_lr must be > 0 (or null: train.lr), got {self.fake_lr}")
