@@ -10,8 +10,8 @@ setup(
     python_requires=">=3.10",
     # train/ and sample/ hold entry scripts (train/train.py, sample/sample.py), not packages: a package named
     # like a script in its own folder would be shadowed by that script when it runs.
-    packages=find_packages(include=["models*", "diffusion*", "data*", "engine*", "configs*", "evaluation*", "pipeline*",
-                                    "tasks*", "tools*"]),
+    packages=find_packages(include=["common*", "models*", "diffusion*", "data*", "engine*", "configs*", "evaluation*",
+                                    "pipeline*", "tasks*", "tools*"]),
     package_data={"configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         # These two pins take the wheels on this project's machines' disk; others download gigabytes.

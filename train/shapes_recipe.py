@@ -236,12 +236,14 @@ def controlnet(recipe: Recipe, dry_run: bool) -> None:
                          f"fewer copied blocks (--set control.num_blocks=N)")
     stages("ship controlnet", False, fn=lambda: ship(source, recipe.ship / "controlnet.safetensors"))
     branch = f"control.checkpoint={recipe.ship / 'controlnet.safetensors'}"
+    evaluation = [o for o in recipe.overrides if o.startswith("evaluation.")]  # e.g. fewer scenes
     outs = {}
     for name, evaluated, extra in (("controlnet-teacher", "controlnet_shapes", []),
                                    ("controlnet-student", "lcm_shapes", ["control.check_base=false"])):
         out = recipe.work / "eval" / name
         stages(f"evaluate {name}", False, python("tools/evaluate.py", "model", "--config", evaluated, "--control",
-                                                 *sets([branch, t5, *extra]), "--out", out, "--no-progress"))
+                                                 *sets([branch, t5, *extra, *evaluation]), "--out", out,
+                                                 "--no-progress"))
         outs[name] = out
     if dry_run:
         return
