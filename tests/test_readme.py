@@ -89,7 +89,7 @@ def quoted_figures() -> list[tuple[str, str]]:
     xl1024 = row_where("(`python tools/benchmark.py train --archs XL S", model="XL/2", image="1024px", batch="12")
     recipe = sentence_number(r"the recipe takes (\d+) minutes")
     distillation = sentence_number(r"400 steps at batch 32: ([\d.]+) minutes")
-    ablation = sentence_number(r"controlnet_ablation.py` \(about (\d+) minutes")
+    controlnet = sentence_number(r"shapes_recipe.py controlnet` \(about (\d+) minutes")
     seconds = {name: round(float(row["ms/image"]) * 600 / 1000) for name, row in (("teacher", teacher),
                                                                                  ("student", student))}
     return [
@@ -121,7 +121,8 @@ def quoted_figures() -> list[tuple[str, str]]:
         (f"({recipe} minutes on 2 cores)", "recipe time"),
         (f"# {distillation} minutes of distillation", "student time"),
         (f"({distillation} minutes of training)", "student time"),
-        (f"(about {ablation} minutes)", "ControlNet ablation time"),
+        (f"# the ControlNet branch (about {controlnet} minutes)", "ControlNet recipe time"),
+        (f"`python train/shapes_recipe.py controlnet` (about {controlnet} minutes)", "ControlNet recipe time"),
         (f"about {seconds['student']} s\nof sampling for the student, {seconds['teacher']} s for the teacher",
          "ms/image x 600"),
     ]
