@@ -53,6 +53,28 @@ def test_equal_scores_give_no_gradient_and_the_loss_gradient_is_the_matching_gra
     assert grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("t", [50, 500, 950])
+def test_a_descent_step_moves_samples_from_the_fake_estimate_toward_the_real_one(t):
+    """The sign and the normalisation: an x0-predicting real score that always answers `data` and a fake score that
+    answers the generated samples themselves (a fake score that has learnt G's distribution); one SGD step on the
+    DMD loss must move every sample toward `data`, by lr / (C H W) x (x - data) / mean |x - data| exactly."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(3, 4, 8, 8, generator=gen)
+    x_gen = torch.randn(3, 4, 8, 8, generator=gen)
+    real = lambda x, t, **cond: data  # noqa: E731
+    fake = lambda x, t, **cond: x_gen  # noqa: E731
+    objective = DistributionMatching(SCHEDULE, prediction="x0", real_guidance=1.0)
+    x = x_gen.clone().requires_grad_(True)
+    loss, _ = objective.generator_loss(x, real, fake, torch.full((3,), t), torch.randn_like(x_gen), {}, {})
+    loss.sum().backward()
+    lr = 0.1 * x_gen[0].numel()
+    stepped = x_gen - lr * x.grad
+    before, after = (x_gen - data).flatten(1).norm(dim=1), (stepped - data).flatten(1).norm(dim=1)
+    assert (after < before).all()
+    scale = (x_gen - data).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(stepped, x_gen - 0.1 * (x_gen - data) / scale, rtol=1e-4, atol=1e-4)
+
+
 def test_multi_step_generation_equals_the_lcm_sampler():
     """generate() with every sample to its last step is LCM multistep sampling with the same noise (the boundary
     scaling c_skip(t) at t >= 499 is below 1e-8, so the consistency function is the x0 estimate)."""

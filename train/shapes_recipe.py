@@ -211,6 +211,33 @@ def student(recipe: Recipe, dry_run: bool) -> None:
     log.info("stage seconds: %s", stages.seconds)
 
 
+def dmd(recipe: Recipe, dry_run: bool) -> None:
+    """The one-step student by distribution matching (DMD2) of the shipped teacher (needs `teacher` first): trains
+    configs/dmd_shapes.yaml, ships the generator's EMA as dmd_student.safetensors (fp16) and evaluates it in one
+    step (LCM's t = 999, no guidance)."""
+    stages = Stages(dry_run)
+    shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
+    if not dry_run and not shipped:
+        raise SystemExit(f"error: the DMD student distils the shipped teacher on its feature cache: run "
+                         f"`python train/shapes_recipe.py teacher` first (needs {recipe.ship / 'teacher.safetensors'} "
+                         f"and {recipe.cache})")
+    config = "dmd_shapes"
+    paths = [f"dmd.teacher={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
+             f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}"]
+    run_dir = train_stage(stages, recipe, "train/train_dmd.py", config, paths + recipe.overrides)
+    stages("ship dmd student", False, fn=lambda: ship(run_dir / "ema.safetensors",
+                                                      recipe.ship / "dmd_student.safetensors"))
+    shipped = [f"sample.checkpoint={recipe.ship / 'dmd_student.safetensors'}",
+               f"text_encoder.path={recipe.ship / 't5'}"]
+    out = evaluate_stage(stages, recipe, config, shipped, "dmd_student")
+    if not dry_run:
+        command = "python train/shapes_recipe.py dmd" + "".join(f" --set {o}" for o in recipe.overrides)
+        update_manifest(recipe, "dmd_student", ["dmd_student.safetensors"], command, config, out, {
+            "what": "PixArt-alpha-DMD student (fp16 EMA of the generator): distribution matching distillation (DMD2) "
+                    "of the teacher; one step (LCM sampler, t = 999), no guidance", "stage_seconds": stages.seconds})
+    log.info("stage seconds: %s", stages.seconds)
+
+
 CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
 
 
@@ -308,9 +335,9 @@ def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, c
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["teacher", "student", "controlnet"],
-                        help="which shipped model to make (the student distils the shipped teacher; the ControlNet "
-                             "branch steers it)")
+    parser.add_argument("what", choices=["teacher", "student", "dmd", "controlnet"],
+                        help="which shipped model to make (the students, LCD and DMD, distil the shipped teacher; the "
+                             "ControlNet branch steers it)")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "shapes", help="working folder (not shipped)")
     parser.add_argument("--ship", type=Path, default=ROOT / "weights" / "shapes", help="folder of shipped weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -321,7 +348,7 @@ def main(argv=None) -> int:
     recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides)
     start = time.perf_counter()
     try:
-        {"teacher": teacher, "student": student, "controlnet": controlnet}[args.what](recipe, args.dry_run)
+        {"teacher": teacher, "student": student, "dmd": dmd, "controlnet": controlnet}[args.what](recipe, args.dry_run)
     except subprocess.CalledProcessError as e:
         log.error("error: a stage failed (exit %d): %s; fix it and run the recipe again: finished stages are "
                   "skipped and training resumes", e.returncode, " ".join(map(str, e.cmd)))
