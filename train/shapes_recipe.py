@@ -187,55 +187,43 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
     log.info("stage seconds: %s", stages.seconds)
 
 
-def student(recipe: Recipe, dry_run: bool) -> None:
-    """Distil the shipped teacher (needs `teacher` first: its feature cache and shipped files)."""
+def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, config: str, teacher_key: str,
+           weights: str, name: str, what: str) -> None:
+    """Distil the shipped teacher on its feature cache with `script --config config` (needs `teacher` first), ship
+    the run's `weights` file as NAME.safetensors (fp16), evaluate it and record it in the manifest."""
     stages = Stages(dry_run)
     shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
     if not dry_run and not shipped:
-        raise SystemExit(f"error: the student distils the shipped teacher on its feature cache: run "
+        raise SystemExit(f"error: {who} distils the shipped teacher on its feature cache: run "
                          f"`python train/shapes_recipe.py teacher` first (needs {recipe.ship / 'teacher.safetensors'} "
                          f"and {recipe.cache})")
-    config = "lcm_shapes"
-    paths = [f"distill.teacher={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
+    target = recipe.ship / f"{name}.safetensors"
+    paths = [f"{teacher_key}={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
              f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}"]
-    run_dir = train_stage(stages, recipe, "train/train_lcm.py", config, paths + recipe.overrides)
-    stages("ship student", False, fn=lambda: ship(run_dir / "weights.safetensors",
-                                                  recipe.ship / "student.safetensors"))
-    shipped = [f"sample.checkpoint={recipe.ship / 'student.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}"]
-    out = evaluate_stage(stages, recipe, config, shipped, "student")
+    run_dir = train_stage(stages, recipe, script, config, paths + recipe.overrides)
+    stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target))
+    shipped_files = [f"sample.checkpoint={target}", f"text_encoder.path={recipe.ship / 't5'}"]
+    out = evaluate_stage(stages, recipe, config, shipped_files, name)
     if not dry_run:
-        command = "python train/shapes_recipe.py student" + "".join(f" --set {o}" for o in recipe.overrides)
-        update_manifest(recipe, "student", ["student.safetensors"], command, config, out, {
-            "what": "PixArt-delta student (fp16): latent consistency distillation of the teacher; LCM 4 steps, no "
-                    "guidance", "stage_seconds": stages.seconds})
+        command = f"python train/shapes_recipe.py {stage}" + "".join(f" --set {o}" for o in recipe.overrides)
+        update_manifest(recipe, name, [target.name], command, config, out,
+                        {"what": what, "stage_seconds": stages.seconds})
     log.info("stage seconds: %s", stages.seconds)
+
+
+def student(recipe: Recipe, dry_run: bool) -> None:
+    """The LCD student: latent consistency distillation of the shipped teacher (configs/lcm_shapes.yaml)."""
+    distil(recipe, dry_run, "student", "the student", "train/train_lcm.py", "lcm_shapes", "distill.teacher",
+           "weights.safetensors", "student", "PixArt-delta student (fp16): latent consistency distillation of the "
+           "teacher; LCM 4 steps, no guidance")
 
 
 def dmd(recipe: Recipe, dry_run: bool) -> None:
-    """The one-step student by distribution matching (DMD2) of the shipped teacher (needs `teacher` first): trains
-    configs/dmd_shapes.yaml, ships the generator's EMA as dmd_student.safetensors (fp16) and evaluates it in one
-    step (LCM's t = 999, no guidance)."""
-    stages = Stages(dry_run)
-    shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
-    if not dry_run and not shipped:
-        raise SystemExit(f"error: the DMD student distils the shipped teacher on its feature cache: run "
-                         f"`python train/shapes_recipe.py teacher` first (needs {recipe.ship / 'teacher.safetensors'} "
-                         f"and {recipe.cache})")
-    config = "dmd_shapes"
-    paths = [f"dmd.teacher={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
-             f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}"]
-    run_dir = train_stage(stages, recipe, "train/train_dmd.py", config, paths + recipe.overrides)
-    stages("ship dmd student", False, fn=lambda: ship(run_dir / "ema.safetensors",
-                                                      recipe.ship / "dmd_student.safetensors"))
-    shipped = [f"sample.checkpoint={recipe.ship / 'dmd_student.safetensors'}",
-               f"text_encoder.path={recipe.ship / 't5'}"]
-    out = evaluate_stage(stages, recipe, config, shipped, "dmd_student")
-    if not dry_run:
-        command = "python train/shapes_recipe.py dmd" + "".join(f" --set {o}" for o in recipe.overrides)
-        update_manifest(recipe, "dmd_student", ["dmd_student.safetensors"], command, config, out, {
-            "what": "PixArt-alpha-DMD student (fp16 EMA of the generator): distribution matching distillation (DMD2) "
-                    "of the teacher; one step (LCM sampler, t = 999), no guidance", "stage_seconds": stages.seconds})
-    log.info("stage seconds: %s", stages.seconds)
+    """The one-step student by distribution matching (DMD2) of the shipped teacher (configs/dmd_shapes.yaml): the
+    generator's EMA, evaluated in one step (LCM's t = 999, no guidance)."""
+    distil(recipe, dry_run, "dmd", "the DMD student", "train/train_dmd.py", "dmd_shapes", "dmd.teacher",
+           "ema.safetensors", "dmd_student", "PixArt-alpha-DMD student (fp16 EMA of the generator): distribution "
+           "matching distillation (DMD2) of the teacher; one step (LCM sampler, t = 999), no guidance")
 
 
 CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
