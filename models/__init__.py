@@ -8,14 +8,10 @@ Names are imported on first use (PEP 562), so that `models.variants` (read by ev
 """
 
 import importlib
-import logging
 
-# Import-time notices of library pairings, not about the user's run: torchao registers enums with torch's pytree
-# (a deprecation notice for torchao), and diffusers 0.42 looks for torchao classes that torchao 0.18 renamed (it
-# uses them only to read torchao-pickled diffusers checkpoints, which this project does not). diffusers imports
-# torchao whenever torchao is installed.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+from common.notices import quiet_library_notices
+
+quiet_library_notices()  # transformers / diffusers import torchao, which prints notices meant for its developers
 
 _EXPORTS = {
     "CheckpointError": "common.errors",

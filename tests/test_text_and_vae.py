@@ -2,6 +2,9 @@
 
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -19,6 +22,7 @@ from models.autoencoder import (
 )
 from models.text_encoder import TextEncoderConfig, TextEncoderError, clean_caption, load_text_encoder
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "two golden stars beside a small blue square on a dark background"]
 
 
@@ -278,3 +282,14 @@ def test_the_t5_encoder_and_tokenizer_equal_transformers(tmp_path, tiny_t5_path,
         want = reference(input_ids=ours.input_ids, attention_mask=ours.attention_mask).last_hidden_state
         got = model(input_ids=ours.input_ids, attention_mask=ours.attention_mask).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("what", ["t5", "vae"])
+def test_random_weights_cli_prints_only_the_folder(tmp_path, what):
+    """Library notices (torchao's pytree deprecation, a shard progress bar) are not the user's business."""
+    out = tmp_path / what
+    result = subprocess.run([sys.executable, str(ROOT / "tools/random_weights.py"), what, str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert result.stderr == ""

@@ -20,6 +20,10 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from common.notices import quiet_library_notices
+
+quiet_library_notices()  # transformers and diffusers, imported below on first use, import torchao
+
 COLOURS = ("red green blue yellow orange purple black white pink brown grey golden silver cyan magenta violet "
            "turquoise crimson beige navy olive maroon teal").split()
 SHAPES = ("circle square triangle star hexagon ring cross heart diamond oval rectangle pentagon cube sphere "
@@ -260,6 +264,9 @@ def main(argv=None) -> int:
     vae = sub.add_parser("vae", help="an AutoencoderKL with 4 latent channels and 1/8 resolution")
     vae.add_argument("out", help="folder to write")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar over one tiny shard is noise
     if args.what == "t5":
         corpus = corpus_of(args.corpus) if args.corpus else []
         path = write_tiny_t5(args.out, d_model=args.d_model, num_layers=args.layers, seed=args.seed,
