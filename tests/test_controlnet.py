@@ -473,3 +473,51 @@ def test_scale_sweep_tool(teacher_branches, tmp_path):
     with pytest.raises(SystemExit, match="scales must lie in 0..2"):
         sweep(["--work", str(tmp_path / "bad"), "--branch", str(teacher_branches / "random.safetensors"),
                "--scales", "-1"])
+
+
+def _ablation_rows(design: str, n: int, follows: list[tuple[int, float]]) -> dict:
+    fields = ("map_position", "map_kind", "follows_caption", "caption_color", "conflict_edge_f1", "edge_f1",
+              "single_kind", "single_all", "multi_all", "fd", "s_per_image")
+    return {"rows": [{"design": design, "N": n, "step": s, "follows_map": f, **dict.fromkeys(fields, 1.0)}
+                     for s, f in follows]}
+
+
+def test_ablation_merge_puts_separate_folders_in_one_table_and_plot(tmp_path):
+    """--merge reads finished ablation folders (variants trained apart, on different step grids) and writes one
+    table, summary and plot; the sudden-convergence step is read on each variant's own grid."""
+    import json
+
+    from tools.controlnet_ablation import main
+
+    for name, design, n, curve in (("a", "transformer", 1, [(0, 0.0), (125, 10.0), (250, 60.0), (1000, 90.0)]),
+                                   ("b", "unet", 3, [(0, 0.0), (250, 20.0), (500, 80.0), (2000, 90.0)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ablation.json").write_text(json.dumps(_ablation_rows(design, n, curve)))
+    out = tmp_path / "all"
+    assert main(["--work", str(out), "--merge", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+    result = json.loads((out / "ablation.json").read_text())
+    assert [(r["design"], r["step"]) for r in result["rows"]] == [
+        ("transformer", 0), ("transformer", 125), ("transformer", 250), ("transformer", 1000),
+        ("unet", 0), ("unet", 250), ("unet", 500), ("unet", 2000)]
+    assert result["summary"]["transformer1"]["convergence_step"] == 250  # 60 >= half of 90; 10 is not
+    assert result["summary"]["unet3"]["convergence_step"] == 500 and result["summary"]["unet3"]["final_step"] == 2000
+    assert "| unet3 | 2000 | 90.0 |" in (out / "ablation.md").read_text()
+    assert Image.open(out / "follows_map.png").size == (720, 440)
+
+
+def test_ablation_refuses_a_step_its_run_has_passed_and_a_variant_in_two_folders(tmp_path):
+    import json
+
+    from tools.controlnet_ablation import main
+
+    checkpoints = tmp_path / "work" / "runs" / "00000-cn-transformer3" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest.txt").write_text("step_00001000.pt")
+    with pytest.raises(SystemExit, match=r"trained to step 1000, past the requested step\(s\) \[125\]"):
+        main(["--work", str(tmp_path / "work"), "--variants", "transformer:3", "--steps", "125", "2000"])
+    assert not (tmp_path / "work" / "branches").exists()  # refused before anything was made
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ablation.json").write_text(json.dumps(_ablation_rows("unet", 3, [(0, 0.0), (250, 5.0)])))
+    with pytest.raises(SystemExit, match="variant unet3 is in both"):
+        main(["--work", str(tmp_path / "all"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")])

@@ -10,7 +10,11 @@ Each variant trains with train/train_controlnet.py --config controlnet_shapes (t
 frozen shipped teacher) and stops at every step of --steps (resuming exactly), where the branch is evaluated by
 tools/evaluate.py model --control on held-out scenes steered by their own edge maps. Step 0 is the base model
 itself (a fresh branch changes nothing). Finished segments and evaluations are skipped, so an interrupted run
-continues. Writes WORK/ablation.md (table), WORK/ablation.json and WORK/edge_f1.png (curves).
+continues. Writes WORK/ablation.md (table), WORK/ablation.json, WORK/follows_map.png and WORK/edge_f1.png (curves).
+
+Variants trained in separate folders (side by side, or on another machine) are put in one table and one plot with
+
+    python tools/controlnet_ablation.py --work work/controlnet-all --merge work/cn-transformer1 work/cn-unet3 ...
 """
 
 import argparse
@@ -96,6 +100,67 @@ def convergence_step(curve: list[dict], baseline: float, key: str = "follows_map
     return next((r["step"] for r in curve if r["step"] > 0 and r[key] >= half), None)
 
 
+def check_steps(work: Path, variants: list[str], steps: list[int]) -> None:
+    """Refuse, before anything loads, a step below what a variant's run has already trained without its branch:
+    training only goes forward, so that branch can no longer be made in WORK."""
+    for variant in variants:
+        name = variant.replace(":", "")
+        found = sorted((work / "runs").glob(f"*-cn-{name}")) if (work / "runs").is_dir() else []
+        done = current_step(found[-1]) if found else 0
+        missing = [s for s in steps if s < done and not (work / "branches" / f"{name}-{s}.safetensors").is_file()]
+        if missing:
+            raise SystemExit(f"error: {variant} in {work} is trained to step {done}, past the requested step(s) "
+                             f"{missing}, whose branch was never kept; evaluate steps in a new --work folder, or "
+                             f"drop {missing} from --steps")
+
+
+def merge(folders: list[Path]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The rows of several WORK/ablation.json, as one list and as curves by variant (a variant in two folders is
+    an error: which one counts would be a guess)."""
+    curves, origin = {}, {}
+    for folder in dict.fromkeys(f.resolve() for f in folders):  # a folder named twice counts once
+        path = folder / "ablation.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} does not exist: run tools/controlnet_ablation.py --work {folder} first")
+        for r in json.loads(path.read_text())["rows"]:
+            name = f"{r['design']}{r['N']}"
+            if origin.setdefault(name, folder) != folder:
+                raise SystemExit(f"error: variant {name} is in both {origin[name]} and {folder}: merge one of them")
+            curves.setdefault(name, []).append(r)
+    for curve in curves.values():
+        curve.sort(key=lambda r: r["step"])
+    return [r for curve in curves.values() for r in curve], curves
+
+
+def report(work: Path, rows: list[dict], curves: dict[str, list[dict]]) -> None:
+    """WORK/ablation.json, ablation.md (every row, then one line per variant) and the two PNG curves."""
+    work.mkdir(parents=True, exist_ok=True)
+    summary = {name: {"final_step": c[-1]["step"], "final_follows_map": c[-1]["follows_map"],
+                      "final_edge_f1": c[-1]["edge_f1"],
+                      "convergence_step": convergence_step(c, c[0]["follows_map"])}
+               for name, c in curves.items()}
+    (work / "ablation.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    lines = ["| design | N | step | conflict: follows map | map place | map kind | follows caption | caption colour "
+             "| agree: edge F1 | single: kind | single: all | FD | s/image |", "|" + "---|" * 13]
+    lines += [f"| {r['design']} | {r['N']} | {r['step']} | {r['follows_map']:.1f} | {r['map_position']:.1f} | "
+              f"{r['map_kind']:.1f} | {r['follows_caption']:.1f} | {r['caption_color']:.1f} | {r['edge_f1']:.1f} | "
+              f"{r['single_kind']:.1f} | {r['single_all']:.1f} | {r['fd']:.3f} | {r['s_per_image']:.3f} |"
+              for r in rows]
+    lines += ["", "| variant | last step | conflict: follows map | agree: edge F1 | sudden convergence (first step "
+              "half way from the base's follows-map share to the final one) |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['final_step']} | {v['final_follows_map']:.1f} | {v['final_edge_f1']:.1f} | "
+              f"{v['convergence_step']} |" for k, v in summary.items()]
+    (work / "ablation.md").write_text("\n".join(lines) + "\n")
+    from evaluation.plot import line_plot
+
+    line_plot({k: [(r["step"], r["follows_map"]) for r in c] for k, c in curves.items()}, work / "follows_map.png",
+              "ControlNet on the shapes teacher: conflict set, follows the map", "training step", "follows map (%)")
+    line_plot({k: [(r["step"], r["edge_f1"]) for r in c] for k, c in curves.items()}, work / "edge_f1.png",
+              "ControlNet on the shapes teacher: edge F1 (agreeing captions)", "training step", "edge F1 (%)")
+    log.info("wrote %s, %s, %s", work / "ablation.md", work / "follows_map.png", work / "edge_f1.png")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "controlnet")
@@ -106,11 +171,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=200, help="held-out scenes per evaluation")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="WORK",
+                        help="trains and evaluates nothing: puts these finished ablation folders in one table and "
+                             "plot in --work")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.merge:
+        report(args.work.resolve(), *merge(args.merge))
+        return 0
     from configs import Config, load_config
 
     work = args.work.resolve()
+    check_steps(work, args.variants, args.steps)
     (work / "branches").mkdir(parents=True, exist_ok=True)
     base = load_config(Config, args.config, args.overrides).control.base
     args.common = [f"text_encoder.path={ROOT / 'weights/shapes/t5'}", *args.overrides]
@@ -144,29 +216,7 @@ def main(argv=None) -> int:
             curve.append(row(design, n, step, evaluate(work, f"{name}-{step}", branch, args)))
         curves[name] = curve
         rows += curve
-    summary = {name: {"final_follows_map": c[-1]["follows_map"], "final_edge_f1": c[-1]["edge_f1"],
-                      "convergence_step": convergence_step(c, c[0]["follows_map"])}
-               for name, c in curves.items()}
-    (work / "ablation.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
-    lines = ["| design | N | step | conflict: follows map | map place | map kind | follows caption | caption colour "
-             "| agree: edge F1 | single: kind | single: all | FD | s/image |", "|" + "---|" * 13]
-    lines += [f"| {r['design']} | {r['N']} | {r['step']} | {r['follows_map']:.1f} | {r['map_position']:.1f} | "
-              f"{r['map_kind']:.1f} | {r['follows_caption']:.1f} | {r['caption_color']:.1f} | {r['edge_f1']:.1f} | "
-              f"{r['single_kind']:.1f} | {r['single_all']:.1f} | {r['fd']:.3f} | {r['s_per_image']:.3f} |"
-              for r in rows]
-    lines += ["", "| variant | conflict: follows map | agree: edge F1 | sudden convergence (first step half way from "
-              "the base's follows-map share to the final one) |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['final_follows_map']:.1f} | {v['final_edge_f1']:.1f} | {v['convergence_step']} |"
-              for k, v in summary.items()]
-    (work / "ablation.md").write_text("\n".join(lines) + "\n")
-    from evaluation.plot import line_plot
-
-    line_plot({k: [(r["step"], r["follows_map"]) for r in c] for k, c in curves.items()}, work / "follows_map.png",
-              "ControlNet on the shapes teacher: conflict set, follows the map", "training step", "follows map (%)")
-    line_plot({k: [(r["step"], r["edge_f1"]) for r in c] for k, c in curves.items()}, work / "edge_f1.png",
-              "ControlNet on the shapes teacher: edge F1 (agreeing captions)", "training step", "edge F1 (%)")
-    log.info("wrote %s, %s, %s", work / "ablation.md", work / "follows_map.png", work / "edge_f1.png")
-    print("\n".join(lines))
+    report(work, rows, curves)
     return 0
 
 
