@@ -4,7 +4,8 @@ PixArt-alpha teacher (train/train_dmd.py runs it; the objectives are diffusion/d
 Networks: the generator (trained; exported and sampled, with an EMA if train.ema_decay > 0), the fake score
 (trained dmd.fake_updates times per generator update, on the generator's samples, at dmd.fake_lr; with the GAN
 head when dmd.gan_weight > 0) and the teacher (the frozen real score, read from dmd.teacher, stored as
-train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher.
+train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher (the
+generator as dmd.generator_init instead when it is set, e.g. the LCD student).
 """
 
 import contextlib
@@ -41,6 +42,12 @@ def check_config(cfg: Config) -> None:
                         f"{dc.teacher} has none (a plain diffusers folder): use a checkpoint that holds y_embedding "
                         f"(an official .pth, this project's safetensors, or a folder converted by "
                         f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
+    if dc.generator_init:
+        init = peek(dc.generator_init).config
+        if init is not None and info.config is not None and init != info.config:
+            raise UserError(f"dmd.generator_init={dc.generator_init} is not of the teacher's architecture "
+                            f"({init} against {info.config}): the generator and the fake score share one model "
+                            f"config; start the generator from a checkpoint of the teacher's shape")
 
 
 @contextlib.contextmanager
@@ -73,6 +80,11 @@ class DMDTask(Task):
             net.load_state_dict(teacher.state_dict())
             copies.append(net.train().requires_grad_(True))
         self.generator = copies[0]
+        if dc.generator_init:
+            init, _, _ = load_checkpoint(dc.generator_init, cfg.model, device=device)
+            self.generator.load_state_dict(init.float().state_dict())
+            self.generator_init_hash = content_hash(dc.generator_init)
+            log.info("generator starts as %s", dc.generator_init)
         self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0).to(device).train()
         self.teacher = store_frozen(teacher.eval().requires_grad_(False), cfg.train.frozen_dtype)
         self.model = self.generator
@@ -88,7 +100,10 @@ class DMDTask(Task):
                 "generator": Trainable(self.generator)}
 
     def references(self) -> dict[str, dict]:
-        return {"teacher": {"path": str(self.cfg.dmd.teacher), "sha256": self.teacher_hash}}
+        refs = {"teacher": {"path": str(self.cfg.dmd.teacher), "sha256": self.teacher_hash}}
+        if self.cfg.dmd.generator_init:
+            refs["generator_init"] = {"path": str(self.cfg.dmd.generator_init), "sha256": self.generator_init_hash}
+        return refs
 
     def _sample(self, batch: dict, rng: SampleRandomness, cond: dict, with_grad: bool) -> torch.Tensor:
         """Generator samples for the batch: each sample's step drawn uniformly (backward simulation)."""

@@ -154,6 +154,26 @@ def test_generator_and_fake_score_start_as_the_teacher(teacher_file, tmp_path):
     assert torch.isfinite(loss) and terms["dmd_grad_norm"] > 0  # guided real score vs unguided fake: a gradient
 
 
+def test_generator_init_starts_the_generator_elsewhere_and_is_recorded(teacher_file, tmp_path, caplog):
+    """dmd.generator_init (e.g. the LCD student): the generator starts as that checkpoint, the fake score still as the
+    teacher, and the checkpoint names both; one of another architecture is refused before anything loads."""
+    student, cfg = toy_net(7)
+    path = tmp_path / "student.safetensors"
+    save_checkpoint(student.state_dict(), cfg, path, "safetensors")
+    task = DMDTask(dmd_config(tmp_path, teacher_file, f"dmd.generator_init={path}"), torch.device("cpu"))
+    teacher, _ = toy_net(4)
+    x, t, y, mask, _ = random_inputs(cfg, height=8, width=8)
+    with torch.no_grad():
+        assert torch.equal(task.generator(x, t, y, mask), student(x, t, y, mask))
+        assert torch.equal(task.fake(x, t, y, mask), teacher(x, t, y, mask))
+    assert task.references()["generator_init"]["path"] == str(path)
+    other = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8, depth=3)
+    wide = tmp_path / "other.safetensors"
+    save_checkpoint(random_model(other, seed=1).state_dict(), other, wide, "safetensors")
+    code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.generator_init={wide}")
+    assert code == 2 and runs == [] and "is not of the teacher's architecture" in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gan", [False, True], ids=["dmd", "dmd+gan"])
 def test_dmd_resume_equals_uninterrupted_run(teacher_file, tmp_path, gan):
