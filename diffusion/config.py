@@ -53,6 +53,8 @@ class DistillConfig:
     loss: Loss = "huber"               # huber (c = huber_c) | l2
     huber_c: float = 0.001
     target_decay: float = 0.95       # mu of the EMA target network
+    target_decay_start: float | None = None  # set: mu starts here and reaches target_decay after target_decay_ramp
+    target_decay_ramp: int = 0               # steps, the target's horizon 1 / (1 - mu) growing geometrically
     teacher_substeps: int = 1        # guided DDIM steps of the teacher from t_n to t_{n-k} (1: the paper's single
                                      # step; more: a more exact ODE solve over the skip, as multi-step solvers do)
     lora_rank: int = 0               # > 0: LCM-LoRA, adapters of this rank; the teacher is the adapters-off model
@@ -83,6 +85,13 @@ class DistillConfig:
                              f"{self.guidance}, w_min={self.w_min}")
         if not 0.0 <= self.target_decay < 1.0:
             raise UserError(f"distill.target_decay must be in [0, 1), got {self.target_decay}")
+        if self.target_decay_start is not None and not 0.0 <= self.target_decay_start < 1.0:
+            raise UserError(f"distill.target_decay_start must be in [0, 1) (or null: no ramp), got "
+                            f"{self.target_decay_start}")
+        if self.target_decay_ramp < 0 or (self.target_decay_ramp > 0) != (self.target_decay_start is not None):
+            raise UserError(f"distill.target_decay_ramp ({self.target_decay_ramp}) and distill.target_decay_start "
+                            f"({self.target_decay_start}) go together: a ramp of > 0 steps from a start rate, or "
+                            f"neither (a constant mu = target_decay)")
         if self.lora_rank < 0:
             raise UserError(f"distill.lora_rank must be >= 0 (0: full distillation), got {self.lora_rank}")
         if self.lora_rank and self.guidance_embedding:
@@ -91,6 +100,14 @@ class DistillConfig:
         if self.lora_rank == 0 and self.lora_alpha is not None:
             raise UserError("distill.lora_alpha is set on a full-distillation config (lora_rank 0): set "
                              "distill.lora_rank > 0 for LCM-LoRA, or drop lora_alpha")
+
+    def target_rate(self, step: int) -> float:
+        """mu after `step` target updates: target_decay, or on the ramp the rate whose horizon 1 / (1 - mu) is the
+        geometric interpolation of the start's and the end's (consistency training grows mu over training too)."""
+        if self.target_decay_start is None or step >= self.target_decay_ramp:
+            return self.target_decay
+        start, end = 1.0 - self.target_decay_start, 1.0 - self.target_decay
+        return 1.0 - start * (end / start) ** (step / self.target_decay_ramp)
 
 
 @dataclass

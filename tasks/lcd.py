@@ -2,10 +2,11 @@
 into a student that draws in 1-4 LCM steps (train/train_lcm.py runs it; the objective is diffusion/consistency.py).
 
 Networks: the student (trainable; a copy of the teacher, or the teacher with LoRA adapters), the target (an EMA of
-the student's trainable weights with mu = distill.target_decay, owned by this task, checkpointed and exactly
-resumed) and the teacher (frozen, read from distill.teacher; never copied into the EMA or checkpoints, recorded
-by path and hash: a resume with another teacher is refused). With LoRA one copy of the weights serves all three:
-the teacher is the model with adapters off, the target the model with the EMA adapters in place.
+the student's trainable weights with mu = distill.target_decay, or ramped up to it from distill.target_decay_start;
+owned by this task, checkpointed and exactly resumed) and the teacher (frozen, read from distill.teacher; never
+copied into the EMA or checkpoints, recorded by path and hash: a resume with another teacher is refused). With LoRA
+one copy of the weights serves all three: the teacher is the model with adapters off, the target the model with
+the EMA adapters in place.
 """
 
 import logging
@@ -52,7 +53,7 @@ class LCMTask(Task):
             self.teacher = store_frozen(teacher.eval().requires_grad_(False), cfg.train.frozen_dtype)
         if dc.lora_rank:
             store_frozen(self.model, cfg.train.frozen_dtype)  # the base weights under the adapters
-        self.target = EMA(self.model, dc.target_decay, warmup=False)  # mu = 0.95 from the first step
+        self.target = EMA(self.model, dc.target_rate(0), warmup=False)  # no EMA warm-up: mu from the first step
         self.schedule = cfg.diffusion.build()
         self.criterion = ConsistencyDistillationLoss(self.schedule, cfg.diffusion.prediction, dc.ddim_steps, dc.loss,
                                                      dc.huber_c, teacher_substeps=dc.teacher_substeps)
@@ -89,6 +90,7 @@ class LCMTask(Task):
         return per_sample.mean(), {"rms_distance": terms["distance"].mean().item()}
 
     def after_step(self, model) -> None:
+        self.target.decay = self.cfg.distill.target_rate(self.target.updates)  # resumes exactly: updates are saved
         self.target.update(self.model)
 
     def state_dict(self) -> dict:

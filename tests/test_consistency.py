@@ -135,10 +135,24 @@ def test_huber_and_l2_losses_and_grid_errors():
     ({"loss": "l1"}, "distill.loss must be one of huber, l2"),
     ({"teacher_substeps": 0}, "distill.teacher_substeps must be in 1..20"),
     ({"teacher_substeps": 21}, "distill.teacher_substeps must be in 1..20"),
+    ({"target_decay_start": 0.95}, "target_decay_ramp \\(0\\) and distill.target_decay_start \\(0.95\\) go together"),
+    ({"target_decay_ramp": 100}, "go together"),
+    ({"target_decay_start": 1.0, "target_decay_ramp": 100}, "target_decay_start must be in \\[0, 1\\)"),
 ])
 def test_distill_config_errors(change, message):
     with pytest.raises(UserError, match=message):
         DistillConfig(**{"teacher": "t.safetensors", **change}).check(1000)
+
+
+def test_target_rate_ramp_grows_the_horizon_geometrically():
+    """mu from 0.95 (horizon 20 steps) to 0.995 (200) over 4 steps: half way the horizon is their geometric mean
+    (sqrt(20 * 200)); from the ramp's end on, and without a ramp, mu is target_decay."""
+    ramp = DistillConfig(teacher="t", target_decay=0.995, target_decay_start=0.95, target_decay_ramp=4)
+    assert ramp.target_rate(0) == pytest.approx(0.95)
+    assert 1 / (1 - ramp.target_rate(2)) == pytest.approx((20 * 200) ** 0.5)
+    assert ramp.target_rate(4) == ramp.target_rate(10) == 0.995
+    assert [round(ramp.target_rate(i), 6) for i in range(5)] == sorted(round(ramp.target_rate(i), 6) for i in range(5))
+    assert DistillConfig(teacher="t", target_decay=0.99).target_rate(0) == 0.99
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,10 +215,12 @@ def test_one_step_changes_only_the_student_and_the_target_by_its_ema(teacher_fil
     assert changed > 0
 
 
-def test_lcd_resume_equals_uninterrupted_run_and_refuses_another_teacher(teacher_file, tmp_path):
-    common = ("train.steps=4", "train.checkpoint_every=2")
+@pytest.mark.parametrize("ramp", [(), ("distill.target_decay_start=0.5", "distill.target_decay_ramp=3")],
+                         ids=["constant-mu", "mu-ramp"])
+def test_lcd_resume_equals_uninterrupted_run_and_refuses_another_teacher(teacher_file, tmp_path, ramp):
+    common = ("train.steps=4", "train.checkpoint_every=2", *ramp)
     straight = train(lcm_config(tmp_path / "a", teacher_file, *common), LCMTask, toy_data)
-    first = train(lcm_config(tmp_path / "b", teacher_file, "train.steps=2", "train.checkpoint_every=2"),
+    first = train(lcm_config(tmp_path / "b", teacher_file, "train.steps=2", "train.checkpoint_every=2", *ramp),
                   LCMTask, toy_data)
     resumed = train(lcm_config(tmp_path / "b", teacher_file, *common), LCMTask, toy_data, resume=str(first))
     a, b = (last_state(r) for r in (straight, resumed))
