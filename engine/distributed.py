@@ -51,8 +51,11 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def teardown() -> None:
+def teardown(sync: bool = False) -> None:
+    """Leave the process group; sync: after a barrier, so that no rank destroys it while another still uses it."""
     if dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -253,9 +253,12 @@ def train(cfg, make_task, dataset_factory=feature_data, resume: str | None = Non
     """
     d = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, make_task, dataset_factory, resume, d)
-    finally:
+        run = _train(cfg, make_task, dataset_factory, resume, d)
+    except BaseException:
         distributed.teardown()
+        raise
+    distributed.teardown(sync=True)  # every rank done before the group goes (gloo aborts on pending work otherwise)
+    return run
 
 
 def _resume_state(cfg, resume) -> tuple[Path, dict]:
