@@ -100,13 +100,18 @@ def convergence_step(curve: list[dict], baseline: float, key: str = "follows_map
     return next((r["step"] for r in curve if r["step"] > 0 and r[key] >= half), None)
 
 
+def latest_run(work: Path, name: str) -> Path | None:
+    """The newest training run of variant NAME in WORK (None before its first segment)."""
+    found = sorted((work / "runs").glob(f"*-cn-{name}")) if (work / "runs").is_dir() else []
+    return found[-1] if found else None
+
+
 def check_steps(work: Path, variants: list[str], steps: list[int]) -> None:
     """Refuse, before anything loads, a step below what a variant's run has already trained without its branch:
     training only goes forward, so that branch can no longer be made in WORK."""
     for variant in variants:
         name = variant.replace(":", "")
-        found = sorted((work / "runs").glob(f"*-cn-{name}")) if (work / "runs").is_dir() else []
-        done = current_step(found[-1]) if found else 0
+        done = current_step(latest_run(work, name))
         missing = [s for s in steps if s < done and not (work / "branches" / f"{name}-{s}.safetensors").is_file()]
         if missing:
             raise SystemExit(f"error: {variant} in {work} is trained to step {done}, past the requested step(s) "
@@ -197,8 +202,7 @@ def main(argv=None) -> int:
         for step in sorted(args.steps):
             branch = work / "branches" / f"{name}-{step}.safetensors"
             if not branch.is_file():
-                found = sorted((work / "runs").glob(f"*-cn-{name}")) if (work / "runs").is_dir() else []
-                run_dir = found[-1] if found else None
+                run_dir = latest_run(work, name)
                 train = sets([f"train.steps={step}"])
                 if run_dir is None:
                     cmd = python("train/train_controlnet.py", "--config", args.config, *sets([
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
                     cmd = None
                 if cmd:
                     run(cmd, work / "log.txt")
-                run_dir = sorted((work / "runs").glob(f"*-cn-{name}"))[-1]
+                run_dir = latest_run(work, name)
                 shutil.copy(run_dir / "weights.safetensors", branch)
             curve.append(row(design, n, step, evaluate(work, f"{name}-{step}", branch, args)))
         curves[name] = curve
