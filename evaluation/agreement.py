@@ -11,6 +11,7 @@ reader's own caption accuracy on single-object images.
     pairs = read_both(images, captions, classifier)
     summary = agreement(pairs)                       # {"single": {...}, "multi": {...}, "all": {...}}
     disagreement_grid(pairs, images, "disagreements.png")
+    abstaining_agreement(pairs, "kind", min_fit=0.7, min_confidence=0.9)  # both may answer "no clear kind"
 """
 
 import textwrap
@@ -94,6 +95,62 @@ def agreement(pairs: list[PairReading]) -> dict:
     groups = {"single": [p for p in pairs if p.objects == 1], "multi": [p for p in pairs if p.objects > 1],
               "all": pairs}
     return {name: summarise_pairs(group) for name, group in groups.items() if group}
+
+
+def _attribute_confidence(pair: PairReading, attribute: str) -> tuple[float, float]:
+    """(the exact reader's template IoU, the classifier's softmax probability) behind `attribute`'s reading."""
+    return pair.exact.iou, pair.learned.confidence[attribute]
+
+
+def agreement_by_confidence(pairs: list[PairReading], attribute: str = "kind",
+                            fit_edges: tuple[float, ...] = (0.4, 0.7, 0.8, 0.9, 1.01),
+                            confidence_edges: tuple[float, ...] = (0.0, 0.8, 0.95, 0.99, 1.01)) -> dict:
+    """Agreement on `attribute` (%, images where both see an object) in bins of each reader's own confidence:
+    {"exact_fit": [(lo, hi, images, agreement)], "classifier_confidence": [...]}."""
+    both = [p for p in pairs if p.both_see_object]
+    out = {}
+    for name, index, edges in (("exact_fit", 0, fit_edges), ("classifier_confidence", 1, confidence_edges)):
+        rows = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            group = [p for p in both if lo <= _attribute_confidence(p, attribute)[index] < hi]
+            rows.append((lo, hi, len(group), _percent([p.agrees(attribute) for p in group])))
+        out[name] = rows
+    return out
+
+
+def abstaining_agreement(pairs: list[PairReading], attribute: str, min_fit: float, min_confidence: float) -> dict:
+    """Agreement on `attribute` when each reader may answer "unclear": the exact reader below template IoU
+    `min_fit`, the classifier below softmax probability `min_confidence`. Two unclear answers agree; an unclear
+    answer and a value do not. Over the images where both see an object; in %."""
+    both = [p for p in pairs if p.both_see_object]
+    agree, exact_unclear, learned_unclear = [], [], []
+    for p in both:
+        fit, confidence = _attribute_confidence(p, attribute)
+        e, c = fit < min_fit, confidence < min_confidence
+        exact_unclear.append(e)
+        learned_unclear.append(c)
+        agree.append(e and c or (not e and not c and p.agrees(attribute)))
+    return {"agreement": _percent(agree), "exact_unclear": _percent(exact_unclear),
+            "classifier_unclear": _percent(learned_unclear)}
+
+
+def confidence_markdown(pairs: list[PairReading], attribute: str = "kind") -> str:
+    """Agreement on `attribute` by each reader's confidence, and with an "unclear" answer at a grid of thresholds."""
+    bins = agreement_by_confidence(pairs, attribute)
+    lines = [f"{attribute.capitalize()} agreement by each reader's confidence (images where both see an object):",
+             "", "| exact reader's template IoU | images | agreement |", "|---|---|---|"]
+    lines += [f"| {lo:.2f}-{min(hi, 1.0):.2f} | {n} | {a:.1f} |" for lo, hi, n, a in bins["exact_fit"]]
+    lines += ["", "| classifier's probability | images | agreement |", "|---|---|---|"]
+    lines += [f"| {lo:.2f}-{min(hi, 1.0):.2f} | {n} | {a:.1f} |" for lo, hi, n, a in bins["classifier_confidence"]]
+    lines += ["", f"{attribute.capitalize()} agreement when each reader may answer \"unclear\" below a threshold "
+              "(two unclear answers agree):", "",
+              "| min IoU | min probability | exact unclear | classifier unclear | agreement |", "|---|---|---|---|---|"]
+    for fit in (0.0, 0.6, 0.7, 0.8):
+        for confidence in (0.0, 0.8, 0.9, 0.95):
+            r = abstaining_agreement(pairs, attribute, fit, confidence)
+            lines.append(f"| {fit:.2f} | {confidence:.2f} | {r['exact_unclear']:.1f} | {r['classifier_unclear']:.1f} "
+                         f"| {r['agreement']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: dict) -> str:

@@ -63,3 +63,36 @@ def test_training_lowers_the_loss():
     assert last < 0.8 * first
     images, labels = training_batch(np.random.default_rng(0), 8)
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8 and set(labels) >= {"object", "kind"}
+
+
+def _pairs_of(readings: list[tuple[str, float, str, float]]):
+    """PairReadings of one-object captions: (exact kind, exact IoU, classifier kind, classifier probability)."""
+    from evaluation.agreement import PairReading
+    from evaluation.classifier import Reading
+    from evaluation.shapes import Detection
+
+    pairs = []
+    for exact_kind, iou, learned_kind, probability in readings:
+        exact = Detection(exact_kind, "red", "large", 0.5, 0.5, 100, iou)
+        learned = Reading(0.9, learned_kind, "red", "large", "center",
+                          {"kind": probability, "color": 1.0, "size": 1.0, "position": 1.0})
+        pairs.append(PairReading("a large red circle at the center", 1, exact, learned))
+    return pairs
+
+
+def test_abstaining_agreement_limits_and_bins():
+    from evaluation.agreement import abstaining_agreement, agreement, agreement_by_confidence
+
+    pairs = _pairs_of([("circle", 0.95, "circle", 0.999), ("square", 0.65, "cross", 0.55),
+                       ("cross", 0.75, "square", 0.97), ("triangle", 0.85, "triangle", 0.7)])
+    plain = agreement(pairs)["single"]["kind"]
+    assert plain == 50.0
+    assert abstaining_agreement(pairs, "kind", 0.0, 0.0)["agreement"] == plain  # nobody abstains
+    everything = abstaining_agreement(pairs, "kind", 1.01, 1.01)                # everybody abstains
+    assert everything == {"agreement": 100.0, "exact_unclear": 100.0, "classifier_unclear": 100.0}
+    # both unclear on the square/cross pair; the triangle pair is now one value against "unclear"
+    assert abstaining_agreement(pairs, "kind", 0.7, 0.8) == {"agreement": 50.0, "exact_unclear": 25.0,
+                                                             "classifier_unclear": 50.0}
+    bins = agreement_by_confidence(pairs, "kind")
+    assert sum(n for _, _, n, _ in bins["exact_fit"]) == sum(n for _, _, n, _ in bins["classifier_confidence"]) == 4
+    assert [round(a) for _, _, n, a in bins["exact_fit"] if n] == [0, 0, 100, 100]

@@ -263,7 +263,7 @@ def control_table(sets: dict) -> str:
 def run_agree(args) -> dict:
     """Both shapes readers on a folder of captioned images (a `model` run's folder or its images/): per-attribute
     agreement, each reader's caption accuracy, and disagreements.png (evaluation/agreement.py)."""
-    from evaluation.agreement import agreement, disagreement_grid, markdown, read_both
+    from evaluation.agreement import agreement, confidence_markdown, disagreement_grid, markdown, read_both
     from evaluation.classifier import load_classifier
     from evaluation.shapes import MIN_SIDE
 
@@ -284,7 +284,9 @@ def run_agree(args) -> dict:
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "results.md").write_text(f"Agreement of the exact reader and the classifier ({args.reader}) on "
                                     f"{args.folder}, in % (attributes: over the images where both see an object); "
-                                    f"{differing} images differ (disagreements.png):\n\n" + markdown(summary))
+                                    f"{differing} images differ (disagreements.png):\n\n" + markdown(summary)
+                                    + "\nSingle-object captions:\n\n"
+                                    + confidence_markdown([p for p in pairs if p.objects == 1]))
     return out, record
 
 
