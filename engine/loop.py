@@ -293,7 +293,8 @@ def _check_references(saved: dict, current: dict, ckpt_step: int) -> None:
                if saved.get(name, {}).get("sha256") != current.get(name, {}).get("sha256")]
     if changed:
         raise ResumeError(f"cannot resume at step {ckpt_step}: the frozen networks it was trained against changed:"
-                          f"\n  " + "\n  ".join(changed) + "\nresume with the original files, or start a new run")
+                          f"\n  " + "\n  ".join(changed) + "\nresume with the original files (the run's own "
+                          "settings: --config RUN/config.yaml --resume RUN), or start a new run")
 
 
 class TrainedNetwork:
