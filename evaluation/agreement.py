@@ -98,7 +98,8 @@ def agreement(pairs: list[PairReading]) -> dict:
 
 
 def _attribute_confidence(pair: PairReading, attribute: str) -> tuple[float, float]:
-    """(the exact reader's template IoU, the classifier's softmax probability) behind `attribute`'s reading."""
+    """(the exact reader's template IoU, the classifier's softmax probability for `attribute`). The IoU is the fit
+    that decides the exact reader's kind and size; for colour and position it is only a proxy of its confidence."""
     return pair.exact.iou, pair.learned.confidence[attribute]
 
 
@@ -129,7 +130,7 @@ def abstaining_agreement(pairs: list[PairReading], attribute: str, min_fit: floa
         e, c = fit < min_fit, confidence < min_confidence
         exact_unclear.append(e)
         learned_unclear.append(c)
-        agree.append(e and c or (not e and not c and p.agrees(attribute)))
+        agree.append((e and c) or (not e and not c and p.agrees(attribute)))
     return {"agreement": _percent(agree), "exact_unclear": _percent(exact_unclear),
             "classifier_unclear": _percent(learned_unclear)}
 
