@@ -7,6 +7,7 @@ an interrupted write never replaces a good checkpoint.
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,8 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
             raise CheckpointError(f"{path} kept no EMA (the run had train.ema_decay 0): export --weights model")
         sd.update(network["ema"]["shadow"])
     run = state["config"]
-    cfg = config_from_json(json.dumps(run["model"]), path)
+    # the run config's model section, with what the task adds to it read off the weights: an LCM student with a
+    # guidance input (distill.guidance_embedding) has w_embedder weights the base section does not declare
+    cfg = replace(config_from_json(json.dumps(run["model"]), path), guidance_embedding="w_embedder.proj.weight" in sd)
     metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}
     return Checkpoint(sd, "training-state", path, cfg, metadata)

@@ -21,7 +21,7 @@ from diffusion.samplers.lcm import consistency_function, lcm_boundary_scalings
 from diffusion.schedule import NoiseSchedule
 from engine.loop import train
 from engine.randomness import SampleRandomness
-from engine.state import ResumeError
+from engine.state import ResumeError, latest_checkpoint, read_training_state
 from models.checkpoint import load_checkpoint, save_checkpoint
 from tasks.lcd import LCMTask
 
@@ -236,6 +236,20 @@ def test_lcd_resume_equals_uninterrupted_run_and_refuses_another_teacher(teacher
     save_checkpoint(state, cfg, other, "safetensors")
     with pytest.raises(ResumeError, match="(?s)frozen networks it was trained against changed:.*teacher"):
         train(lcm_config(tmp_path / "b", other, "train.steps=6"), LCMTask, toy_data, resume=str(resumed))
+
+
+def test_a_guidance_input_student_exports_from_its_training_checkpoint(teacher_file, tmp_path):
+    """tools/training_curve.py exports every kept checkpoint: a student with a w input must come out as one."""
+    run = train(lcm_config(tmp_path, teacher_file, "distill.guidance_embedding=true", "train.steps=2",
+                           "train.checkpoint_every=2"), LCMTask, toy_data)
+    state = read_training_state(latest_checkpoint(run), "model")
+    assert state.config.guidance_embedding and "w_embedder.proj.weight" in state.state_dict
+    save_checkpoint(state.state_dict, state.config, tmp_path / "step.safetensors", "safetensors")
+    model, cfg, _ = load_checkpoint(tmp_path / "step.safetensors")
+    final, _, _ = load_checkpoint(run / "weights.safetensors")  # what the run itself exported at its last step
+    assert cfg.guidance_embedding and model.guidance_embedding
+    for key, value in final.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_lora_checkpoints_hold_adapters_not_the_frozen_weights(teacher_file, tmp_path):
