@@ -5,17 +5,20 @@
 
 For each checkpoints/step_*.pt of the run (keep them with --set train.keep_checkpoints=100 when training), the
 exported network's weights (EMA if the run kept one; --weights model for the raw ones) are written to
-RUN/curve/step_N.safetensors and evaluated with `tools/evaluate.py model --config CONFIG`, sampling as the config
-says (--steps: once per number of sampler steps). --split validation draws the scenes from the validation seed
+RUN/curve/step_N.WEIGHTS.safetensors and evaluated with `tools/evaluate.py model --config CONFIG`, sampling as the
+config says (--steps: once per number of sampler steps). --split validation draws the scenes from the validation seed
 (evaluation.validation_seed), which choosing a recipe may look at; the test split (the default) is for reporting.
 
 Writes RUN/curve/curve.json, curve.md (one row per checkpoint: single-object attributes, mean, multi-object ones,
-FD) and curve.png (accuracy per attribute against the step; FD x 100 on the same axis).
+FD) and curve.png (accuracy per attribute against the step; FD x 100 on the same axis). Evaluations under other
+settings (`--set sample.guidance=5`) go to their own folder, RUN/curve-sample.guidance=5/; what a folder's record
+already holds for a step, split, step count and weights is not evaluated again.
 """
 
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -68,7 +71,12 @@ def main(argv=None) -> int:
     from evaluation.plot import line_plot
     from tools.evaluate import main as evaluate
 
-    folder = args.run / "curve"
+    exported = args.run / "curve"  # the checkpoints as weight files, shared by every evaluation of the run
+    # results of another evaluation config (--set sample.guidance=5, ...) go to their own folder: the record
+    # skips what it has already measured, so one folder must never mix two configs
+    tag = re.sub(r"[^A-Za-z0-9._=+-]+", "_", "_".join(args.overrides))[:120]
+    folder = args.run / (f"curve-{tag}" if tag else "curve")
+    exported.mkdir(exist_ok=True)
     folder.mkdir(exist_ok=True)
     record_path = folder / "curve.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -77,12 +85,12 @@ def main(argv=None) -> int:
     ec = load_config(Config, args.config, args.overrides).evaluation
     split = [f"evaluation.seed={ec.validation_seed}"] if args.split == "validation" else []
     for step, ckpt in checkpoints(args.run)[:: args.every]:
-        weights = export(ckpt, folder / f"step_{step:08d}.safetensors", args.weights)
+        weights = export(ckpt, exported / f"step_{step:08d}.{args.weights}.safetensors", args.weights)
         for steps in args.steps or [None]:
-            key = f"{args.split}/{step}/{steps or 'config'}"
+            key = f"{args.split}/{step}/{steps or 'config'}/{args.weights}"
             if key in record:
                 continue
-            out = folder / "eval" / f"step_{step:08d}_{steps or 'config'}"
+            out = folder / "eval" / f"step_{step:08d}_{steps or 'config'}_{args.weights}"
             overrides = [f"sample.checkpoint={weights}", *split, *args.overrides,
                          *([f"sample.steps={steps}"] if steps else [])]
             code = evaluate(["model", "--config", args.config, "--out", str(out), "--no-progress",
@@ -90,9 +98,10 @@ def main(argv=None) -> int:
             if code:
                 return code
             results = json.loads(sorted(out.glob("*/results.json"))[-1].read_text())
-            record[key] = {"step": step, "sampler_steps": steps, **single_scores(results)}
+            record[key] = {"step": step, "sampler_steps": steps, "weights": args.weights, **single_scores(results)}
             record_path.write_text(json.dumps(record, indent=1) + "\n")
-    rows = sorted((r for k, r in record.items() if k.startswith(args.split + "/")),
+    rows = sorted((r for k, r in record.items()
+                   if k.startswith(args.split + "/") and r.get("weights", args.weights) == args.weights),
                   key=lambda r: (r["sampler_steps"] or 0, r["step"]))
     lines = [f"| step | sampler steps | {' | '.join(ATTRIBUTES)} | mean | all | multi count | FD |",
              "|" + "---|" * (len(ATTRIBUTES) + 6)]
