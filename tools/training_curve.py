@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             record[key] = {"step": step, "sampler_steps": steps, "weights": args.weights, **single_scores(results)}
             record_path.write_text(json.dumps(record, indent=1) + "\n")
     rows = sorted((r for k, r in record.items()
-                   if k.startswith(args.split + "/") and r.get("weights", args.weights) == args.weights),
+                   if k.startswith(args.split + "/") and r.get("weights") == args.weights),
                   key=lambda r: (r["sampler_steps"] or 0, r["step"]))
     lines = [f"| step | sampler steps | {' | '.join(ATTRIBUTES)} | mean | all | multi count | FD |",
              "|" + "---|" * (len(ATTRIBUTES) + 6)]
