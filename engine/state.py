@@ -16,7 +16,7 @@ import yaml
 
 from common.errors import CheckpointError, UserError
 from common.files import TRAIN_STATE_FORMAT, atomic_path
-from models.checkpoint import Checkpoint
+from models.checkpoint import Checkpoint, infer_config
 from models.formats.safetensors import config_from_json
 
 FORMAT = TRAIN_STATE_FORMAT
@@ -186,8 +186,9 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
             raise CheckpointError(f"{path} kept no EMA (the run had train.ema_decay 0): export --weights model")
         sd.update(network["ema"]["shadow"])
     run = state["config"]
-    # the run config's model section, with what the task adds to it read off the weights: an LCM student with a
-    # guidance input (distill.guidance_embedding) has w_embedder weights the base section does not declare
-    cfg = replace(config_from_json(json.dumps(run["model"]), path), guidance_embedding="w_embedder.proj.weight" in sd)
+    # the run config's model section, with what the task adds to it read off the weights (as for any checkpoint):
+    # an LCM student with a guidance input (distill.guidance_embedding) is not declared in that section
+    cfg = replace(config_from_json(json.dumps(run["model"]), path),
+                  guidance_embedding=infer_config(sd)["guidance_embedding"])
     metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}
     return Checkpoint(sd, "training-state", path, cfg, metadata)
