@@ -126,6 +126,10 @@ class DMDConfig:
     t_max: float = 0.98
     gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
     gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
+    distribution_weight: float = 1.0  # weight of the distribution-matching term (0: the regression term alone)
+    regression_weight: float = 0.0   # > 0: DMD's regression loss: the generator's first step from a pair's noise
+                                     # against the teacher's image from that noise (dmd.pairs), mean squared
+    pairs: str | None = None         # noise-image pairs of the teacher (tools/make_ode_pairs.py)
 
     def check(self, num_train_steps: int) -> None:
         """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
@@ -144,9 +148,19 @@ class DMDConfig:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"dmd.t_min and dmd.t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min} and "
                             f"{self.t_max}")
-        for key in ("real_guidance", "gan_weight", "gan_head_weight"):
+        for key in ("real_guidance", "gan_weight", "gan_head_weight", "distribution_weight", "regression_weight"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
         if self.fake_lr is not None and not (math.isfinite(self.fake_lr) and self.fake_lr > 0):
             raise UserError(f"dmd.fake_lr must be > 0 (or null: train.lr), got {self.fake_lr}")
+        if self.regression_weight > 0 and not self.pairs:
+            raise UserError(f"dmd.regression_weight={self.regression_weight} needs the teacher's noise-image pairs: "
+                            f"make them with python tools/make_ode_pairs.py OUT.safetensors --config TEACHER_CONFIG "
+                            f"and set dmd.pairs=OUT.safetensors")
+        if self.pairs and self.regression_weight == 0:
+            raise UserError(f"dmd.pairs={self.pairs} is set but dmd.regression_weight is 0, so the pairs would not "
+                            f"be used: set dmd.regression_weight (DMD used 0.25) or drop dmd.pairs")
+        if self.distribution_weight == 0 and self.regression_weight == 0:
+            raise UserError("dmd.distribution_weight and dmd.regression_weight are both 0: nothing trains the "
+                            "generator; set one of them > 0")

@@ -11,7 +11,8 @@ The generator's gradient at a random noise level t is the difference of the two 
 applied through loss = 0.5 ||x - stopgrad(x - grad)||^2, whose gradient with respect to x is exactly grad. DMD2
 drops DMD's regression loss, updates the fake score several times per generator update (two time-scale rule) and
 optionally adds a GAN term: a small head on the fake score's middle features tells noised real images from noised
-generated ones (non-saturating losses).
+generated ones (non-saturating losses). DMD's regression loss is here as an option (regression_loss: the generator
+from a stored noise against the teacher's sampled image from that noise; tools/make_ode_pairs.py makes the pairs).
 """
 
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ class DistributionMatching:
             grad = self.matching_gradient(x.detach(), x0_real, x0_fake)
         loss = 0.5 * (x - (x - grad).detach()).square().mean(dim=dims)  # d loss / dx = grad / (C H W)
         return loss, {"dmd_grad_norm": grad.square().mean(dim=dims).sqrt()}
+
+    def regression_loss(self, generator: Network, noise: Tensor, target: Tensor, cond: dict) -> Tensor:
+        """Per-sample regression loss (DMD's): mean squared distance of the generator's first step from `noise`
+        (its output at timesteps[0], the whole sample for a one-step generator) to the teacher's image `target`
+        from the same noise."""
+        t = torch.full((len(noise),), int(self.timesteps[0]), device=noise.device)
+        out = self.x0(generator, noise.float(), t, cond)
+        return (out - target.float()).square().mean(dim=tuple(range(1, out.ndim)))
 
     def fake_score_loss(self, fake: Network, x: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
         """Per-sample denoising loss of the fake score on generated images x (no gradient to the generator)."""

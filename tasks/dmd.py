@@ -5,7 +5,8 @@ Networks: the generator (trained; exported and sampled, with an EMA if train.ema
 (trained dmd.fake_updates times per generator update, on the generator's samples, at dmd.fake_lr; with the GAN
 head when dmd.gan_weight > 0) and the teacher (the frozen real score, read from dmd.teacher, stored as
 train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher (the
-generator as dmd.generator_init instead when it is set, e.g. the LCD student).
+generator as dmd.generator_init instead when it is set, e.g. the LCD student). With dmd.regression_weight > 0 the
+generator's loss adds DMD's regression term on the teacher's noise-image pairs (dmd.pairs, held in memory).
 """
 
 import contextlib
@@ -18,6 +19,7 @@ from torch import nn
 from common.errors import UserError
 from configs import Config
 from data.features import batch_conditions
+from data.pairs import load_pairs, read_pairs_metadata
 from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
 from engine.loop import Task, Trainable
@@ -42,6 +44,12 @@ def check_config(cfg: Config) -> None:
                         f"{dc.teacher} has none (a plain diffusers folder): use a checkpoint that holds y_embedding "
                         f"(an official .pth, this project's safetensors, or a folder converted by "
                         f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
+    if dc.pairs:
+        meta = read_pairs_metadata(dc.pairs)
+        if meta.get("teacher_sha256") != content_hash(dc.teacher):
+            raise UserError(f"dmd.pairs={dc.pairs} was sampled from {meta.get('teacher')!r}, not from dmd.teacher="
+                            f"{dc.teacher} (their contents differ): make the pairs with this teacher (python "
+                            f"tools/make_ode_pairs.py OUT --config CONFIG --set sample.checkpoint={dc.teacher})")
     if dc.generator_init:
         init = peek(dc.generator_init).config
         if init is not None and info.config is not None and init != info.config:
@@ -92,6 +100,16 @@ class DMDTask(Task):
         self.objective = DistributionMatching(self.schedule, cfg.diffusion.prediction, dc.generator_steps,
                                               dc.real_guidance, dc.t_min, dc.t_max)
         self.vae = None  # loaded at the first sample grid
+        self.pairs = None
+        if dc.regression_weight > 0:
+            self.pairs = load_pairs(dc.pairs)
+            want = {"image": (self.generator.in_channels, cfg.model.latent_size, cfg.model.latent_size),
+                    "y": (cfg.model.caption_tokens, cfg.model.caption_channels)}
+            got = {k: tuple(self.pairs[k].shape[1:]) for k in want}
+            if got != want:
+                raise UserError(f"dmd.pairs={dc.pairs} holds images and captions of shape {got}, the model takes "
+                                f"{want}: make the pairs with the teacher's config")
+            log.info("regression term on %d noise-image pairs of %s", len(self.pairs["image"]), dc.pairs)
 
     def networks(self) -> dict[str, Trainable]:
         """The fake score first (its dmd.fake_updates updates), then the generator (one update), each step."""
@@ -140,6 +158,11 @@ class DMDTask(Task):
         c, u = null_caption_pair(cond)
         loss, terms = self.objective.generator_loss(images, self.teacher, self.fake, t, noise, c, u)
         out = {"dmd": loss.mean().item(), "dmd_grad_norm": terms["dmd_grad_norm"].mean().item()}
+        loss = dc.distribution_weight * loss
+        if self.pairs is not None:
+            regression = self._regression(batch, rng)
+            loss = loss + dc.regression_weight * regression
+            out["regression"] = regression.mean().item()
         if self.fake.head is not None:
             t_gan = self.objective.noise_levels(rng.rand(x0.device))
             noised = self.schedule.q_sample(images, t_gan, rng.randn(x0.shape[1:], x0.device))
@@ -148,6 +171,19 @@ class DMDTask(Task):
             loss = loss + dc.gan_weight * gan
             out["gan"] = gan.mean().item()
         return loss.mean(), out
+
+    def _regression(self, batch: dict, rng: SampleRandomness) -> torch.Tensor:
+        """The regression term (N,) on a random pair per sample (drawn after every other draw of the step)."""
+        device = batch["latent"].device
+        pick = rng.randint(len(self.pairs["image"]), device).cpu()
+        pairs = {k: v[pick].to(device) for k, v in self.pairs.items()}
+        h, w = pairs["image"].shape[-2:]
+        down = batch["resolution"][0, 0].item() / batch["latent"].shape[-2]  # image pixels per latent pixel
+        pair_batch = {"y": pairs["y"], "mask": pairs["mask"].long(),
+                      "resolution": torch.tensor([[h * down, w * down]], device=device).expand(len(pick), 2),
+                      "aspect_ratio": torch.tensor([[h / w]], device=device).expand(len(pick), 1)}
+        return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"],
+                                              batch_conditions(self.generator, pair_batch))
 
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions drawn by the generator with the sample config (its LCM steps, no CFG)."""

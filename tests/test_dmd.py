@@ -2,11 +2,16 @@
 multi-step generation against the LCM sampler, the two time-scale update rule in the shared loop, exact resume,
 and every refusal before anything loads."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
+import yaml
 from conftest import load_script, random_inputs, random_model, tiny_config
+from safetensors.torch import load_file
 from toy_training import ToyLatents, last_state, toy_config, toy_data
 
+from data.pairs import load_pairs
 from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
 from diffusion.samplers.lcm import sample_lcm
@@ -15,6 +20,7 @@ from engine.loop import train
 from engine.randomness import SampleRandomness
 from models.checkpoint import load_checkpoint, save_checkpoint
 from tasks.dmd import DMDTask
+from tools.make_ode_pairs import main as make_pairs_main
 
 SCHEDULE = NoiseSchedule.linear()
 dmd_main = load_script("train/train_dmd.py").main
@@ -223,3 +229,126 @@ def test_resuming_an_lcd_run_with_the_dmd_trainer_is_refused(teacher_file, tmp_p
     code = dmd_main(["--resume", str(lcd)])
     assert code == 2 and "trains ['fake_score', 'generator']" in caplog.text and "train_lcm.py" in caplog.text
     assert sorted((tmp_path / "lcd").iterdir()) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DMD's regression term on the teacher's noise-image pairs (tools/make_ode_pairs.py, dmd.pairs)
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """A feature cache of six toy captions in the format tools/extract_features.py writes."""
+    from data.features import sample_file, write_index, write_sample
+
+    cache = tmp_path_factory.mktemp("toy-cache")
+    gen = torch.Generator().manual_seed(7)
+    entries = []
+    for i in range(6):
+        key = f"toy-{i}"
+        mask = torch.zeros(8, dtype=torch.int8)
+        mask[: 3 + i % 4] = 1
+        write_sample(cache / sample_file(key), {"latent": torch.randn(4, 8, 8, generator=gen),
+                                                "y": torch.randn(8, 32, generator=gen), "mask": mask},
+                     {"key": key, "caption": f"caption {i}"})
+        entries.append({"key": key, "bucket": "1.0", "height": 8, "width": 8, "caption": f"caption {i}",
+                        "file": sample_file(key)})
+    write_index(cache, entries)
+    return cache
+
+
+def make_pairs(tmp_path, teacher, cache, *overrides, num=5):
+    """tools/make_ode_pairs.py with the toy model's config: the teacher's one-step DDIM (t = 999), unguided."""
+    out = tmp_path / "pairs.safetensors"
+    sets = [f"data.cache_dir={cache}", f"sample.checkpoint={teacher}", "sample.sampler=ddim", "sample.steps=1",
+            "sample.guidance=1", "sample.sampler_options={spacing: trailing}", *overrides]
+    config = toy_config(tmp_path / "unused-runs")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(asdict(config)))
+    code = make_pairs_main([str(out), "--config", str(path), "--num", str(num), "--batch-size", "2", "--no-progress",
+                 *[a for s in sets for a in ("--set", s)]])
+    return code, out
+
+
+def test_the_teacher_has_zero_regression_loss_on_its_own_one_step_pairs(teacher_file, toy_cache, tmp_path):
+    """Pairs from the teacher's one-step DDIM (trailing: t = 999, unguided) are exactly its x0 estimate from the
+    stored noise under the stored caption; the generator's first step is that same estimate when the generator is
+    the teacher, so its regression loss is 0, and another network's is not. This ties the tool's noise, captions and
+    images to what the regression term feeds the generator."""
+    code, out = make_pairs(tmp_path, teacher_file, toy_cache)
+    assert code == 0
+    pairs = load_pairs(out)
+    assert len(pairs["image"]) == 5 and len(set(pairs["index"].tolist())) == 5
+    teacher, _, _ = load_checkpoint(teacher_file)
+    other, _ = toy_net(6)
+    objective = DistributionMatching(SCHEDULE, generator_steps=2)
+    cond = {"y": pairs["y"], "mask": pairs["mask"].long()}
+    with torch.no_grad():
+        own = objective.regression_loss(teacher, pairs["noise"], pairs["image"], cond)
+        foreign = objective.regression_loss(other, pairs["noise"], pairs["image"], cond)
+    assert own.max() < 1e-8 and foreign.min() > 1e-4  # float round-off against a real difference
+
+
+def test_an_interrupted_pairs_run_resumes_to_the_same_file(teacher_file, toy_cache, tmp_path, monkeypatch):
+    """Ctrl-C in the second batch exits 130 and keeps the first batch in OUT.parts/; the same command then goes on
+    from there (the first batch is not sampled again) to the file an uninterrupted run writes."""
+    import pipeline.generate
+
+    code, whole = make_pairs(tmp_path / "a", teacher_file, toy_cache)
+    assert code == 0
+    real, calls = pipeline.generate.denoise_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.generate, "denoise_batch", interrupted)
+    code, out = make_pairs(tmp_path / "b", teacher_file, toy_cache)
+    parts = out.with_name(out.name + ".parts")
+    assert code == 130 and not out.exists() and len(list(parts.iterdir())) == 1
+    code, resumed = make_pairs(tmp_path / "b", teacher_file, toy_cache)
+    assert code == 0 and len(calls) == 4 and not parts.exists()  # batches 2 and 3 only: the first was kept
+    a, b = load_file(whole), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_dmd_with_the_regression_term_trains_and_resumes_exactly(teacher_file, toy_cache, tmp_path):
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5"]
+    straight = train(dmd_config(tmp_path / "a", teacher_file, *extra), DMDTask, toy_data)
+    first = train(dmd_config(tmp_path / "b", teacher_file, "train.steps=3", *extra), DMDTask, toy_data)
+    resumed = train(dmd_config(tmp_path / "b", teacher_file, *extra), DMDTask, toy_data, resume=str(first))
+    a, b = last_state(straight, "generator"), last_state(resumed, "generator")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    plain = last_state(train(dmd_config(tmp_path / "c", teacher_file), DMDTask, toy_data), "generator")
+    assert any(not torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the term changes training
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dmd.regression_weight=0.25", "needs the teacher's noise-image pairs"),
+    ("dmd.pairs=x.safetensors", "dmd.regression_weight is 0"),
+    ("dmd.distribution_weight=0", "nothing trains the generator"),
+    ("dmd.distribution_weight=-1", "dmd.distribution_weight must be a finite number"),
+])
+def test_bad_regression_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
+    code, runs = run_cli(tmp_path, "--set", override)
+    assert code == 2 and runs == [] and message in caplog.text
+
+
+def test_pairs_of_another_teacher_are_refused(teacher_file, toy_cache, tmp_path, caplog):
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    net, cfg = toy_net(8)
+    other = tmp_path / "other-teacher.safetensors"
+    save_checkpoint(net.state_dict(), cfg, other, "safetensors")
+    code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={other}", "--set", f"dmd.pairs={pairs}",
+                         "--set", "dmd.regression_weight=0.25")
+    assert code == 2 and runs == [] and "was sampled from" in caplog.text
+
+
+def test_a_file_that_is_not_pairs_is_refused(teacher_file, tmp_path, caplog):
+    code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.pairs={teacher_file}",
+                         "--set", "dmd.regression_weight=0.25")
+    assert code == 2 and runs == [] and "is not a noise-image pairs file" in caplog.text
