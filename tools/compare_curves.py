@@ -2,9 +2,10 @@
 
     python tools/compare_curves.py docs/lcd_target_decay \\
         "mu 0.95=work/shapes/runs/00001-fewstep-lcd1600" "mu 0.995=work/shapes/runs/00008-lcd-mu995" \\
-        --split validation --steps 4 --measures kind fd
+        --split validation --steps 4 --weights model --measures kind fd
 
-Each run must have been evaluated by tools/training_curve.py (RUN/curve/curve.json); nothing is evaluated here.
+Each run must have been evaluated by tools/training_curve.py with the same --weights and --set overrides (its
+RUN/curve/curve.json, or RUN/curve-KEY=VALUE/curve.json for extra overrides); nothing is evaluated here.
 Writes OUT_kind.png, OUT_fd.png, ... (FD is plotted as is, accuracies in %) and OUT.md (a row per run and step).
 """
 
@@ -16,18 +17,21 @@ from pathlib import Path
 MEASURES = ("kind", "color", "size", "position", "count", "mean", "all", "multi_count", "fd")
 
 
-def load_curve(run: Path, split: str, steps: int | None) -> list[dict]:
-    """The rows of RUN/curve/curve.json for one split and sampler step count, ordered by training step."""
-    path = run / "curve" / "curve.json"
+def load_curve(run: Path, split: str, steps: int | None, weights: str, overrides: list[str]) -> list[dict]:
+    """The rows of a run's curve record (the folder of `overrides`) for one split, sampler step count and weights
+    (ema | model), ordered by training step."""
+    from tools.training_curve import curve_folder
+
+    path = curve_folder(run, overrides) / "curve.json"
+    command = (f"python tools/training_curve.py {run} --config CONFIG --split {split} --weights {weights}"
+               + (f" --steps {steps}" if steps else "") + "".join(f" --set {o}" for o in overrides))
     if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist: run `python tools/training_curve.py {run} --config ... "
-                         f"--split {split}` first")
+        raise SystemExit(f"error: {path} does not exist: evaluate the run first: {command}")
     rows = [r for key, r in json.loads(path.read_text()).items()
-            if key.startswith(split + "/") and r["sampler_steps"] == steps]
+            if key.startswith(split + "/") and r["sampler_steps"] == steps and r.get("weights") == weights]
     if not rows:
-        more = f" --steps {steps}" if steps else ""
-        raise SystemExit(f"error: {path} has no {split} rows at {steps or 'the config'} sampler steps: evaluate "
-                         f"them with tools/training_curve.py {run} --split {split}{more}")
+        raise SystemExit(f"error: {path} has no {split} rows of the {weights} weights at {steps or 'the config'} "
+                         f"sampler steps (records older than the weights field count as none): {command}")
     return sorted(rows, key=lambda r: r["step"])
 
 
@@ -45,17 +49,20 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=["validation", "test"], default="validation")
     parser.add_argument("--steps", type=int, help="sampler steps of the rows (default: the config's)")
     parser.add_argument("--measures", nargs="+", choices=MEASURES, default=["kind", "fd"])
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="as given to training_curve.py")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="the extra evaluation overrides given to training_curve.py (they name its folder)")
     args = parser.parse_args(argv)
     from evaluation.plot import line_plot
 
-    curves = {label: load_curve(run, args.split, args.steps) for label, run in args.runs}
+    curves = {label: load_curve(run, args.split, args.steps, args.weights, args.overrides) for label, run in args.runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for measure in args.measures:
         series = {label: [(r["step"], r[measure]) for r in rows if r.get(measure) is not None]
                   for label, rows in curves.items()}
         unit = "Frechet distance (evaluator features)" if measure == "fd" else f"{measure} (%)"
         line_plot(series, f"{args.out}_{measure}.png", f"{measure}, {args.split} split, "
-                  f"{args.steps or 'config'} sampler steps", "training step", unit)
+                  f"{args.steps or 'config'} sampler steps, {args.weights} weights", "training step", unit)
     lines = [f"| run | step | {' | '.join(args.measures)} |", "|---|---|" + "---|" * len(args.measures)]
     for label, rows in curves.items():
         for r in rows:

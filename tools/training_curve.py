@@ -56,6 +56,13 @@ def export(ckpt: Path, out: Path, weights: str) -> Path:
     return out
 
 
+def curve_folder(run: Path, overrides: list[str]) -> Path:
+    """Where the curve of an evaluation config lives: RUN/curve, or RUN/curve-KEY=VALUE_... for extra --set
+    overrides (the record skips what it has already measured, so one folder must never mix two configs)."""
+    tag = re.sub(r"[^A-Za-z0-9._=+-]+", "_", "_".join(overrides))[:120]
+    return run / (f"curve-{tag}" if tag else "curve")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a run folder with checkpoints/step_*.pt")
@@ -72,10 +79,7 @@ def main(argv=None) -> int:
     from tools.evaluate import main as evaluate
 
     exported = args.run / "curve"  # the checkpoints as weight files, shared by every evaluation of the run
-    # results of another evaluation config (--set sample.guidance=5, ...) go to their own folder: the record
-    # skips what it has already measured, so one folder must never mix two configs
-    tag = re.sub(r"[^A-Za-z0-9._=+-]+", "_", "_".join(args.overrides))[:120]
-    folder = args.run / (f"curve-{tag}" if tag else "curve")
+    folder = curve_folder(args.run, args.overrides)
     exported.mkdir(exist_ok=True)
     folder.mkdir(exist_ok=True)
     record_path = folder / "curve.json"
