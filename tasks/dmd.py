@@ -44,18 +44,18 @@ def check_config(cfg: Config) -> None:
                         f"{dc.teacher} has none (a plain diffusers folder): use a checkpoint that holds y_embedding "
                         f"(an official .pth, this project's safetensors, or a folder converted by "
                         f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
-    if dc.pairs:
-        meta = read_pairs_metadata(dc.pairs)
-        if meta.get("teacher_sha256") != content_hash(dc.teacher):
-            raise UserError(f"dmd.pairs={dc.pairs} was sampled from {meta.get('teacher')!r}, not from dmd.teacher="
-                            f"{dc.teacher} (their contents differ): make the pairs with this teacher (python "
-                            f"tools/make_ode_pairs.py OUT --config CONFIG --set sample.checkpoint={dc.teacher})")
     if dc.generator_init:
         init = peek(dc.generator_init).config
         if init is not None and info.config is not None and init != info.config:
             raise UserError(f"dmd.generator_init={dc.generator_init} is not of the teacher's architecture "
                             f"({init} against {info.config}): the generator and the fake score share one model "
                             f"config; start the generator from a checkpoint of the teacher's shape")
+    if dc.pairs:  # last: the pairs are made from the teacher, so its errors come first
+        meta = read_pairs_metadata(dc.pairs)
+        if meta.get("teacher_sha256") != content_hash(dc.teacher):
+            raise UserError(f"dmd.pairs={dc.pairs} was sampled from {meta.get('teacher')!r}, not from dmd.teacher="
+                            f"{dc.teacher} (their contents differ): make the pairs with this teacher (python "
+                            f"tools/make_ode_pairs.py OUT --config CONFIG --set sample.checkpoint={dc.teacher})")
 
 
 @contextlib.contextmanager

@@ -328,13 +328,13 @@ def test_dmd_with_the_regression_term_trains_and_resumes_exactly(teacher_file, t
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dmd.regression_weight=0.25", "needs the teacher's noise-image pairs"),
-    ("dmd.pairs=x.safetensors", "dmd.regression_weight is 0"),
-    ("dmd.distribution_weight=0", "nothing trains the generator"),
+    ("dmd.pairs=null", "needs the teacher's noise-image pairs"),
+    ("dmd.regression_weight=0", "dmd.regression_weight is 0"),
+    ("dmd.distribution_weight=0 dmd.regression_weight=0 dmd.pairs=null", "nothing trains the generator"),
     ("dmd.distribution_weight=-1", "dmd.distribution_weight must be a finite number"),
 ])
 def test_bad_regression_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
-    code, runs = run_cli(tmp_path, "--set", override)
+    code, runs = run_cli(tmp_path, *[a for o in override.split() for a in ("--set", o)])
     assert code == 2 and runs == [] and message in caplog.text
 
 
@@ -344,11 +344,11 @@ def test_pairs_of_another_teacher_are_refused(teacher_file, toy_cache, tmp_path,
     other = tmp_path / "other-teacher.safetensors"
     save_checkpoint(net.state_dict(), cfg, other, "safetensors")
     code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={other}", "--set", f"dmd.pairs={pairs}",
-                         "--set", "dmd.regression_weight=0.25")
+                         "--set", "dmd.regression_weight=0.25", "--set", "dmd.generator_init=null")
     assert code == 2 and runs == [] and "was sampled from" in caplog.text
 
 
 def test_a_file_that_is_not_pairs_is_refused(teacher_file, tmp_path, caplog):
     code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.pairs={teacher_file}",
-                         "--set", "dmd.regression_weight=0.25")
+                         "--set", "dmd.regression_weight=0.25", "--set", "dmd.generator_init=null")
     assert code == 2 and runs == [] and "is not a noise-image pairs file" in caplog.text

@@ -140,8 +140,10 @@ def test_teacher_recipe_runs_stage_two_from_the_fp16_base_of_stage_one(tmp_path,
     assert len(trains) == 1 and "shapes_teacher_refine" in trains[0]
 
 
-def test_dmd_recipe_trains_dmd_shapes_on_the_shipped_teacher_then_evaluates_it_in_one_step(tmp_path, caplog):
-    """`shapes_recipe.py dmd`: the DMD2 trainer with the preset on the shipped teacher, then the evaluation of the
+def test_dmd_recipe_makes_pairs_then_trains_dmd_shapes_from_the_student_then_evaluates_it_in_one_step(tmp_path,
+                                                                                                     caplog):
+    """`shapes_recipe.py dmd`: the teacher's noise-image pairs, the DMD trainer with the preset on the shipped teacher
+    (the generator from the shipped LCD student, the regression term on those pairs), then the evaluation of the
     shipped generator (dmd_student.safetensors) with the preset's sampling (LCM, one step)."""
     from train.shapes_recipe import main as recipe_main
 
@@ -149,7 +151,11 @@ def test_dmd_recipe_trains_dmd_shapes_on_the_shipped_teacher_then_evaluates_it_i
     with caplog.at_level(logging.INFO, logger="shapes_recipe"):
         assert recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)]) == 0
     commands = [r.getMessage()[2:] for r in caplog.records if r.getMessage().startswith("$ ")]
-    assert len(commands) == 2 and "train/train_dmd.py --config dmd_shapes" in commands[0]
-    assert f"dmd.teacher={ship / 'teacher.safetensors'}" in commands[0]
-    assert "tools/evaluate.py model --config dmd_shapes" in commands[1]
-    assert f"sample.checkpoint={ship / 'dmd_student.safetensors'}" in commands[1]
+    assert len(commands) == 3 and "tools/make_ode_pairs.py" in commands[0]
+    assert f"sample.checkpoint={ship / 'teacher.safetensors'}" in commands[0]
+    pairs = commands[0].split()[2]
+    assert "train/train_dmd.py --config dmd_shapes" in commands[1]
+    assert f"dmd.teacher={ship / 'teacher.safetensors'}" in commands[1] and f"dmd.pairs={pairs}" in commands[1]
+    assert f"dmd.generator_init={ship / 'student.safetensors'}" in commands[1]
+    assert "tools/evaluate.py model --config dmd_shapes" in commands[2]
+    assert f"sample.checkpoint={ship / 'dmd_student.safetensors'}" in commands[2]

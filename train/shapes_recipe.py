@@ -21,10 +21,12 @@ skipped when its output exists, so an interrupted recipe continues where it stop
   evaluate  tools/evaluate.py model on the held-out captions, with the shipped files; scores go into the manifest
 
 `student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
-evaluates it with LCM in 4 steps. `controlnet` extracts the edge-map cache, trains the branch of
-configs/controlnet_shapes.yaml on the shipped teacher (captions partly rewritten to contradict the edge map), ships it
-(controlnet.safetensors, fp16) and evaluates it steering the teacher and the student on agreeing, conflicting and
-colour-only captions. The design ablation behind its choices is tools/controlnet_ablation.py.
+evaluates it with LCM in 4 steps. `dmd` (after `student`) makes the teacher's noise-image pairs
+(tools/make_ode_pairs.py), trains train/train_dmd.py --config dmd_shapes from the shipped student on them, ships
+dmd_student.safetensors (fp16) and evaluates it in one step. `controlnet` extracts the edge-map cache, trains the
+branch of configs/controlnet_shapes.yaml on the shipped teacher (captions partly rewritten to contradict the edge
+map), ships it (controlnet.safetensors, fp16) and evaluates it steering the teacher and the student on agreeing,
+conflicting and colour-only captions. The design ablation behind its choices is tools/controlnet_ablation.py.
 """
 
 import argparse
@@ -188,10 +190,11 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
 
 
 def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, config: str, teacher_key: str,
-           weights: str, name: str, what: str) -> None:
-    """Distil the shipped teacher on its feature cache with `script --config config` (needs `teacher` first), ship
-    the run's `weights` file as NAME.safetensors (fp16), evaluate it and record it in the manifest."""
-    stages = Stages(dry_run)
+           weights: str, name: str, what: str, extra: tuple[str, ...] = (), stages: Stages | None = None) -> None:
+    """Distil the shipped teacher on its feature cache with `script --config config` (needs `teacher` first; `extra`:
+    more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16), evaluate it and record it
+    in the manifest."""
+    stages = stages or Stages(dry_run)
     shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
     if not dry_run and not shipped:
         raise SystemExit(f"error: {who} distils the shipped teacher on its feature cache: run "
@@ -199,7 +202,7 @@ def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, con
                          f"and {recipe.cache})")
     target = recipe.ship / f"{name}.safetensors"
     paths = [f"{teacher_key}={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
-             f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}"]
+             f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}", *extra]
     run_dir = train_stage(stages, recipe, script, config, paths + recipe.overrides)
     stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target))
     shipped_files = [f"sample.checkpoint={target}", f"text_encoder.path={recipe.ship / 't5'}"]
@@ -218,12 +221,28 @@ def student(recipe: Recipe, dry_run: bool) -> None:
            "teacher; LCM 4 steps, no guidance")
 
 
+DMD_WHAT = ("one-step student (fp16 EMA of the generator): the LCD student trained on the teacher's noise-image "
+            "pairs (DMD's regression term); one step (LCM sampler, t = 999), no guidance")
+
+
 def dmd(recipe: Recipe, dry_run: bool) -> None:
-    """The one-step student by distribution matching (DMD2) of the shipped teacher (configs/dmd_shapes.yaml): the
-    generator's EMA, evaluated in one step (LCM's t = 999, no guidance)."""
-    distil(recipe, dry_run, "dmd", "the DMD student", "train/train_dmd.py", "dmd_shapes", "dmd.teacher",
-           "ema.safetensors", "dmd_student", "PixArt-alpha-DMD student (fp16 EMA of the generator): distribution "
-           "matching distillation (DMD2) of the teacher; one step (LCM sampler, t = 999), no guidance")
+    """The one-step student (configs/dmd_shapes.yaml): the shipped LCD student (needs `student` first) trained
+    further on DMD's regression term, the teacher's own noise-image pairs (made here, DPM-Solver 20 with CFG 3 from
+    6,000 training captions), with the DMD term as the preset weighs it; the generator's EMA is shipped and
+    evaluated in one step (LCM's t = 999, no guidance)."""
+    stages = Stages(dry_run)
+    student_file = recipe.ship / "student.safetensors"
+    if not dry_run and not student_file.is_file():
+        raise SystemExit(f"error: the one-step student starts from the shipped LCD student: run `python "
+                         f"train/shapes_recipe.py student` first (needs {student_file})")
+    pairs = recipe.work / "pairs.safetensors"
+    stages("pairs", pairs.is_file(), python(
+        "tools/make_ode_pairs.py", pairs, "--config", recipe.config, "--num", 6000, "--batch-size", 250,
+        "--no-progress", *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}",
+                                f"data.cache_dir={recipe.cache}"])))
+    distil(recipe, dry_run, "dmd", "the one-step student", "train/train_dmd.py", "dmd_shapes", "dmd.teacher",
+           "ema.safetensors", "dmd_student", DMD_WHAT, stages=stages,
+           extra=(f"dmd.pairs={pairs}", f"dmd.generator_init={student_file}"))
 
 
 CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
