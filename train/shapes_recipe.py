@@ -221,8 +221,9 @@ def student(recipe: Recipe, dry_run: bool) -> None:
            "teacher; LCM 4 steps, no guidance")
 
 
-DMD_WHAT = ("one-step student (fp16 EMA of the generator): the LCD student trained on the teacher's noise-image "
-            "pairs (DMD's regression term); one step (LCM sampler, t = 999), no guidance")
+DMD_WHAT = ("one-step student (fp16 EMA of the generator): the LCD student trained on DMD's regression term (the "
+            "teacher's noise-image pairs) and distribution matching at a quarter weight; one step (LCM sampler, "
+            "t = 999), no guidance")
 
 
 def dmd(recipe: Recipe, dry_run: bool) -> None:
