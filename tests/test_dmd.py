@@ -2,15 +2,13 @@
 multi-step generation against the LCM sampler, the two time-scale update rule in the shared loop, exact resume,
 and every refusal before anything loads."""
 
-from dataclasses import asdict
-
 import pytest
 import torch
-import yaml
 from conftest import load_script, random_inputs, random_model, tiny_config
 from safetensors.torch import load_file
 from toy_training import ToyLatents, last_state, toy_config, toy_data
 
+from configs.loader import save_config
 from data.pairs import load_pairs
 from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
@@ -261,12 +259,9 @@ def make_pairs(tmp_path, teacher, cache, *overrides, num=5):
     out = tmp_path / "pairs.safetensors"
     sets = [f"data.cache_dir={cache}", f"sample.checkpoint={teacher}", "sample.sampler=ddim", "sample.steps=1",
             "sample.guidance=1", "sample.sampler_options={spacing: trailing}", *overrides]
-    config = toy_config(tmp_path / "unused-runs")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(asdict(config)))
-    code = make_pairs_main([str(out), "--config", str(path), "--num", str(num), "--batch-size", "2", "--no-progress",
-                 *[a for s in sets for a in ("--set", s)]])
+    path = save_config(toy_config(tmp_path / "unused-runs"), tmp_path / "toy.yaml")
+    code = make_pairs_main([str(out), "--config", str(path), "--num", str(num), "--batch-size", "2",
+                            "--no-progress", *[a for s in sets for a in ("--set", s)]])
     return code, out
 
 
