@@ -347,3 +347,14 @@ def test_a_file_that_is_not_pairs_is_refused(teacher_file, tmp_path, caplog):
     code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.pairs={teacher_file}",
                          "--set", "dmd.regression_weight=0.25", "--set", "dmd.generator_init=null")
     assert code == 2 and runs == [] and "is not a noise-image pairs file" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, num, message", [
+    (["sample.sampler=lcm"], 5, "draws fresh noise at every step"),
+    ([], 7, "--num 7 is more than the 6 captions"),
+])
+def test_bad_pairs_requests_exit_2_and_write_nothing(teacher_file, toy_cache, tmp_path, caplog, overrides, num,
+                                                     message):
+    code, out = make_pairs(tmp_path, teacher_file, toy_cache, *overrides, num=num)
+    assert code == 2 and message in caplog.text
+    assert not out.exists() and not out.with_name(out.name + ".parts").exists()
