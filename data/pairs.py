@@ -27,6 +27,13 @@ def read_pairs_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def read_pairs_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of a pairs file, read from its header (nothing loads)."""
+    read_pairs_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def load_pairs(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a pairs file (noise, image, y, mask, index), checked for consistent lengths."""
     read_pairs_metadata(path)

@@ -19,7 +19,7 @@ from torch import nn
 from common.errors import UserError
 from configs import Config
 from data.features import batch_conditions
-from data.pairs import load_pairs, read_pairs_metadata
+from data.pairs import load_pairs, read_pairs_metadata, read_pairs_shapes
 from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
 from engine.loop import Task, Trainable
@@ -56,6 +56,12 @@ def check_config(cfg: Config) -> None:
             raise UserError(f"dmd.pairs={dc.pairs} was sampled from {meta.get('teacher')!r}, not from dmd.teacher="
                             f"{dc.teacher} (their contents differ): make the pairs with this teacher (python "
                             f"tools/make_ode_pairs.py OUT --config CONFIG --set sample.checkpoint={dc.teacher})")
+        shapes = read_pairs_shapes(dc.pairs)  # any latent size and caption length; the channels must be the model's
+        got = {"image channels": shapes.get("image", (0, 0))[1], "caption channels": shapes.get("y", (0, 0, 0))[-1]}
+        want = {"image channels": cfg.model.in_channels, "caption channels": cfg.model.caption_channels}
+        if got != want:
+            raise UserError(f"dmd.pairs={dc.pairs} holds {got}, the model takes {want}: make the pairs with the "
+                            f"teacher's config")
 
 
 @contextlib.contextmanager
@@ -102,13 +108,7 @@ class DMDTask(Task):
         self.vae = None  # loaded at the first sample grid
         self.pairs = None
         if dc.regression_weight > 0:
-            self.pairs = load_pairs(dc.pairs)
-            want = {"image": (self.generator.in_channels, cfg.model.latent_size, cfg.model.latent_size),
-                    "y": (cfg.model.caption_tokens, cfg.model.caption_channels)}
-            got = {k: tuple(self.pairs[k].shape[1:]) for k in want}
-            if got != want:
-                raise UserError(f"dmd.pairs={dc.pairs} holds images and captions of shape {got}, the model takes "
-                                f"{want}: make the pairs with the teacher's config")
+            self.pairs = load_pairs(dc.pairs)  # check_config has checked their channels against the model
             log.info("regression term on %d noise-image pairs of %s", len(self.pairs["image"]), dc.pairs)
 
     def networks(self) -> dict[str, Trainable]:

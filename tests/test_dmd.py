@@ -343,6 +343,24 @@ def test_pairs_of_another_teacher_are_refused(teacher_file, toy_cache, tmp_path,
     assert code == 2 and runs == [] and "was sampled from" in caplog.text
 
 
+def test_pairs_of_other_channels_are_refused_before_anything_loads(teacher_file, toy_cache, tmp_path, caplog):
+    """Pairs whose captions are wider than the model's (e.g. made under another text encoder's config) stop the run
+    at the config check: exit 2, no run folder."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    with safe_open(str(pairs), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(pairs)
+    tensors["y"] = torch.cat([tensors["y"], tensors["y"]], dim=-1)  # 32 -> 64 caption channels
+    wide = tmp_path / "wide.safetensors"
+    save_file(tensors, str(wide), metadata=meta)
+    code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.pairs={wide}",
+                         "--set", "dmd.regression_weight=0.25", "--set", "dmd.generator_init=null")
+    assert code == 2 and runs == [] and "'caption channels': 64" in caplog.text
+
+
 def test_a_file_that_is_not_pairs_is_refused(teacher_file, tmp_path, caplog):
     code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.pairs={teacher_file}",
                          "--set", "dmd.regression_weight=0.25", "--set", "dmd.generator_init=null")
