@@ -15,7 +15,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
     if not points:
         raise ValueError("nothing to plot")
     w, h = size
-    left, right, top, bottom = 60, 170, 30, 45
+    left, right, top, bottom = 60, 170, 46, 45  # title, then the y label, on rows of their own
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(0.0, min(p[1] for p in points)), max(p[1] for p in points)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
@@ -26,7 +26,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
 
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), title, fill="black")
+    draw.text((left, 6), title, fill="black")
     draw.line([to_px(x0, y0), to_px(x1, y0)], fill="black")
     draw.line([to_px(x0, y0), to_px(x0, y1)], fill="black")
     for i in range(5):
