@@ -127,8 +127,11 @@ class DMDConfig:
     gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
     gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
     distribution_weight: float = 1.0  # weight of the distribution-matching term (0: the regression term alone)
-    regression_weight: float = 0.0   # > 0: DMD's regression loss: the generator's first step from a pair's noise
+    regression_weight: float = 0.0   # > 0: DMD's regression loss: the generator's image from a pair's noise
                                      # against the teacher's image from that noise (dmd.pairs), mean squared
+    regression_steps: str = "all"    # which generator steps the regression trains (generator_steps > 1): all (each
+                                     # pair's step drawn as the DMD term's, earlier steps run and re-noised without
+                                     # gradient) | first (only the first step's output, from the pair's noise)
     pairs: str | None = None         # noise-image pairs of the teacher (tools/make_ode_pairs.py)
 
     def check(self, num_train_steps: int) -> None:
@@ -152,6 +155,9 @@ class DMDConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
+        if self.regression_steps not in ("all", "first"):
+            raise UserError(f"dmd.regression_steps must be 'all' (every generator step, backward simulation) or "
+                            f"'first' (the first step only), got {self.regression_steps!r}")
         if self.fake_lr is not None and not (math.isfinite(self.fake_lr) and self.fake_lr > 0):
             raise UserError(f"dmd.fake_lr must be > 0 (or null: train.lr), got {self.fake_lr}")
         if self.regression_weight > 0 and not self.pairs:

@@ -127,12 +127,18 @@ class DistributionMatching:
         loss = 0.5 * (x - (x - grad).detach()).square().mean(dim=dims)  # d loss / dx = grad / (C H W)
         return loss, {"dmd_grad_norm": grad.square().mean(dim=dims).sqrt()}
 
-    def regression_loss(self, generator: Network, noise: Tensor, target: Tensor, cond: dict) -> Tensor:
-        """Per-sample regression loss (DMD's): mean squared distance of the generator's first step from `noise`
-        (its output at timesteps[0], the whole sample for a one-step generator) to the teacher's image `target`
-        from the same noise."""
-        t = torch.full((len(noise),), int(self.timesteps[0]), device=noise.device)
-        out = self.x0(generator, noise.float(), t, cond)
+    def regression_loss(self, generator: Network, noise: Tensor, target: Tensor, cond: dict,
+                        fresh: list[Tensor] | None = None, stop: Tensor | None = None) -> Tensor:
+        """Per-sample regression loss (DMD's): mean squared distance of the generator's image from `noise` to the
+        teacher's image `target` from the same noise. Without `stop` it is the first step's output (the whole sample
+        of a one-step generator); with `stop` and `fresh` each sample's image is the output of its step `stop`, the
+        steps before it run and re-noised without gradient as in generate() (the teacher's image is then the target
+        of the whole chain: the re-noising keeps the first step's content, which the pair fixes)."""
+        if stop is None:
+            t = torch.full((len(noise),), int(self.timesteps[0]), device=noise.device)
+            out = self.x0(generator, noise.float(), t, cond)
+        else:
+            out, _ = self.generate(generator, noise, cond, fresh or [], stop)
         return (out - target.float()).square().mean(dim=tuple(range(1, out.ndim)))
 
     def fake_score_loss(self, fake: Network, x: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:

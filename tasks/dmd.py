@@ -173,7 +173,8 @@ class DMDTask(Task):
         return loss.mean(), out
 
     def _regression(self, batch: dict, rng: SampleRandomness) -> torch.Tensor:
-        """The regression term (N,) on a random pair per sample (drawn after every other draw of the step)."""
+        """The regression term (N,) on a random pair per sample (drawn after every other draw of the step); for a
+        multi-step generator with dmd.regression_steps=all, each pair's step and re-noising drawn after the pair."""
         device = batch["latent"].device
         pick = rng.randint(len(self.pairs["image"]), device).cpu()
         pairs = {k: v[pick].to(device) for k, v in self.pairs.items()}
@@ -182,8 +183,14 @@ class DMDTask(Task):
         pair_batch = {"y": pairs["y"], "mask": pairs["mask"].long(),
                       "resolution": torch.tensor([[h * down, w * down]], device=device).expand(len(pick), 2),
                       "aspect_ratio": torch.tensor([[h / w]], device=device).expand(len(pick), 1)}
-        return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"],
-                                              batch_conditions(self.generator, pair_batch))
+        cond = batch_conditions(self.generator, pair_batch)
+        k = len(self.objective.timesteps)
+        if k == 1 or self.cfg.dmd.regression_steps == "first":
+            return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond)
+        shape = pairs["noise"].shape[1:]
+        fresh = [rng.randn(shape, device) for _ in range(k - 1)]
+        stop = rng.randint(k, device)  # each pair's trained step, as the DMD term's samples
+        return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond, fresh, stop)
 
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions drawn by the generator with the sample config (its LCM steps, no CFG)."""

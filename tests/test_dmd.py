@@ -284,6 +284,28 @@ def test_the_teacher_has_zero_regression_loss_on_its_own_one_step_pairs(teacher_
     assert own.max() < 1e-8 and foreign.min() > 1e-4  # float round-off against a real difference
 
 
+def test_regression_of_a_later_step_is_against_the_lcm_samplers_image_from_the_pair_noise():
+    """With a step drawn per pair, the regressed image of a pair stopped at the last step is what LCM's multistep
+    sampler draws from the pair's noise (same re-noising), and one stopped at step 0 is the first step's output, the
+    one-step term."""
+    net, cfg = toy_net(4)
+    noise, cond = conditions(cfg, n=2)
+    target = torch.randn(noise.shape, generator=torch.Generator().manual_seed(3))
+    for steps in (2, 4):
+        objective = DistributionMatching(SCHEDULE, generator_steps=steps)
+        gen = torch.Generator().manual_seed(11)
+        fresh = [torch.randn(noise.shape, generator=gen) for _ in range(steps - 1)]
+        with torch.no_grad():
+            last = objective.regression_loss(net, noise, target, cond, fresh, torch.full((2,), steps - 1))
+            first = objective.regression_loss(net, noise, target, cond, fresh, torch.zeros(2, dtype=torch.long))
+            eps = lambda x, t: net(x, t, **cond)[:, :4]  # noqa: E731
+            lcm = sample_lcm(eps, noise, SCHEDULE, steps, generator=torch.Generator().manual_seed(11))
+            one_step = sample_lcm(eps, noise, SCHEDULE, 1)
+        torch.testing.assert_close(last, (lcm - target).square().mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(first, (one_step - target).square().mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(first, objective.regression_loss(net, noise, target, cond))
+
+
 def test_an_interrupted_pairs_run_resumes_to_the_same_file(teacher_file, toy_cache, tmp_path, monkeypatch):
     """Ctrl-C in the second batch exits 130 and keeps the first batch in OUT.parts/; the same command then goes on
     from there (the first batch is not sampled again) to the file an uninterrupted run writes."""
@@ -322,11 +344,29 @@ def test_dmd_with_the_regression_term_trains_and_resumes_exactly(teacher_file, t
     assert any(not torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the term changes training
 
 
+def test_a_two_step_generator_regresses_every_step_or_the_first_and_resumes_exactly(teacher_file, toy_cache,
+                                                                                    tmp_path):
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5", "dmd.generator_steps=2"]
+    runs = {}
+    for mode in ("all", "first"):
+        sets = [*extra, f"dmd.regression_steps={mode}"]
+        straight = train(dmd_config(tmp_path / mode / "a", teacher_file, *sets), DMDTask, toy_data)
+        first = train(dmd_config(tmp_path / mode / "b", teacher_file, "train.steps=3", *sets), DMDTask, toy_data)
+        resumed = train(dmd_config(tmp_path / mode / "b", teacher_file, *sets), DMDTask, toy_data, resume=str(first))
+        a, b = last_state(straight, "generator"), last_state(resumed, "generator")
+        for key in a["model"]:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+        runs[mode] = a["model"]
+    assert any(not torch.equal(runs["all"][k], runs["first"][k]) for k in runs["all"])  # the later step is trained
+
+
 @pytest.mark.parametrize("override, message", [
     ("dmd.pairs=null", "needs the teacher's noise-image pairs"),
     ("dmd.regression_weight=0", "dmd.regression_weight is 0"),
     ("dmd.distribution_weight=0 dmd.regression_weight=0 dmd.pairs=null", "nothing trains the generator"),
     ("dmd.distribution_weight=-1", "dmd.distribution_weight must be a finite number"),
+    ("dmd.regression_steps=last", "dmd.regression_steps must be 'all'"),
 ])
 def test_bad_regression_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
     code, runs = run_cli(tmp_path, *[a for o in override.split() for a in ("--set", o)])
