@@ -27,13 +27,23 @@ class ResumeError(UserError):
 
 
 def new_run_dir(root: str | os.PathLike, name: str) -> Path:
-    """root/NNNNN-name with the next free number."""
+    """root/NNNNN-name with the next free number. Runs started at the same moment (two evaluations side by side) may
+    count the same folders: whichever creates the folder first keeps the number, the other takes the next one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    number = _next_run_number(root)
+    while True:
+        run = root / f"{number:05d}-{name}"
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            number = max(number + 1, _next_run_number(root))
+
+
+def _next_run_number(root: Path) -> int:
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
-    run = root / f"{max(numbers, default=-1) + 1:05d}-{name}"
-    run.mkdir()
-    return run
+    return max(numbers, default=-1) + 1
 
 
 def _portable_rng(state: dict) -> dict:

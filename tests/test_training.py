@@ -14,7 +14,7 @@ from toy_training import ToyLatents, last_state, toy_config, toy_data
 
 from engine.loop import TrainingError, train
 from engine.randomness import SampleRandomness
-from engine.state import ResumeError, latest_checkpoint
+from engine.state import ResumeError, latest_checkpoint, new_run_dir
 from models.checkpoint import load_checkpoint
 from tasks.alpha import PixArtAlphaTask
 
@@ -212,3 +212,14 @@ def test_ema_warms_up_then_follows_the_configured_decay():
     before = ema.shadow["weight"].clone()
     ema.update(model)
     torch.testing.assert_close(ema.shadow["weight"], before + 0.001 * (model.weight - before))
+
+
+def test_a_run_folder_taken_between_counting_and_creating_gets_the_next_number(tmp_path, monkeypatch):
+    """Two evaluations started together count the same folders; the one that creates NNNNN-name second must take the
+    next number instead of failing on the folder the first one made."""
+    import engine.state
+
+    assert new_run_dir(tmp_path, "eval").name == "00000-eval"
+    monkeypatch.setattr(engine.state, "_next_run_number", lambda root: 0)  # a count made before 00000-eval existed
+    assert new_run_dir(tmp_path, "eval").name == "00001-eval"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-eval", "00001-eval"]
