@@ -135,10 +135,8 @@ class DistributionMatching:
         steps before it run and re-noised without gradient as in generate() (the teacher's image is then the target
         of the whole chain: the re-noising keeps the first step's content, which the pair fixes)."""
         if stop is None:
-            t = torch.full((len(noise),), int(self.timesteps[0]), device=noise.device)
-            out = self.x0(generator, noise.float(), t, cond)
-        else:
-            out, _ = self.generate(generator, noise, cond, fresh or [], stop)
+            stop = torch.zeros(len(noise), dtype=torch.long, device=noise.device)
+        out, _ = self.generate(generator, noise, cond, fresh or [], stop)
         return (out - target.float()).square().mean(dim=tuple(range(1, out.ndim)))
 
     def fake_score_loss(self, fake: Network, x: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
