@@ -45,6 +45,12 @@ def check_config(cfg: Config) -> None:
                         f"(an official .pth, this project's safetensors, or a folder converted by "
                         f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
     if dc.generator_init:
+        if not Path(dc.generator_init).exists():
+            raise UserError(f"dmd.generator_init={dc.generator_init} does not exist: the generator starts from a "
+                            f"checkpoint of the teacher's architecture (a run's ema.safetensors, or the file the "
+                            f"preset names: configs/dmd_shapes_2step.yaml starts from the one-step generator that "
+                            f"`python train/shapes_recipe.py dmd` keeps); point it at one, or set "
+                            f"dmd.generator_init=null to start from the teacher")
         init = peek(dc.generator_init).config
         if init is not None and info.config is not None and init != info.config:
             raise UserError(f"dmd.generator_init={dc.generator_init} is not of the teacher's architecture "

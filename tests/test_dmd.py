@@ -367,6 +367,8 @@ def test_a_two_step_generator_regresses_every_step_or_the_first_and_resumes_exac
     ("dmd.distribution_weight=0 dmd.regression_weight=0 dmd.pairs=null", "nothing trains the generator"),
     ("dmd.distribution_weight=-1", "dmd.distribution_weight must be a finite number"),
     ("dmd.regression_steps=last", "dmd.regression_steps must be 'all'"),
+    ("dmd.generator_init=no/such/generator.safetensors", "dmd.generator_init=no/such/generator.safetensors does not "
+                                                         "exist"),
 ])
 def test_bad_regression_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
     code, runs = run_cli(tmp_path, *[a for o in override.split() for a in ("--set", o)])

@@ -140,22 +140,40 @@ def test_teacher_recipe_runs_stage_two_from_the_fp16_base_of_stage_one(tmp_path,
     assert len(trains) == 1 and "shapes_teacher_refine" in trains[0]
 
 
-def test_dmd_recipe_makes_pairs_then_trains_dmd_shapes_from_the_student_then_evaluates_it_in_one_step(tmp_path,
-                                                                                                     caplog):
-    """`shapes_recipe.py dmd`: the teacher's noise-image pairs, the DMD trainer with the preset on the shipped teacher
-    (the generator from the shipped LCD student, the regression term on those pairs), then the evaluation of the
-    shipped generator (dmd_student.safetensors) with the preset's sampling (LCM, one step)."""
+def test_dmd_recipe_trains_one_step_then_two_steps_from_the_student_then_evaluates_both(tmp_path, caplog):
+    """`shapes_recipe.py dmd`: the teacher's noise-image pairs; the DMD trainer with the one-step preset on the shipped
+    teacher (the generator from the shipped LCD student, the regression term on those pairs); the two-step preset
+    from that run's generator kept in fp16; then the shipped generator (dmd_student.safetensors) evaluated with both
+    presets' sampling (LCM, two steps and one)."""
     from train.shapes_recipe import main as recipe_main
 
     work, ship = tmp_path / "work", tmp_path / "ship"
     with caplog.at_level(logging.INFO, logger="shapes_recipe"):
         assert recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)]) == 0
     commands = [r.getMessage()[2:] for r in caplog.records if r.getMessage().startswith("$ ")]
-    assert len(commands) == 3 and "tools/make_ode_pairs.py" in commands[0]
+    assert len(commands) == 5 and "tools/make_ode_pairs.py" in commands[0]
     assert f"sample.checkpoint={ship / 'teacher.safetensors'}" in commands[0]
     pairs = commands[0].split()[2]
-    assert "train/train_dmd.py --config dmd_shapes" in commands[1]
-    assert f"dmd.teacher={ship / 'teacher.safetensors'}" in commands[1] and f"dmd.pairs={pairs}" in commands[1]
+    for command in commands[1:3]:
+        assert f"dmd.teacher={ship / 'teacher.safetensors'}" in command and f"dmd.pairs={pairs}" in command
+    assert "train/train_dmd.py --config dmd_shapes " in commands[1]
     assert f"dmd.generator_init={ship / 'student.safetensors'}" in commands[1]
-    assert "tools/evaluate.py model --config dmd_shapes" in commands[2]
-    assert f"sample.checkpoint={ship / 'dmd_student.safetensors'}" in commands[2]
+    assert "train/train_dmd.py --config dmd_shapes_2step " in commands[2]
+    assert f"dmd.generator_init={work / 'dmd-1step.safetensors'}" in commands[2]
+    assert "tools/evaluate.py model --config dmd_shapes_2step " in commands[3]
+    assert "tools/evaluate.py model --config dmd_shapes " in commands[4]
+    for command in commands[3:]:
+        assert f"sample.checkpoint={ship / 'dmd_student.safetensors'}" in command
+
+
+def test_dmd_recipe_skips_the_one_step_stage_when_its_generator_is_kept(tmp_path, caplog):
+    from train.shapes_recipe import main as recipe_main
+
+    work, ship = tmp_path / "work", tmp_path / "ship"
+    work.mkdir()
+    (work / "pairs.safetensors").write_bytes(b"")
+    (work / "dmd-1step.safetensors").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="shapes_recipe"):
+        assert recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)]) == 0
+    trains = [r.getMessage() for r in caplog.records if "train/train_dmd.py" in r.getMessage()]
+    assert len(trains) == 1 and "--config dmd_shapes_2step " in trains[0]

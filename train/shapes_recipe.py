@@ -22,8 +22,10 @@ skipped when its output exists, so an interrupted recipe continues where it stop
 
 `student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
 evaluates it with LCM in 4 steps. `dmd` (after `student`) makes the teacher's noise-image pairs
-(tools/make_ode_pairs.py), trains train/train_dmd.py --config dmd_shapes from the shipped student on them, ships
-dmd_student.safetensors (fp16) and evaluates it in one step. `controlnet` extracts the edge-map cache, trains the
+(tools/make_ode_pairs.py), trains train/train_dmd.py --config dmd_shapes from the shipped student on them (a
+one-step generator, kept in fp16 as work/dmd-1step.safetensors), trains that on as a two-step generator
+(--config dmd_shapes_2step), ships it as dmd_student.safetensors (fp16) and evaluates it in two steps and in one.
+`controlnet` extracts the edge-map cache, trains the
 branch of configs/controlnet_shapes.yaml on the shipped teacher (captions partly rewritten to contradict the edge
 map), ships it (controlnet.safetensors, fp16) and evaluates it steering the teacher and the student on agreeing,
 conflicting and colour-only captions. The design ablation behind its choices is tools/controlnet_ablation.py.
@@ -190,10 +192,11 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
 
 
 def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, config: str, teacher_key: str,
-           weights: str, name: str, what: str, extra: tuple[str, ...] = (), stages: Stages | None = None) -> None:
+           weights: str, name: str, what: str, extra: tuple[str, ...] = (), stages: Stages | None = None,
+           also_evaluate: dict[str, str] | None = None) -> None:
     """Distil the shipped teacher on its feature cache with `script --config config` (needs `teacher` first; `extra`:
-    more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16), evaluate it and record it
-    in the manifest."""
+    more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16), evaluate it with `config`
+    (and with each config of `also_evaluate`, recorded under its key) and record it in the manifest."""
     stages = stages or Stages(dry_run)
     shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
     if not dry_run and not shipped:
@@ -201,17 +204,24 @@ def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, con
                          f"`python train/shapes_recipe.py teacher` first (needs {recipe.ship / 'teacher.safetensors'} "
                          f"and {recipe.cache})")
     target = recipe.ship / f"{name}.safetensors"
-    paths = [f"{teacher_key}={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
-             f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}", *extra]
-    run_dir = train_stage(stages, recipe, script, config, paths + recipe.overrides)
+    run_dir = train_stage(stages, recipe, script, config, distil_paths(recipe, teacher_key, extra) + recipe.overrides)
     stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target))
     shipped_files = [f"sample.checkpoint={target}", f"text_encoder.path={recipe.ship / 't5'}"]
     out = evaluate_stage(stages, recipe, config, shipped_files, name)
+    others = {key: evaluate_stage(stages, recipe, other, shipped_files, f"{name}-{other}")
+              for key, other in (also_evaluate or {}).items()}
     if not dry_run:
         command = f"python train/shapes_recipe.py {stage}" + "".join(f" --set {o}" for o in recipe.overrides)
         update_manifest(recipe, name, [target.name], command, config, out,
-                        {"what": what, "stage_seconds": stages.seconds})
+                        {"what": what, **{key: read_evaluation(o) for key, o in others.items()},
+                         "stage_seconds": stages.seconds})
     log.info("stage seconds: %s", stages.seconds)
+
+
+def distil_paths(recipe: Recipe, teacher_key: str, extra: tuple[str, ...]) -> list[str]:
+    """--set arguments of a distillation: the shipped teacher and T5, the recipe's cache and runs, then `extra`."""
+    return [f"{teacher_key}={recipe.ship / 'teacher.safetensors'}", f"text_encoder.path={recipe.ship / 't5'}",
+            f"data.cache_dir={recipe.cache}", f"train.runs_dir={recipe.runs}", *extra]
 
 
 def student(recipe: Recipe, dry_run: bool) -> None:
@@ -221,29 +231,37 @@ def student(recipe: Recipe, dry_run: bool) -> None:
            "teacher; LCM 4 steps, no guidance")
 
 
-DMD_WHAT = ("one-step student (fp16 EMA of the generator): the LCD student trained on DMD's regression term (the "
-            "teacher's noise-image pairs) and distribution matching at a quarter weight; one step (LCM sampler, "
-            "t = 999), no guidance")
+DMD_WHAT = ("two-step student (fp16 EMA of the generator): the LCD student trained on DMD's regression term (the "
+            "teacher's noise-image pairs) and distribution matching at a quarter weight as a one-step generator, then "
+            "on both as a two-step generator (every step regressed); LCM sampler, 2 steps (999, 499) or 1 (999), "
+            "no guidance")
 
 
 def dmd(recipe: Recipe, dry_run: bool) -> None:
-    """The one-step student (configs/dmd_shapes.yaml): the shipped LCD student (needs `student` first) trained
-    further on DMD's regression term, the teacher's own noise-image pairs (made here, DPM-Solver 20 with CFG 3 from
-    6,000 training captions), with the DMD term as the preset weighs it; the generator's EMA is shipped and
-    evaluated in one step (LCM's t = 999, no guidance)."""
+    """The few-step DMD student (configs/dmd_shapes.yaml, then configs/dmd_shapes_2step.yaml): the shipped LCD
+    student (needs `student` first) trained further on DMD's regression term, the teacher's own noise-image pairs
+    (made here, DPM-Solver 20 with CFG 3 from 6,000 training captions), with the DMD term as the preset weighs it,
+    as a one-step generator; its EMA in fp16 (work/dmd-1step.safetensors) is trained on as a two-step generator,
+    whose EMA is shipped and evaluated in two steps (LCM's 999 and 499) and in one (999), no guidance."""
     stages = Stages(dry_run)
     student_file = recipe.ship / "student.safetensors"
     if not dry_run and not student_file.is_file():
-        raise SystemExit(f"error: the one-step student starts from the shipped LCD student: run `python "
+        raise SystemExit(f"error: the DMD student starts from the shipped LCD student: run `python "
                          f"train/shapes_recipe.py student` first (needs {student_file})")
     pairs = recipe.work / "pairs.safetensors"
     stages("pairs", pairs.is_file(), python(
         "tools/make_ode_pairs.py", pairs, "--config", recipe.config, "--num", 6000, "--batch-size", 250,
         "--no-progress", *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}",
                                 f"data.cache_dir={recipe.cache}"])))
-    distil(recipe, dry_run, "dmd", "the one-step student", "train/train_dmd.py", "dmd_shapes", "dmd.teacher",
+    one_step = recipe.work / "dmd-1step.safetensors"
+    paths = distil_paths(recipe, "dmd.teacher", (f"dmd.pairs={pairs}", f"dmd.generator_init={student_file}"))
+    run_dir = train_stage(stages, recipe, "train/train_dmd.py", "dmd_shapes", paths + recipe.overrides,
+                          skip=one_step.is_file())
+    stages("keep the one-step generator", one_step.is_file(), fn=lambda: ship(run_dir / "ema.safetensors", one_step))
+    distil(recipe, dry_run, "dmd", "the DMD student", "train/train_dmd.py", "dmd_shapes_2step", "dmd.teacher",
            "ema.safetensors", "dmd_student", DMD_WHAT, stages=stages,
-           extra=(f"dmd.pairs={pairs}", f"dmd.generator_init={student_file}"))
+           extra=(f"dmd.pairs={pairs}", f"dmd.generator_init={one_step}"),
+           also_evaluate={"evaluation_one_step": "dmd_shapes"})
 
 
 CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
@@ -323,6 +341,13 @@ def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | N
         write_manifest(target.parent, read_manifest(manifest).get("models", {}))
 
 
+def read_evaluation(eval_dir: Path) -> dict:
+    """The manifest's record of the newest evaluation in `eval_dir` (tools/evaluate.py's results.json)."""
+    results = json.loads(sorted(eval_dir.iterdir())[-1].joinpath("results.json").read_text())
+    return {k: results[k] for k in ("sampler", "steps", "guidance", "groups", "frechet_distance", "real_images",
+                                    "seconds_per_image") if k in results}
+
+
 def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, config: str | None,
                     eval_dir: Path | None, extra: dict) -> None:
     """Add or replace one model's entry of the shipped manifest (and rehash every listed file)."""
@@ -334,9 +359,7 @@ def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, c
     if config is not None:
         entry["config"] = f"configs/{config}.yaml"
     if eval_dir is not None:
-        results = json.loads(sorted(eval_dir.iterdir())[-1].joinpath("results.json").read_text())
-        entry["evaluation"] = {k: results[k] for k in ("sampler", "steps", "guidance", "groups", "frechet_distance",
-                                                       "real_images", "seconds_per_image") if k in results}
+        entry["evaluation"] = read_evaluation(eval_dir)
     models[name] = entry
     log.info("manifest %s", write_manifest(recipe.ship, models))
 
