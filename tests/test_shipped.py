@@ -177,3 +177,20 @@ def test_dmd_recipe_skips_the_one_step_stage_when_its_generator_is_kept(tmp_path
         assert recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)]) == 0
     trains = [r.getMessage() for r in caplog.records if "train/train_dmd.py" in r.getMessage()]
     assert len(trains) == 1 and "--config dmd_shapes_2step " in trains[0]
+
+
+def test_recipe_refuses_a_run_folder_of_its_stage_name_trained_with_another_config(tmp_path, caplog):
+    """A finished run named like the stage but trained with other settings (e.g. an ablation left in the runs
+    folder) would be shipped as the stage: the recipe stops and names the folder and the keys that differ."""
+    from configs import Config, load_config, to_yaml
+    from train.shapes_recipe import main as recipe_main
+
+    work, ship = tmp_path / "work", tmp_path / "ship"
+    run = work / "runs" / "00000-dmd-shapes-2step"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest.txt").write_text("step_00001200.pt")
+    other = load_config(Config, "dmd_shapes_2step", ["dmd.regression_steps=first"])
+    (run / "config.yaml").write_text(to_yaml(other))
+    with pytest.raises(SystemExit, match=r"00000-dmd-shapes-2step has this stage's train.name but another config "
+                                         r"\(.*dmd.regression_steps: 'first' there, 'all' now"):
+        recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)])

@@ -7,7 +7,8 @@ shipping into weights/shapes/ with a manifest.
     python train/shapes_recipe.py teacher --set train.device=cuda --set train.batch_size=256   # on a GPU
 
 Each stage is an ordinary command of this project, printed before it runs and recorded in the manifest, and is
-skipped when its output exists, so an interrupted recipe continues where it stopped (training resumes exactly):
+skipped when its output exists, so an interrupted recipe continues where it stopped (training resumes exactly;
+a run folder of a stage's train.name trained with another config stops the recipe rather than being shipped):
 
   data      tools/make_synthetic_data.py: 30,000 scenes of 32x32 (60% one shape), shapes apart and clear of cell borders
   t5        tools/random_weights.py t5: a frozen random 2-layer T5 of width 64 whose tokenizer has one piece per
@@ -136,12 +137,38 @@ def train_stage(stages: Stages, recipe: Recipe, script: str, config: str, overri
 
     cfg = load_config(Config, config, overrides)
     run_dir, done = finished_run(recipe.runs, cfg.train.name, cfg.train.steps)
+    if run_dir is not None and not skip:
+        check_same_config(run_dir, cfg)
     done = done or skip
     cmd = (python(script, "--resume", run_dir, *sets([f"train.steps={cfg.train.steps}"])) if run_dir is not None
            else python(script, "--config", config, *sets(overrides)))
     stages(f"train {config}", done, cmd)
     run_dir, _ = finished_run(recipe.runs, cfg.train.name, cfg.train.steps)
     return run_dir if run_dir is not None else recipe.runs / f"NNNNN-{cfg.train.name}"
+
+
+def check_same_config(run_dir: Path, cfg) -> None:
+    """A run folder of the stage's train.name is resumed or shipped only when it was trained with the config the
+    recipe would train now (train.steps aside, which a resume may raise); otherwise the recipe stops and says so."""
+    from configs import Config, load_config, to_dict
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return  # a run stopped before it wrote its config: resuming it fails with the loop's own message
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    saved, wanted = flat(to_dict(load_config(Config, saved_file))), flat(to_dict(cfg))
+    differ = sorted(k for k in saved.keys() | wanted.keys() if k != "train.steps" and saved.get(k) != wanted.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differ[:4])
+        raise SystemExit(f"error: {run_dir} has this stage's train.name but another config ({shown}"
+                         f"{f'; {len(differ) - 4} more' if len(differ) > 4 else ''}): the recipe would resume or ship "
+                         f"it as this stage; move that folder out of {run_dir.parent}, then run the recipe again")
 
 
 def evaluate_stage(stages: Stages, recipe: Recipe, config: str, overrides: list[str], name: str) -> Path:
