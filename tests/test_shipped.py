@@ -192,5 +192,5 @@ def test_recipe_refuses_a_run_folder_of_its_stage_name_trained_with_another_conf
     other = load_config(Config, "dmd_shapes_2step", ["dmd.regression_steps=first"])
     (run / "config.yaml").write_text(to_yaml(other))
     with pytest.raises(SystemExit, match=r"00000-dmd-shapes-2step has this stage's train.name but another config "
-                                         r"\(.*dmd.regression_steps: 'first' there, 'all' now"):
+                                         r"\(.*dmd.regression_steps: 'first' -> 'all'"):
         recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)])

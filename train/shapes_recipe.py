@@ -151,24 +151,18 @@ def check_same_config(run_dir: Path, cfg) -> None:
     """A run folder of the stage's train.name is resumed or shipped only when it was trained with the config the
     recipe would train now (train.steps aside, which a resume may raise); otherwise the recipe stops and says so."""
     from configs import Config, load_config, to_dict
+    from engine.state import config_differences
 
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return  # a run stopped before it wrote its config: resuming it fails with the loop's own message
-
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    saved, wanted = flat(to_dict(load_config(Config, saved_file))), flat(to_dict(cfg))
-    differ = sorted(k for k in saved.keys() | wanted.keys() if k != "train.steps" and saved.get(k) != wanted.get(k))
+    differ = [d for d in config_differences(to_dict(load_config(Config, saved_file)), to_dict(cfg))
+              if not d.startswith("train.steps:")]
     if differ:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differ[:4])
-        raise SystemExit(f"error: {run_dir} has this stage's train.name but another config ({shown}"
-                         f"{f'; {len(differ) - 4} more' if len(differ) > 4 else ''}): the recipe would resume or ship "
-                         f"it as this stage; move that folder out of {run_dir.parent}, then run the recipe again")
+        more = f"; {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise SystemExit(f"error: {run_dir} has this stage's train.name but another config (in the folder -> now: "
+                         f"{'; '.join(differ[:4])}{more}): the recipe would resume or ship it as this stage; move "
+                         f"that folder out of {run_dir.parent}, then run the recipe again")
 
 
 def evaluate_stage(stages: Stages, recipe: Recipe, config: str, overrides: list[str], name: str) -> Path:
