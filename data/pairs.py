@@ -1,6 +1,8 @@
 """Noise-image pairs of a teacher's sampler (tools/make_ode_pairs.py writes them; the regression term of a DMD run,
 dmd.pairs, reads them): one safetensors file with noise, image (N, C, h, w) f32, y (N, L, D) f32, mask (N, L) int8
-and index (N,) int64, and metadata naming the teacher (path, sha256) and the sampler settings."""
+and index (N,) int64, and metadata naming the teacher (path, sha256) and the sampler settings. A file made with
+--start-timesteps also holds timestep (N,) int64, where each row's `noise` is (T - 1: pure noise; lower: the
+teacher's image re-noised to that timestep)."""
 
 from pathlib import Path
 
@@ -35,10 +37,20 @@ def read_pairs_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_pairs(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pairs file (noise, image, y, mask, index), checked for consistent lengths."""
+    """The tensors of a pairs file (noise, image, y, mask, index; timestep when it has re-noised rows), checked for
+    consistent lengths."""
     read_pairs_metadata(path)
     tensors = load_file(str(path))
     n = {k: len(v) for k, v in tensors.items()}
-    if set(n) != {"noise", "image", "y", "mask", "index"} or len(set(n.values())) != 1:
+    if set(n) - {"timestep"} != {"noise", "image", "y", "mask", "index"} or len(set(n.values())) != 1:
         raise UserError(f"the pairs file {str(path)!r} is damaged (tensors and lengths {n}); make it again")
     return tensors
+
+
+def read_pairs_timesteps(path: str | Path) -> list[int] | None:
+    """The distinct start timesteps of a pairs file's rows (ascending), or None for a file of rows from noise only."""
+    read_pairs_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        if "timestep" not in f.keys():
+            return None
+        return sorted(set(f.get_tensor("timestep").tolist()))

@@ -131,7 +131,8 @@ class DMDConfig:
                                      # against the teacher's image from that noise (dmd.pairs), mean squared
     regression_steps: str = "all"    # which generator steps the regression trains (generator_steps > 1): all (each
                                      # pair's step drawn as the DMD term's, earlier steps run and re-noised without
-                                     # gradient) | first (only the first step's output, from the pair's noise)
+                                     # gradient) | first (only the first step's output, from the pair's noise) | own
+                                     # (each row the step at its own timestep: pairs made with --start-timesteps)
     pairs: str | None = None         # noise-image pairs of the teacher (tools/make_ode_pairs.py)
 
     def check(self, num_train_steps: int) -> None:
@@ -155,9 +156,10 @@ class DMDConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
-        if self.regression_steps not in ("all", "first"):
-            raise UserError(f"dmd.regression_steps must be 'all' (every generator step, backward simulation) or "
-                            f"'first' (the first step only), got {self.regression_steps!r}")
+        if self.regression_steps not in ("all", "first", "own"):
+            raise UserError(f"dmd.regression_steps must be 'all' (every generator step, backward simulation), "
+                            f"'first' (the first step only) or 'own' (each pair the step at its own timestep), got "
+                            f"{self.regression_steps!r}")
         if self.fake_lr is not None and not (math.isfinite(self.fake_lr) and self.fake_lr > 0):
             raise UserError(f"dmd.fake_lr must be > 0 (or null: train.lr), got {self.fake_lr}")
         if self.regression_weight > 0 and not self.pairs:

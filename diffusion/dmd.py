@@ -139,6 +139,13 @@ class DistributionMatching:
         out, _ = self.generate(generator, noise, cond, fresh or [], stop)
         return (out - target.float()).square().mean(dim=tuple(range(1, out.ndim)))
 
+    def regression_loss_at(self, generator: Network, x_t: Tensor, t: Tensor, target: Tensor, cond: dict) -> Tensor:
+        """Per-sample regression loss of one generator step: its image from x_t at timesteps t (N,), each one of the
+        generator's, against the teacher's image from that same x_t (pairs of tools/make_ode_pairs.py
+        --start-timesteps, where a later step's target is a function of what that step sees)."""
+        out = self.x0(generator, x_t.float(), t, cond)
+        return (out - target.float()).square().mean(dim=tuple(range(1, out.ndim)))
+
     def fake_score_loss(self, fake: Network, x: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
         """Per-sample denoising loss of the fake score on generated images x (no gradient to the generator)."""
         x = x.detach().float()

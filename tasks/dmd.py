@@ -19,9 +19,10 @@ from torch import nn
 from common.errors import UserError
 from configs import Config
 from data.features import batch_conditions
-from data.pairs import load_pairs, read_pairs_metadata, read_pairs_shapes
+from data.pairs import load_pairs, read_pairs_metadata, read_pairs_shapes, read_pairs_timesteps
 from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
+from diffusion.samplers.lcm import lcm_timesteps
 from engine.loop import Task, Trainable
 from engine.precision import store_frozen
 from engine.randomness import SampleRandomness
@@ -68,6 +69,27 @@ def check_config(cfg: Config) -> None:
         if got != want:
             raise UserError(f"dmd.pairs={dc.pairs} holds {got}, the model takes {want}: make the pairs with the "
                             f"teacher's config")
+        check_pair_timesteps(dc, read_pairs_timesteps(dc.pairs), cfg.diffusion.num_steps)
+
+
+def check_pair_timesteps(dc, timesteps: list[int] | None, num_train: int) -> None:
+    """dmd.regression_steps=own needs pairs whose rows start at the generator's timesteps; the other modes run every
+    row from pure noise, so they refuse re-noised rows (which would be read as noise)."""
+    steps = lcm_timesteps(dc.generator_steps, 50, num_train).tolist()
+    make = (f"python tools/make_ode_pairs.py OUT --config TEACHER_CONFIG --extend {dc.pairs} --start-timesteps "
+            f"{','.join(map(str, steps[1:])) or 'T'}")
+    if dc.regression_steps == "own":
+        if timesteps is None or timesteps == [num_train - 1]:
+            raise UserError(f"dmd.regression_steps=own trains each generator step on pairs that start at its "
+                            f"timestep, but dmd.pairs={dc.pairs} holds rows from pure noise only: make them with "
+                            f"{make}")
+        if not set(timesteps) <= set(steps):
+            raise UserError(f"dmd.pairs={dc.pairs} starts rows at timesteps {timesteps}, the {dc.generator_steps}-"
+                            f"step generator's are {steps}: make the pairs with {make}")
+    elif timesteps is not None and timesteps != [num_train - 1]:
+        raise UserError(f"dmd.pairs={dc.pairs} holds rows re-noised to timesteps {timesteps}, which "
+                        f"dmd.regression_steps={dc.regression_steps} would read as pure noise: set "
+                        f"dmd.regression_steps=own")
 
 
 @contextlib.contextmanager
@@ -180,7 +202,8 @@ class DMDTask(Task):
 
     def _regression(self, batch: dict, rng: SampleRandomness) -> torch.Tensor:
         """The regression term (N,) on a random pair per sample (drawn after every other draw of the step); for a
-        multi-step generator with dmd.regression_steps=all, each pair's step and re-noising drawn after the pair."""
+        multi-step generator with dmd.regression_steps=all, each pair's step and re-noising drawn after the pair; with
+        own, each row's step is the one at the row's timestep, fed the row's stored (re-noised) latent."""
         device = batch["latent"].device
         pick = rng.randint(len(self.pairs["image"]), device).cpu()
         pairs = {k: v[pick].to(device) for k, v in self.pairs.items()}
@@ -191,6 +214,9 @@ class DMDTask(Task):
                       "aspect_ratio": torch.tensor([[h / w]], device=device).expand(len(pick), 1)}
         cond = batch_conditions(self.generator, pair_batch)
         k = len(self.objective.timesteps)
+        if self.cfg.dmd.regression_steps == "own":  # each row the step at its own timestep, from its stored input
+            return self.objective.regression_loss_at(self.generator, pairs["noise"], pairs["timestep"],
+                                                     pairs["image"], cond)
         if k == 1 or self.cfg.dmd.regression_steps == "first":
             return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond)
         shape = pairs["noise"].shape[1:]

@@ -2,12 +2,15 @@
 multi-step generation against the LCM sampler, the two time-scale update rule in the shared loop, exact resume,
 and every refusal before anything loads."""
 
+import re
+
 import pytest
 import torch
 from conftest import load_script, random_inputs, random_model, tiny_config
 from safetensors.torch import load_file
 from toy_training import ToyLatents, last_state, toy_config, toy_data
 
+from common.errors import UserError
 from configs.loader import save_config
 from data.pairs import load_pairs
 from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
@@ -254,14 +257,14 @@ def toy_cache(tmp_path_factory):
     return cache
 
 
-def make_pairs(tmp_path, teacher, cache, *overrides, num=5):
+def make_pairs(tmp_path, teacher, cache, *overrides, num=5, args=(), name="pairs"):
     """tools/make_ode_pairs.py with the toy model's config: the teacher's one-step DDIM (t = 999), unguided."""
-    out = tmp_path / "pairs.safetensors"
+    out = tmp_path / f"{name}.safetensors"
     sets = [f"data.cache_dir={cache}", f"sample.checkpoint={teacher}", "sample.sampler=ddim", "sample.steps=1",
             "sample.guidance=1", "sample.sampler_options={spacing: trailing}", *overrides]
     path = save_config(toy_config(tmp_path / "unused-runs"), tmp_path / "toy.yaml")
     code = make_pairs_main([str(out), "--config", str(path), "--num", str(num), "--batch-size", "2",
-                            "--no-progress", *[a for s in sets for a in ("--set", s)]])
+                            "--no-progress", *args, *[a for s in sets for a in ("--set", s)]])
     return code, out
 
 
@@ -306,6 +309,87 @@ def test_regression_of_a_later_step_is_against_the_lcm_samplers_image_from_the_p
         torch.testing.assert_close(first, objective.regression_loss(net, noise, target, cond))
 
 
+DPM_ONE_STEP = ("sample.sampler=dpm", "sample.sampler_options={}")  # 1 step from any start: the x0 estimate there
+STARTS = ("--start-timesteps", "759,499,259")  # the 4-step generator's later timesteps
+
+
+def test_re_noised_pairs_hold_the_teachers_image_from_what_each_later_step_sees(teacher_file, toy_cache, tmp_path):
+    """--start-timesteps rows: the row's image is the teacher's solve from the row's latent at the row's timestep.
+    With a one-step unguided DPM-Solver that solve is the teacher's x0 estimate there, so the teacher as a 4-step
+    generator has zero loss on every row at its own step (regression_loss_at) and another network does not; the
+    rows from noise are the plain file's, and each re-noised latent is the row-from-noise image noised to its
+    timestep (its implied noise is the one standardised draw, not the image)."""
+    code, plain = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="plain")
+    assert code == 0
+    code, out = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, args=STARTS)
+    assert code == 0
+    pairs, first = load_pairs(out), load_pairs(plain)
+    assert sorted(pairs["timestep"].tolist()) == sorted([999, 759, 499, 259] * 5)
+    from_noise = pairs["timestep"] == 999
+    for key in first:
+        torch.testing.assert_close(pairs[key][from_noise], first[key], rtol=0, atol=0)
+    teacher, _, _ = load_checkpoint(teacher_file)
+    other, _ = toy_net(6)
+    objective = DistributionMatching(SCHEDULE, generator_steps=4)
+    cond = {"y": pairs["y"], "mask": pairs["mask"].long()}
+    with torch.no_grad():
+        own = objective.regression_loss_at(teacher, pairs["noise"], pairs["timestep"], pairs["image"], cond)
+        foreign = objective.regression_loss_at(other, pairs["noise"], pairs["timestep"], pairs["image"], cond)
+    assert own.max() < 1e-8 and foreign.min() > 1e-4
+    image_of = {i: img for i, img in zip(first["index"].tolist(), first["image"])}
+    for row in torch.nonzero(~from_noise).flatten().tolist():
+        t = pairs["timestep"][row:row + 1]
+        alpha, sigma = SCHEDULE.alpha_sigma(t, pairs["noise"][row:row + 1])
+        implied = (pairs["noise"][row] - alpha[0] * image_of[pairs["index"][row].item()]) / sigma[0]
+        assert 0.5 < implied.std() < 1.5 and abs(implied.mean()) < 0.5
+
+
+def test_extending_a_pairs_file_gives_the_file_made_from_scratch(teacher_file, toy_cache, tmp_path, caplog):
+    """--extend keeps an existing file's rows from noise (they are not sampled again) and adds the re-noised ones:
+    the same file as one run with --start-timesteps; a file of another sampler config is refused by name."""
+    code, plain = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="plain")
+    code, whole = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, args=STARTS, name="whole")
+    code, extended = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="extended",
+                                args=(*STARTS, "--extend", str(plain)))
+    assert code == 0
+    a, b = load_file(whole), load_file(extended)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    code, out = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, "sample.guidance=2", name="other",
+                           args=(*STARTS, "--extend", str(plain)))
+    assert code == 2 and "guidance: '1.0' there, '2.0' here" in caplog.text and not out.exists()
+
+
+@pytest.mark.parametrize("args, overrides, message", [
+    (("--start-timesteps", "759,999"), DPM_ONE_STEP, "--start-timesteps must be distinct timesteps in 1..998"),
+    (("--start-timesteps", "759,x"), DPM_ONE_STEP, "must be comma-separated integers"),
+    (STARTS, (), "--start-timesteps needs sample.sampler=dpm"),
+    (("--extend", "pairs.safetensors"), DPM_ONE_STEP, "give --start-timesteps too"),
+])
+def test_bad_start_timesteps_exit_2_and_write_nothing(teacher_file, toy_cache, tmp_path, caplog, args, overrides,
+                                                      message):
+    code, out = make_pairs(tmp_path, teacher_file, toy_cache, *overrides, args=args)
+    assert code == 2 and message in caplog.text
+    assert not out.exists() and not out.with_name(out.name + ".parts").exists()
+
+
+@pytest.mark.parametrize("mode, steps, timesteps, message", [
+    ("own", 4, None, "holds rows from pure noise only"),
+    ("own", 2, [259, 499, 759, 999], "the 2-step generator's are [999, 499]"),
+    ("all", 4, [259, 999], "set dmd.regression_steps=own"),
+])
+def test_pairs_that_do_not_fit_the_regression_mode_are_refused(mode, steps, timesteps, message):
+    from diffusion.config import DMDConfig
+    from tasks.dmd import check_pair_timesteps
+
+    dc = DMDConfig(teacher="t.safetensors", generator_steps=steps, regression_steps=mode, regression_weight=1.0,
+                   pairs="p.safetensors")
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_pair_timesteps(dc, timesteps, 1000)
+    check_pair_timesteps(dc, [999] if mode != "own" else [499, 999], 1000)  # fitting rows pass
+
+
 def test_an_interrupted_pairs_run_resumes_to_the_same_file(teacher_file, toy_cache, tmp_path, monkeypatch):
     """Ctrl-C in the second batch exits 130 and keeps the first batch in OUT.parts/; the same command then goes on
     from there (the first batch is not sampled again) to the file an uninterrupted run writes."""
@@ -344,13 +428,15 @@ def test_dmd_with_the_regression_term_trains_and_resumes_exactly(teacher_file, t
     assert any(not torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the term changes training
 
 
-def test_a_two_step_generator_regresses_every_step_or_the_first_and_resumes_exactly(teacher_file, toy_cache,
+def test_a_two_step_generator_regresses_every_step_the_first_or_its_own_and_resumes_exactly(teacher_file, toy_cache,
                                                                                     tmp_path):
     code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
     extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5", "dmd.generator_steps=2"]
     runs = {}
-    for mode in ("all", "first"):
-        sets = [*extra, f"dmd.regression_steps={mode}"]
+    code, renoised = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="renoised",
+                                args=("--start-timesteps", "499"))
+    for mode in ("all", "first", "own"):
+        sets = [*extra, f"dmd.regression_steps={mode}", *([f"dmd.pairs={renoised}"] if mode == "own" else [])]
         straight = train(dmd_config(tmp_path / mode / "a", teacher_file, *sets), DMDTask, toy_data)
         first = train(dmd_config(tmp_path / mode / "b", teacher_file, "train.steps=3", *sets), DMDTask, toy_data)
         resumed = train(dmd_config(tmp_path / mode / "b", teacher_file, *sets), DMDTask, toy_data, resume=str(first))
@@ -359,6 +445,7 @@ def test_a_two_step_generator_regresses_every_step_or_the_first_and_resumes_exac
             torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
         runs[mode] = a["model"]
     assert any(not torch.equal(runs["all"][k], runs["first"][k]) for k in runs["all"])  # the later step is trained
+    assert any(not torch.equal(runs["own"][k], runs["all"][k]) for k in runs["all"])
 
 
 @pytest.mark.parametrize("override, message", [

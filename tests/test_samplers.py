@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
+from common.errors import UserError
 from diffusion import (
     SAMPLERS,
     NoiseSchedule,
@@ -172,6 +173,30 @@ def test_dpm_solver_matches_diffusers(steps, order):
     # sides compute in float32, with coefficients rounded differently) is amplified by 1 / alpha_999 = 156.
     alpha_999 = SCHEDULE.alphas_cumprod[999].sqrt().item()
     assert_parity(ours, theirs, 1e-5 if steps > 1 else 1e-5 / alpha_999)
+
+
+@pytest.mark.parametrize("start,steps", [(759, 15), (499, 10), (259, 5), (259, 1), (40, 3)])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_dpm_solver_from_a_noised_image_matches_diffusers_custom_timesteps(start, steps, order):
+    # The rest of the ODE from timestep `start`: diffusers given the same descending timesteps (its `timesteps`
+    # argument) runs the same multistep updates, and the grid itself is linspace(0, start) rounded.
+    x = initial_noise() * SCHEDULE.alpha_sigma(torch.tensor([start]), initial_noise())[1]
+    ours = sample_dpm_solver(fake_denoise, x, SCHEDULE, steps, order=order, start=start)
+    grid = dpm_solver_timesteps(steps, start=start).tolist()
+    assert grid[0] == start and len(set(grid)) == steps and grid == sorted(grid, reverse=True)
+    scheduler = DPMSolverMultistepScheduler(**PIXART_BETAS, solver_order=order)
+    scheduler.set_timesteps(timesteps=grid)
+    for t in scheduler.timesteps:
+        x = scheduler.step(fake_denoise(x, t.expand(x.shape[0])), t, x).prev_sample
+    assert_parity(ours, x, 1e-5 if steps > 1 else 1e-5 / SCHEDULE.alphas_cumprod[start].sqrt().item())
+
+
+def test_dpm_solver_start_must_hold_the_steps():
+    assert torch.equal(dpm_solver_timesteps(20, start=999), dpm_solver_timesteps(20))
+    with pytest.raises(UserError, match="steps must be an integer in 1..9"):
+        dpm_solver_timesteps(10, start=9)
+    with pytest.raises(UserError, match="start timestep must be in 1..999"):
+        dpm_solver_timesteps(4, start=1000)
 
 
 @pytest.mark.parametrize("steps", [4, 14, 20])

@@ -26,11 +26,17 @@ ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 LOWER_ORDER_FINAL_BELOW = 15  # with fewer steps the last two steps drop to order <= 2 and 1 (diffusers)
 
 
-def dpm_solver_timesteps(steps: int, num_train: int = 1000) -> Tensor:
-    """Descending timesteps (steps,): linspace(0, T - 1, steps + 1) rounded, reversed, the final 0 dropped."""
-    # steps = T would round two grid points onto the same timestep (h = 0), so T - 1 is the limit.
-    check_steps("DPM-Solver", steps, num_train - 1, f"distinct timesteps among the {num_train} training ones")
-    grid = np.linspace(0, num_train - 1, steps + 1).round()  # (steps + 1,) ascending, grid[0] = 0
+def dpm_solver_timesteps(steps: int, num_train: int = 1000, start: int | None = None) -> Tensor:
+    """Descending timesteps (steps,): linspace(0, start, steps + 1) rounded, reversed, the final 0 dropped.
+
+    start is the timestep of the first latent: T - 1 (the default) for pure noise; lower for a latent that is a
+    clean image noised to that level (the rest of the probability-flow ODE from there)."""
+    start = num_train - 1 if start is None else int(start)
+    if not 1 <= start <= num_train - 1:
+        raise UserError(f"a DPM-Solver start timestep must be in 1..{num_train - 1}, got {start}")
+    # steps > start would round two grid points onto the same timestep (h = 0), so start is the limit.
+    check_steps("DPM-Solver", steps, start, f"distinct timesteps among the {start + 1} from 0 to {start}")
+    grid = np.linspace(0, start, steps + 1).round()  # (steps + 1,) ascending, grid[0] = 0
     return torch.from_numpy(grid[::-1][:-1].astype(np.int64))  # (steps,) descending
 
 
@@ -101,8 +107,12 @@ def sample_dpm_solver(
     order: int = 2,
     solver_type: str = "midpoint",
     algorithm_type: str = "dpmsolver++",
+    start: int | None = None,
 ) -> Tensor:
     """Run multistep DPM-Solver++ from noise x (N, C, H, W) with `steps` denoiser calls; returns the clean sample.
+
+    start: the timestep x is at (default T - 1, pure noise); a lower one solves from a noised image, e.g. the
+    teacher's image re-noised to a later step of a few-step student (tools/make_ode_pairs.py --start-timesteps).
 
     algorithm_type "dpmsolver++" is deterministic (`generator` unused); "sde-dpmsolver++" draws fresh noise from
     `generator` (one per sample, or a list of them) at every step, the last included, as diffusers does.
@@ -113,7 +123,7 @@ def sample_dpm_solver(
         raise UserError(f"unknown DPM-Solver solver_type {solver_type!r}; valid: {', '.join(SOLVER_TYPES)}")
     if algorithm_type not in ALGORITHMS:
         raise UserError(f"unknown DPM-Solver algorithm_type {algorithm_type!r}; valid: {', '.join(ALGORITHMS)}")
-    timesteps = dpm_solver_timesteps(steps, schedule.num_steps).tolist()
+    timesteps = dpm_solver_timesteps(steps, schedule.num_steps, start).tolist()
     alpha, sigma, lam = _alpha_sigma_lambda(schedule, timesteps)  # (steps + 1,) each
     x0s: list[Tensor] = []  # the last `order` data predictions, oldest first
     for i, t in enumerate(timesteps):
