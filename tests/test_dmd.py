@@ -376,7 +376,7 @@ def test_bad_start_timesteps_exit_2_and_write_nothing(teacher_file, toy_cache, t
 
 @pytest.mark.parametrize("mode, steps, timesteps, message", [
     ("own", 4, None, "holds rows from pure noise only"),
-    ("own", 2, [259, 499, 759, 999], "the 2-step generator's are [999, 499]"),
+    ("own", 2, [259, 759, 999], "none of them a later step of the 2-step generator ([999, 499])"),
     ("all", 4, [259, 999], "set dmd.regression_steps=own"),
 ])
 def test_pairs_that_do_not_fit_the_regression_mode_are_refused(mode, steps, timesteps, message):
@@ -387,7 +387,7 @@ def test_pairs_that_do_not_fit_the_regression_mode_are_refused(mode, steps, time
                    pairs="p.safetensors")
     with pytest.raises(UserError, match=re.escape(message)):
         check_pair_timesteps(dc, timesteps, 1000)
-    check_pair_timesteps(dc, [999] if mode != "own" else [499, 999], 1000)  # fitting rows pass
+    check_pair_timesteps(dc, None if mode != "own" else [259, 499, 759, 999], 1000)  # fitting rows pass
 
 
 def test_an_interrupted_pairs_run_resumes_to_the_same_file(teacher_file, toy_cache, tmp_path, monkeypatch):
@@ -434,7 +434,7 @@ def test_a_two_step_generator_regresses_every_step_the_first_or_its_own_and_resu
     extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5", "dmd.generator_steps=2"]
     runs = {}
     code, renoised = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="renoised",
-                                args=("--start-timesteps", "499"))
+                                args=STARTS)  # the 2-step generator keeps the 999 and 499 rows
     for mode in ("all", "first", "own"):
         sets = [*extra, f"dmd.regression_steps={mode}", *([f"dmd.pairs={renoised}"] if mode == "own" else [])]
         straight = train(dmd_config(tmp_path / mode / "a", teacher_file, *sets), DMDTask, toy_data)
@@ -446,6 +446,9 @@ def test_a_two_step_generator_regresses_every_step_the_first_or_its_own_and_resu
         runs[mode] = a["model"]
     assert any(not torch.equal(runs["all"][k], runs["first"][k]) for k in runs["all"])  # the later step is trained
     assert any(not torch.equal(runs["own"][k], runs["all"][k]) for k in runs["all"])
+    own = DMDTask(dmd_config(tmp_path / "own" / "c", teacher_file, *extra, "dmd.regression_steps=own",
+                             f"dmd.pairs={renoised}"), torch.device("cpu"))
+    assert sorted(set(own.pairs["timestep"].tolist())) == [499, 999] and len(own.pairs["index"]) == 10
 
 
 @pytest.mark.parametrize("override, message", [
