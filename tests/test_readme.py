@@ -87,6 +87,8 @@ def quoted_figures() -> list[tuple[str, str]]:
         "full (611.3M trainable), bf16 (`train.frozen_dtype=bf16`)"]
     lcm4, dpm14 = "PixArt-δ LCM 4 steps, bf16, compiled", "PixArt-α DPM 14 steps, CFG 4.5, bf16, compiled"
     xl1024 = row_where("(`python tools/benchmark.py train --archs XL S", model="XL/2", image="1024px", batch="12")
+    four = table_after("The 1,000-step generator (`configs/dmd_shapes_4step.yaml`")
+    dmd4, lcd4 = four["4-step DMD student, LCM 4"], four["LCD student, LCM 4 (README default)"]
     recipe = sentence_number(r"the recipe takes (\d+) minutes")
     distillation = sentence_number(r"400 steps at batch 32: ([\d.]+) minutes")
     controlnet = sentence_number(r"shapes_recipe.py controlnet` \(about (\d+) minutes")
@@ -117,6 +119,8 @@ def quoted_figures() -> list[tuple[str, str]]:
          f"{pipeline['PixArt-α DPM 14 steps, CFG 4.5, bf16 eager']['ours total (s)']} s", "H200 pipeline"),
         (f"takes {lcd['s/step']} s in {lcd['peak GPU memory (MiB)'].split(' ')[0]} MiB", "H200 LCD step"),
         (f"{xl1024['samples/s']} samples/s in {xl1024['peak memory (MB)']} MB", "H100 training step"),
+        (f"kind {dmd4['single: kind']} and mean {dmd4['mean']} against the\nLCD student's {lcd4['single: kind']} and "
+         f"{lcd4['mean']}, FD {dmd4['FD']} against {lcd4['FD']}", "four-step DMD student, test"),
         (f"# {recipe} minutes: data", "recipe time"),
         (f"({recipe} minutes on 2 cores)", "recipe time"),
         (f"# {distillation} minutes of distillation", "student time"),
