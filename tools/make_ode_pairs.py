@@ -174,11 +174,11 @@ def make_pairs(args) -> Path:
             noise = initial_noise(seeds, (teacher.in_channels, *hw), "cpu", torch.float32)
         rows = {"noise": [noise], "image": [images.float().cpu()],
                 "timestep": [torch.full((len(indices),), schedule.num_steps - 1)]}
+        denoise = guided_denoiser(teacher, schedule, s, cond, prediction=cfg.diffusion.prediction)
         for k, t in enumerate(starts_t):  # the same images re-noised to t, and the teacher's ODE from there
             fresh = initial_noise([seed + (k + 1) * 10_000_019 for seed in seeds], tuple(images.shape[1:]),
                                   s.device, torch.float32)
             x_t = schedule.q_sample(images.float(), torch.full((len(indices),), t, device=s.device), fresh)
-            denoise = guided_denoiser(teacher, schedule, s, cond, prediction=cfg.diffusion.prediction)
             with torch.no_grad():
                 solved = sample_dpm_solver(denoise, x_t, schedule, start_steps(s.steps, t, schedule.num_steps),
                                            start=t, **s.sampler_options)
