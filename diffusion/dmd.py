@@ -56,6 +56,12 @@ class FakeScore(nn.Module):
         return self.head(captured["tokens"].mean(dim=1)).squeeze(-1)  # (N, T, D) -> (N,)
 
 
+def generator_timesteps(steps: int, num_train: int) -> Tensor:
+    """A `steps`-step generator's timesteps (K,), descending: LCM's picks of its 50-step grid, so `--sampler lcm
+    --steps K` samples it (1: 999; 2: 999, 499; 4: 999, 759, 499, 259)."""
+    return lcm_timesteps(steps, 50, num_train)
+
+
 @dataclass
 class DistributionMatching:
     """The DMD2 objectives: generate(), generator_loss() and fake_score_loss(); networks are arguments."""
@@ -68,7 +74,7 @@ class DistributionMatching:
     t_max: float = 0.98
 
     def __post_init__(self):
-        self.timesteps = lcm_timesteps(self.generator_steps, 50, self.schedule.num_steps)  # (K,) descending
+        self.timesteps = generator_timesteps(self.generator_steps, self.schedule.num_steps)  # (K,) descending
 
     def x0(self, net: Network, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         return Denoiser(net, self.schedule, self.prediction, torch.float32).x0(x, t, **cond)

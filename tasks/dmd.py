@@ -20,9 +20,8 @@ from common.errors import UserError
 from configs import Config
 from data.features import batch_conditions
 from data.pairs import load_pairs, read_pairs_metadata, read_pairs_shapes, read_pairs_timesteps
-from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss
+from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss, generator_timesteps
 from diffusion.guidance import null_caption_pair
-from diffusion.samplers.lcm import lcm_timesteps
 from engine.loop import Task, Trainable
 from engine.precision import store_frozen
 from engine.randomness import SampleRandomness
@@ -76,10 +75,14 @@ def check_pair_timesteps(dc, timesteps: list[int] | None, num_train: int) -> Non
     """dmd.regression_steps=own needs pairs with rows that start at the generator's timesteps (rows at others are
     left out, so one file of 759, 499, 259 serves the 4-step and the 2-step generator); the other modes run every
     row from pure noise, so they refuse re-noised rows (which they would read as noise)."""
-    steps = lcm_timesteps(dc.generator_steps, 50, num_train).tolist()
+    steps = generator_timesteps(dc.generator_steps, num_train).tolist()
     make = (f"python tools/make_ode_pairs.py OUT --config TEACHER_CONFIG --extend {dc.pairs} --start-timesteps "
-            f"{','.join(map(str, steps[1:])) or 'T'}")
+            f"{','.join(map(str, steps[1:]))}")
     if dc.regression_steps == "own":
+        if len(steps) == 1:
+            raise UserError("dmd.regression_steps=own trains the later steps of a few-step generator on their own "
+                            "pairs, but dmd.generator_steps is 1: use dmd.regression_steps=first (or all) with pairs "
+                            "from noise")
         if timesteps is None:
             raise UserError(f"dmd.regression_steps=own trains each generator step on pairs that start at its "
                             f"timestep, but dmd.pairs={dc.pairs} holds rows from pure noise only: make them with "

@@ -136,7 +136,6 @@ def make_pairs(args) -> Path:
         meta["start_steps"] = ",".join(str(start_steps(s.steps, t, schedule.num_steps)) for t in starts_t)
     extended = read_extended(args.extend, meta) if args.extend is not None else None
     if extended is not None:
-        args.num = len(extended["index"])
         chosen = extended["index"].tolist()
         if max(chosen) >= len(dataset):
             raise UserError(f"--extend {args.extend} indexes captions past the {len(dataset)} of {cfg.data.cache_dir}")
@@ -144,12 +143,13 @@ def make_pairs(args) -> Path:
         raise UserError(f"--num {args.num} is more than the {len(dataset)} captions of {cfg.data.cache_dir}")
     else:
         chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num].tolist()
+    num = len(chosen)  # --num, or the extended file's rows
     teacher, _, _ = load_checkpoint(s.checkpoint, cfg.model, device=s.device, dtype=torch.float32)
     teacher.eval()
     s = replace(s, uncond="null")
     parts = args.out.with_name(args.out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    batches = range(0, args.num, args.batch_size)
+    batches = range(0, num, args.batch_size)
     for start in tqdm(batches, desc="pairs", unit="batch", disable=args.no_progress):
         part = parts / f"{start:08d}.safetensors"
         if part.exists():

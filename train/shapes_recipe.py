@@ -24,7 +24,7 @@ a run folder of a stage's train.name trained with another config stops the recip
 `student` runs train/train_lcm.py --config lcm_shapes on the teacher's cache, ships student.safetensors (fp16) and
 evaluates it with LCM in 4 steps. `dmd` (after `student`) makes the teacher's noise-image pairs
 (tools/make_ode_pairs.py), trains train/train_dmd.py --config dmd_shapes from the shipped student on them (a
-one-step generator, kept in fp16 as work/dmd-1step.safetensors), trains that on as a two-step generator
+one-step generator, kept in fp16 as work/shapes/dmd-1step.safetensors), trains that on as a two-step generator
 (--config dmd_shapes_2step), ships it as dmd_student.safetensors (fp16) and evaluates it in two steps and in one.
 `controlnet` extracts the edge-map cache, trains the
 branch of configs/controlnet_shapes.yaml on the shipped teacher (captions partly rewritten to contradict the edge
@@ -262,7 +262,7 @@ def dmd(recipe: Recipe, dry_run: bool) -> None:
     """The few-step DMD student (configs/dmd_shapes.yaml, then configs/dmd_shapes_2step.yaml): the shipped LCD
     student (needs `student` first) trained further on DMD's regression term, the teacher's own noise-image pairs
     (made here, DPM-Solver 20 with CFG 3 from 6,000 training captions), with the DMD term as the preset weighs it,
-    as a one-step generator; its EMA in fp16 (work/dmd-1step.safetensors) is trained on as a two-step generator,
+    as a one-step generator; its EMA in fp16 (work/shapes/dmd-1step.safetensors) is trained on as a two-step generator,
     whose EMA is shipped and evaluated in two steps (LCM's 999 and 499) and in one (999), no guidance."""
     stages = Stages(dry_run)
     student_file = recipe.ship / "student.safetensors"
