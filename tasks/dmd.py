@@ -57,6 +57,13 @@ def check_config(cfg: Config) -> None:
                             f"({init} against {info.config}): the generator and the fake score share one model "
                             f"config; start the generator from a checkpoint of the teacher's shape")
     if dc.pairs:  # last: the pairs are made from the teacher, so its errors come first
+        if dc.regression_steps == "own" and not Path(dc.pairs).exists():
+            later = ",".join(map(str, generator_timesteps(dc.generator_steps, cfg.diffusion.num_steps)[1:].tolist()))
+            raise UserError(f"dmd.pairs={dc.pairs} does not exist: dmd.regression_steps=own needs pairs with rows at "
+                            f"the generator's later steps; make the pairs from noise (python tools/make_ode_pairs.py "
+                            f"PAIRS --config TEACHER_CONFIG --num N), then add those rows (python "
+                            f"tools/make_ode_pairs.py {dc.pairs} --config TEACHER_CONFIG --extend PAIRS "
+                            f"--start-timesteps {later}; configs/dmd_shapes_4step.yaml has the shapes commands)")
         meta = read_pairs_metadata(dc.pairs)
         if meta.get("teacher_sha256") != content_hash(dc.teacher):
             raise UserError(f"dmd.pairs={dc.pairs} was sampled from {meta.get('teacher')!r}, not from dmd.teacher="

@@ -459,6 +459,8 @@ def test_a_two_step_generator_regresses_every_step_the_first_or_its_own_and_resu
     ("dmd.distribution_weight=0 dmd.regression_weight=0 dmd.pairs=null", "nothing trains the generator"),
     ("dmd.distribution_weight=-1", "dmd.distribution_weight must be a finite number"),
     ("dmd.regression_steps=last", "dmd.regression_steps must be 'all'"),
+    ("dmd.regression_steps=own dmd.generator_steps=4 dmd.pairs=no/such/pairs4.safetensors",
+     "--extend PAIRS --start-timesteps 759,499,259"),
     ("dmd.generator_init=no/such/generator.safetensors", "dmd.generator_init=no/such/generator.safetensors does not "
                                                          "exist"),
 ])
