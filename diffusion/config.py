@@ -134,6 +134,8 @@ class DMDConfig:
                                      # gradient) | first (only the first step's output, from the pair's noise) | own
                                      # (each row the step at its own timestep: pairs made with --start-timesteps)
     pairs: str | None = None         # noise-image pairs of the teacher (tools/make_ode_pairs.py)
+    matching_steps: int | None = None  # the distribution-matching term (and the fake score's samples) on the outputs
+                                       # of the generator's first this many steps; None: every step
 
     def check(self, num_train_steps: int) -> None:
         """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
@@ -143,6 +145,10 @@ class DMDConfig:
         if not 1 <= self.generator_steps <= 50 or num_train_steps % 50:
             raise UserError(f"dmd.generator_steps must be in 1..50 (the generator's timesteps are picks of the "
                             f"50-step LCM grid of the {num_train_steps}-step schedule), got {self.generator_steps}")
+        if self.matching_steps is not None and not 1 <= self.matching_steps <= self.generator_steps:
+            raise UserError(f"dmd.matching_steps must be in 1..dmd.generator_steps={self.generator_steps} (the DMD "
+                            f"term on the outputs of the generator's first that many steps), or null for every step; "
+                            f"got {self.matching_steps}")
 
     def validate(self) -> None:
         """Checks of this section alone (the loader calls it; check() adds the schedule's)."""

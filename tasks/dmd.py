@@ -166,12 +166,14 @@ class DMDTask(Task):
         return refs
 
     def _sample(self, batch: dict, rng: SampleRandomness, cond: dict, with_grad: bool) -> torch.Tensor:
-        """Generator samples for the batch: each sample's step drawn uniformly (backward simulation)."""
+        """Generator samples for the batch: each sample's step drawn uniformly (backward simulation) from the first
+        dmd.matching_steps."""
         x0 = batch["latent"]
         k = len(self.objective.timesteps)
         noise = rng.randn(x0.shape[1:], x0.device)
         fresh = [rng.randn(x0.shape[1:], x0.device) for _ in range(k - 1)]
-        stop = rng.randint(k, x0.device)  # (N,) the step whose output is trained
+        steps = k if self.cfg.dmd.matching_steps is None else self.cfg.dmd.matching_steps
+        stop = rng.randint(steps, x0.device)  # (N,) the step whose output is trained
         with contextlib.nullcontext() if with_grad else torch.no_grad():
             images, _ = self.objective.generate(self.generator, noise, cond, fresh, stop)
         return images

@@ -12,6 +12,7 @@ from toy_training import ToyLatents, last_state, toy_config, toy_data
 
 from common.errors import UserError
 from configs.loader import save_config
+from data.features import batch_conditions
 from data.pairs import load_pairs
 from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
@@ -194,6 +195,28 @@ def test_dmd_resume_equals_uninterrupted_run(teacher_file, tmp_path, gan):
             torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("matching", [1, 2])
+def test_matching_steps_puts_the_dmd_term_on_the_first_steps_outputs_only(teacher_file, tmp_path, monkeypatch,
+                                                                           matching):
+    """dmd.matching_steps=m: the samples that the DMD term and the fake score see are outputs of the generator's first
+    m steps; with m=1, exactly its one step from the noise (the same draws as without the setting)."""
+    task = DMDTask(dmd_config(tmp_path, teacher_file, "dmd.generator_steps=4", f"dmd.matching_steps={matching}"),
+                   torch.device("cpu"))
+    data = ToyLatents()
+    batch = data.collate([data[i] for i in range(16)])
+    cond = batch_conditions(task.generator, batch)
+    stops = []
+    generate = task.objective.generate
+    monkeypatch.setattr(task.objective, "generate", lambda *a: stops.append(a[-1]) or generate(*a))
+    images = task._sample(batch, SampleRandomness(0, 5, batch["index"]), cond, with_grad=False)
+    assert set(torch.cat(stops).tolist()) == set(range(matching))  # 16 draws: both steps of m=2 occur
+    if matching == 1:
+        noise = SampleRandomness(0, 5, batch["index"]).randn(batch["latent"].shape[1:], "cpu")
+        with torch.no_grad():
+            one_step = task.objective.x0(task.generator, noise, torch.full((16,), 999), cond)
+        torch.testing.assert_close(images, one_step, rtol=0, atol=0)
+
+
 def run_cli(tmp_path, *args):
     runs = tmp_path / "runs"
     code = dmd_main(["--config", "dmd_shapes", "--set", f"train.runs_dir={runs}", *args])
@@ -204,6 +227,8 @@ def run_cli(tmp_path, *args):
     ("dmd.fake_updates=0", "dmd.fake_updates must be >= 1"),
     ("dmd.fake_updates=-3", "dmd.fake_updates must be >= 1"),
     ("dmd.generator_steps=51", "dmd.generator_steps must be in 1..50"),
+    ("dmd.matching_steps=2", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
+    ("dmd.matching_steps=0", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
     ("dmd.t_min=0.99", "dmd.t_min and dmd.t_max"),
     ("dmd.real_guidance=nan", "dmd.real_guidance must be a finite number"),
 ])
