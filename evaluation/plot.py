@@ -9,8 +9,9 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str, xlabel: str, ylabel: str,
-              size: tuple[int, int] = (720, 440)) -> None:
-    """One line with markers per series (name -> [(x, y), ...]), axes with ticks, a legend; saved as PNG."""
+              size: tuple[int, int] = (720, 440), by_x: bool = True) -> None:
+    """One line with markers per series (name -> [(x, y), ...]), axes with ticks, a legend; saved as PNG. by_x: the
+    line joins the points in order of x; False: in the order given (a path through a plane, e.g. along training)."""
     points = [p for pts in series.values() for p in pts]
     if not points:
         raise ValueError("nothing to plot")
@@ -41,7 +42,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
     draw.text((4, top - 18), ylabel, fill="black")
     for k, (name, pts) in enumerate(series.items()):
         color = COLORS[k % len(COLORS)]
-        xy = [to_px(x, y) for x, y in sorted(pts)]
+        xy = [to_px(x, y) for x, y in (sorted(pts) if by_x else pts)]
         if len(xy) > 1:
             draw.line(xy, fill=color, width=2)
         for px, py in xy:

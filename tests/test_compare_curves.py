@@ -56,3 +56,19 @@ def test_a_run_without_its_curve_names_the_command(tmp_path):
         main([str(tmp_path / "cmp"), f"A={old}", "--steps", "4"])
     with pytest.raises(SystemExit):
         main([str(tmp_path / "cmp"), "no-label"])
+
+
+def test_against_draws_each_measure_over_another_in_training_order(tmp_path, monkeypatch):
+    import evaluation.plot
+
+    run = tmp_path / "a"
+    write_curve(run, [("validation", 200, 4, "ema", 60.0, 0.6), ("validation", 400, 4, "ema", 70.0, 0.5),
+                      ("validation", 600, 4, "ema", 65.0, 0.8)])
+    drawn = {}
+    plot = evaluation.plot.line_plot
+    monkeypatch.setattr(evaluation.plot, "line_plot", lambda series, path, *a, **k: drawn.update(
+        {str(path): (series, k)}) or plot(series, path, *a, **k))
+    assert main([str(tmp_path / "cmp"), f"A={run}", "--steps", "4", "--against", "fd"]) == 0
+    (path, (series, kwargs)), = drawn.items()  # one figure: kind against FD (FD against itself is not drawn)
+    assert path.endswith("cmp_kind_vs_fd.png") and Image.open(path).size == (720, 440)
+    assert series == {"A": [(0.6, 60.0), (0.5, 70.0), (0.8, 65.0)]} and kwargs["by_x"] is False  # training order

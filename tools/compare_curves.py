@@ -7,6 +7,8 @@
 Each run must have been evaluated by tools/training_curve.py with the same --weights and --set overrides (its
 RUN/curve/curve.json, or RUN/curve-KEY=VALUE/curve.json for extra overrides); nothing is evaluated here.
 Writes OUT_kind.png, OUT_fd.png, ... (FD is plotted as is, accuracies in %) and OUT.md (a row per run and step).
+With --against fd, each other measure is drawn against FD instead of the training step (OUT_kind_vs_fd.png: a trade-off
+plane, each run's checkpoints joined in training order).
 """
 
 import argparse
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="sampler steps of the rows (default: the config's)")
     parser.add_argument("--measures", nargs="+", choices=MEASURES, default=["kind", "fd"])
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="as given to training_curve.py")
+    parser.add_argument("--against", choices=MEASURES, help="the x axis: this measure instead of the training step")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="the extra evaluation overrides given to training_curve.py (they name its folder)")
     args = parser.parse_args(argv)
@@ -57,12 +60,17 @@ def main(argv=None) -> int:
 
     curves = {label: load_curve(run, args.split, args.steps, args.weights, args.overrides) for label, run in args.runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for measure in args.measures:
-        series = {label: [(r["step"], r[measure]) for r in rows if r.get(measure) is not None]
+    def unit(measure: str) -> str:
+        return "Frechet distance (evaluator features)" if measure == "fd" else f"{measure} (%)"
+
+    x = args.against or "step"
+    for measure in (m for m in args.measures if m != args.against):
+        series = {label: [(r[x], r[measure]) for r in rows if r.get(x) is not None and r.get(measure) is not None]
                   for label, rows in curves.items()}
-        unit = "Frechet distance (evaluator features)" if measure == "fd" else f"{measure} (%)"
-        line_plot(series, f"{args.out}_{measure}.png", f"{measure}, {args.split} split, "
-                  f"{args.steps or 'config'} sampler steps, {args.weights} weights", "training step", unit)
+        name = f"{args.out}_{measure}" + (f"_vs_{args.against}" if args.against else "")
+        line_plot(series, f"{name}.png", f"{measure}, {args.split} split, {args.steps or 'config'} sampler steps, "
+                  f"{args.weights} weights" + (" (joined in training order)" if args.against else ""),
+                  unit(args.against) if args.against else "training step", unit(measure), by_x=not args.against)
     lines = [f"| run | step | {' | '.join(args.measures)} |", "|---|---|" + "---|" * len(args.measures)]
     for label, rows in curves.items():
         for r in rows:
