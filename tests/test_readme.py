@@ -87,8 +87,8 @@ def quoted_figures() -> list[tuple[str, str]]:
         "full (611.3M trainable), bf16 (`train.frozen_dtype=bf16`)"]
     lcm4, dpm14 = "PixArt-δ LCM 4 steps, bf16, compiled", "PixArt-α DPM 14 steps, CFG 4.5, bf16, compiled"
     xl1024 = row_where("(`python tools/benchmark.py train --archs XL S", model="XL/2", image="1024px", batch="12")
-    four = table_after("The 1,000-step generator (`configs/dmd_shapes_4step.yaml`")
-    dmd4, lcd4 = four["4-step DMD student, LCM 4"], four["LCD student, LCM 4 (README default)"]
+    four = table_after("The preset's generator (real guidance 1.5, 800 steps")
+    dmd4, lcd4 = four["4-step DMD student (real guidance 1.5), LCM 4"], four["LCD student, LCM 4 (README default)"]
     recipe = sentence_number(r"the recipe takes (\d+) minutes")
     distillation = sentence_number(r"400 steps at batch 32: ([\d.]+) minutes")
     controlnet = sentence_number(r"shapes_recipe.py controlnet` \(about (\d+) minutes")
