@@ -5,20 +5,22 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str, xlabel: str, ylabel: str,
-              size: tuple[int, int] = (720, 440), by_x: bool = True) -> None:
+              size: tuple[int, int] = (720, 440), by_x: bool = True, y_from_zero: bool = True) -> None:
     """One line with markers per series (name -> [(x, y), ...]), axes with ticks, a legend; saved as PNG. by_x: the
-    line joins the points in order of x; False: in the order given (a path through a plane, e.g. along training)."""
+    line joins the points in order of x; False: in the order given (a path through a plane, e.g. along training).
+    y_from_zero: the y axis starts at 0 (or below, for negative values); False: at the smallest y."""
     points = [p for pts in series.values() for p in pts]
     if not points:
         raise ValueError("nothing to plot")
     w, h = size
     left, right, top, bottom = 60, 170, 46, 45  # title, then the y label, on rows of their own
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(0.0, min(p[1] for p in points)), max(p[1] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y0 = min(0.0, y0) if y_from_zero else y0
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
 
     def to_px(x, y):
@@ -35,7 +37,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
         px, _ = to_px(xv, y0)
         _, py = to_px(x0, yv)
         draw.line([(px, h - bottom), (px, h - bottom + 4)], fill="black")
-        draw.text((px - 10, h - bottom + 6), f"{xv:g}", fill="black")
+        draw.text((px - 10, h - bottom + 6), f"{xv:.4g}", fill="black")
         draw.line([(left - 4, py), (left, py)], fill="black")
         draw.text((4, py - 6), f"{yv:.3g}", fill="black")
     draw.text(((w - right) // 2, h - 16), xlabel, fill="black")

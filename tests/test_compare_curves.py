@@ -72,3 +72,4 @@ def test_against_draws_each_measure_over_another_in_training_order(tmp_path, mon
     (path, (series, kwargs)), = drawn.items()  # one figure: kind against FD (FD against itself is not drawn)
     assert path.endswith("cmp_kind_vs_fd.png") and Image.open(path).size == (720, 440)
     assert series == {"A": [(0.6, 60.0), (0.5, 70.0), (0.8, 65.0)]} and kwargs["by_x"] is False  # training order
+    assert kwargs["y_from_zero"] is False  # the y axis spans the points (a trade-off plane, not a curve from 0)

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         name = f"{args.out}_{measure}" + (f"_vs_{args.against}" if args.against else "")
         line_plot(series, f"{name}.png", f"{measure}, {args.split} split, {args.steps or 'config'} sampler steps, "
                   f"{args.weights} weights" + (" (joined in training order)" if args.against else ""),
-                  unit(args.against) if args.against else "training step", unit(measure), by_x=not args.against)
+                  unit(args.against) if args.against else "training step", unit(measure), by_x=not args.against,
+                  y_from_zero=not args.against)
     lines = [f"| run | step | {' | '.join(args.measures)} |", "|---|---|" + "---|" * len(args.measures)]
     for label, rows in curves.items():
         for r in rows:
