@@ -73,3 +73,10 @@ def test_against_draws_each_measure_over_another_in_training_order(tmp_path, mon
     assert path.endswith("cmp_kind_vs_fd.png") and Image.open(path).size == (720, 440)
     assert series == {"A": [(0.6, 60.0), (0.5, 70.0), (0.8, 65.0)]} and kwargs["by_x"] is False  # training order
     assert kwargs["y_from_zero"] is False  # the y axis spans the points (a trade-off plane, not a curve from 0)
+
+
+def test_a_label_may_hold_an_equals_sign(tmp_path):
+    run = tmp_path / "runs" / "00013"
+    write_curve(run, [("validation", 200, 4, "ema", 60.0, 0.6)])
+    assert main([str(tmp_path / "cmp"), f"t>=0.3T={run}", "--steps", "4"]) == 0
+    assert (tmp_path / "cmp.md").read_text().splitlines()[2:] == ["| t>=0.3T | 200 | 60.0 | 0.600 |"]

@@ -38,10 +38,18 @@ def load_curve(run: Path, split: str, steps: int | None, weights: str, overrides
 
 
 def parse_run(text: str) -> tuple[str, Path]:
-    label, sep, path = text.partition("=")
-    if not sep or not label or not path:
+    """LABEL=RUN_DIR; a label may hold '=' itself ("t>=0.3T=runs/00013"): the split is at the first '=' after which
+    an existing folder is named (else the first '=')."""
+    cuts = [i for i, c in enumerate(text) if c == "="]
+    cut = next((i for i in cuts if Path(text[i + 1:]).is_dir()), cuts[0] if cuts else -1)
+    label, path = text[:cut], text[cut + 1:]
+    if cut < 0 or not label or not path:
         raise argparse.ArgumentTypeError(f"expected LABEL=RUN_DIR, got {text!r}")
     return label, Path(path)
+
+
+def axis_label(measure: str) -> str:
+    return "Frechet distance (evaluator features)" if measure == "fd" else f"{measure} (%)"
 
 
 def main(argv=None) -> int:
@@ -60,9 +68,6 @@ def main(argv=None) -> int:
 
     curves = {label: load_curve(run, args.split, args.steps, args.weights, args.overrides) for label, run in args.runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    def unit(measure: str) -> str:
-        return "Frechet distance (evaluator features)" if measure == "fd" else f"{measure} (%)"
-
     x = args.against or "step"
     for measure in (m for m in args.measures if m != args.against):
         series = {label: [(r[x], r[measure]) for r in rows if r.get(x) is not None and r.get(measure) is not None]
@@ -70,8 +75,8 @@ def main(argv=None) -> int:
         name = f"{args.out}_{measure}" + (f"_vs_{args.against}" if args.against else "")
         line_plot(series, f"{name}.png", f"{measure}, {args.split} split, {args.steps or 'config'} sampler steps, "
                   f"{args.weights} weights" + (" (joined in training order)" if args.against else ""),
-                  unit(args.against) if args.against else "training step", unit(measure), by_x=not args.against,
-                  y_from_zero=not args.against)
+                  axis_label(args.against) if args.against else "training step", axis_label(measure),
+                  by_x=not args.against, y_from_zero=not args.against)
     lines = [f"| run | step | {' | '.join(args.measures)} |", "|---|---|" + "---|" * len(args.measures)]
     for label, rows in curves.items():
         for r in rows:
