@@ -58,7 +58,7 @@ def check_config(cfg: Config) -> None:
                             f"config; start the generator from a checkpoint of the teacher's shape")
     if dc.pairs:  # last: the pairs are made from the teacher, so its errors come first
         if dc.regression_steps == "own" and not Path(dc.pairs).exists():
-            later = ",".join(map(str, generator_timesteps(dc.generator_steps, cfg.diffusion.num_steps)[1:].tolist()))
+            later = start_timesteps_arg(dc, cfg.diffusion.num_steps)
             raise UserError(f"dmd.pairs={dc.pairs} does not exist: dmd.regression_steps=own needs pairs with rows at "
                             f"the generator's later steps; make the pairs from noise (python tools/make_ode_pairs.py "
                             f"PAIRS --config TEACHER_CONFIG --num N), then add those rows (python "
@@ -78,13 +78,18 @@ def check_config(cfg: Config) -> None:
         check_pair_timesteps(dc, read_pairs_timesteps(dc.pairs), cfg.diffusion.num_steps)
 
 
+def start_timesteps_arg(dc, num_train: int) -> str:
+    """The generator's later timesteps as tools/make_ode_pairs.py --start-timesteps takes them ("759,499,259")."""
+    return ",".join(map(str, generator_timesteps(dc.generator_steps, num_train)[1:].tolist()))
+
+
 def check_pair_timesteps(dc, timesteps: list[int] | None, num_train: int) -> None:
     """dmd.regression_steps=own needs pairs with rows that start at the generator's timesteps (rows at others are
     left out, so one file of 759, 499, 259 serves the 4-step and the 2-step generator); the other modes run every
     row from pure noise, so they refuse re-noised rows (which they would read as noise)."""
     steps = generator_timesteps(dc.generator_steps, num_train).tolist()
     make = (f"python tools/make_ode_pairs.py OUT --config TEACHER_CONFIG --extend {dc.pairs} --start-timesteps "
-            f"{','.join(map(str, steps[1:]))}")
+            f"{start_timesteps_arg(dc, num_train)}")
     if dc.regression_steps == "own":
         if len(steps) == 1:
             raise UserError("dmd.regression_steps=own trains the later steps of a few-step generator on their own "
