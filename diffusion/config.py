@@ -60,6 +60,11 @@ class DistillConfig:
     lora_rank: int = 0               # > 0: LCM-LoRA, adapters of this rank; the teacher is the adapters-off model
     lora_alpha: float | None = None  # LoRA scale alpha / rank (None: alpha = rank)
 
+    @property
+    def reads_fake_score(self) -> bool:
+        """Whether a generator term reads the fake score (the DMD term, the GAN term); if not, none is trained."""
+        return self.distribution_weight > 0 or self.gan_weight > 0
+
     def check(self, num_train_steps: int) -> None:
         """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""
         if not self.teacher:
@@ -136,6 +141,11 @@ class DMDConfig:
     pairs: str | None = None         # noise-image pairs of the teacher (tools/make_ode_pairs.py)
     matching_steps: int | None = None  # the distribution-matching term (and the fake score's samples) on the outputs
                                        # of the generator's first this many steps; None: every step
+
+    @property
+    def reads_fake_score(self) -> bool:
+        """Whether a generator term reads the fake score (the DMD term, the GAN term); if not, none is trained."""
+        return self.distribution_weight > 0 or self.gan_weight > 0
 
     def check(self, num_train_steps: int) -> None:
         """Raise a UserError naming the key for an inconsistent section (before anything is loaded)."""

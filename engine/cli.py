@@ -65,18 +65,21 @@ def check_train_config(cfg) -> None:
         raise ConfigError(f"train.runs_dir {runs} is a file; point it at a folder (run folders are made inside)")
 
 
-def check_resume_networks(resume: str, make_task) -> None:
-    """A run resumes only with the trainer that wrote it: the checkpoint's trained networks must be the task's."""
+def check_resume_networks(resume: str, make_task, cfg) -> None:
+    """A run resumes only with the trainer (and the config) that wrote it: the checkpoint's trained networks must be
+    the ones the task trains for this config."""
     from engine.state import ResumeError, checkpoint_networks, resolve_resume
 
     _, ckpt = resolve_resume(resume)
-    saved, declared = checkpoint_networks(ckpt), list(getattr(make_task, "trained_networks", ("model",)))
+    names = getattr(make_task, "trained_network_names", None)
+    saved, declared = checkpoint_networks(ckpt), list(names(cfg) if names else ("model",))
     if saved != declared:
         raise ResumeError(f"--resume {resume}: the run trained the networks {saved}, but this trainer "
-                          f"({make_task.__name__}) trains "
-                          f"{declared}: resume it with the trainer that started it (train.py, train_lcm.py and "
-                          f"train_controlnet.py train one network, 'model'; train_dmd.py trains 'fake_score' and "
-                          f"'generator')")
+                          f"({make_task.__name__}) with this config trains "
+                          f"{declared}: resume it with the trainer and config that started it (train.py, train_lcm.py "
+                          f"and train_controlnet.py train one network, 'model'; train_dmd.py trains 'fake_score' and "
+                          f"'generator', or the 'generator' alone when dmd.distribution_weight and dmd.gan_weight "
+                          f"are 0)")
 
 
 def run_trainer(make_task: Callable, description: str, argv=None, check: Callable | None = None) -> int:
@@ -103,7 +106,7 @@ def run_trainer(make_task: Callable, description: str, argv=None, check: Callabl
             print(to_yaml(cfg), end="")
             return 0
         if args.resume:
-            check_resume_networks(args.resume, make_task)
+            check_resume_networks(args.resume, make_task, cfg)
         check_train_config(cfg)
         if check is not None:
             check(cfg)

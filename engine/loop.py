@@ -90,6 +90,12 @@ class Task:
     exported_network: str | None = None  # the network exported and sampled; None: the first of networks()
     trained_networks: tuple[str, ...] = ("model",)  # the names networks() returns: a resume checks them first
 
+    @classmethod
+    def trained_network_names(cls, cfg) -> tuple[str, ...]:
+        """The names networks() will return for this config (read before anything loads, e.g. to check a resume);
+        default: trained_networks."""
+        return cls.trained_networks
+
     def networks(self) -> dict[str, Trainable]:
         """The trained networks in update order (default: `model`, as the `train:` section says)."""
         return {"model": Trainable(self.model, self.parameter_groups())}
@@ -376,6 +382,9 @@ def _train(cfg, make_task, dataset_factory, resume, d) -> Path:
     specs = {name: spec.resolved(tc) for name, spec in task.networks().items()}
     if not specs:
         raise ValueError("the task trains no network: networks() returned none")
+    if tuple(specs) != tuple(task.trained_network_names(cfg)):
+        raise ValueError(f"the task's networks() {list(specs)} differ from its trained_network_names(cfg) "
+                         f"{list(task.trained_network_names(cfg))}")
     dataset, collate, sampler_cls = dataset_factory(cfg)  # a missing or unfitting cache stops before the run folder
     run_dir = run_dir or _new_run_dir(cfg, d)  # only once the task is built: a failed start leaves no folder
     setup_logging(run_dir, d.is_main)

@@ -6,7 +6,8 @@ Networks: the generator (trained; exported and sampled, with an EMA if train.ema
 head when dmd.gan_weight > 0) and the teacher (the frozen real score, read from dmd.teacher, stored as
 train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher (the
 generator as dmd.generator_init instead when it is set, e.g. the LCD student). With dmd.regression_weight > 0 the
-generator's loss adds DMD's regression term on the teacher's noise-image pairs (dmd.pairs, held in memory).
+generator's loss adds DMD's regression term on the teacher's noise-image pairs (dmd.pairs, held in memory); with that
+term alone (dmd.distribution_weight and dmd.gan_weight 0) no fake score is built or trained.
 """
 
 import contextlib
@@ -127,6 +128,12 @@ class DMDTask(Task):
     exported_network = "generator"
     trained_networks = ("fake_score", "generator")
 
+    @classmethod
+    def trained_network_names(cls, cfg: Config) -> tuple[str, ...]:
+        """The fake score only where a term reads it (the DMD term or the GAN term): with dmd.regression_weight alone
+        the generator is the one network, and a step costs one generator call per row."""
+        return cls.trained_networks if cfg.dmd.reads_fake_score else ("generator",)
+
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, dc = cfg, cfg.dmd
         teacher, _, _ = load_checkpoint(dc.teacher, cfg.model, device=device)  # the config must fit the teacher
@@ -143,7 +150,11 @@ class DMDTask(Task):
             self.generator.load_state_dict(init.float().state_dict())
             self.generator_init_hash = content_hash(dc.generator_init)
             log.info("generator starts as %s", dc.generator_init)
-        self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0).to(device).train()
+        self.fake = None
+        if dc.reads_fake_score:
+            self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0).to(device).train()
+        else:
+            log.info("regression term alone (dmd.distribution_weight=0, dmd.gan_weight=0): no fake score is trained")
         self.teacher = store_frozen(teacher.eval().requires_grad_(False), cfg.train.frozen_dtype)
         self.model = self.generator
         self.schedule = cfg.diffusion.build()
@@ -159,8 +170,11 @@ class DMDTask(Task):
             log.info("regression term on %d noise-image pairs of %s", len(self.pairs["image"]), dc.pairs)
 
     def networks(self) -> dict[str, Trainable]:
-        """The fake score first (its dmd.fake_updates updates), then the generator (one update), each step."""
+        """The fake score first (its dmd.fake_updates updates; none when no term reads it), then the generator (one
+        update), each step."""
         dc = self.cfg.dmd
+        if self.fake is None:
+            return {"generator": Trainable(self.generator)}
         return {"fake_score": Trainable(self.fake, lr=dc.fake_lr, ema_decay=0.0, updates_per_step=dc.fake_updates),
                 "generator": Trainable(self.generator)}
 
@@ -201,6 +215,9 @@ class DMDTask(Task):
                 loss = loss + dc.gan_head_weight * head
                 terms["gan_head"] = head.mean().item()
             return loss.mean(), terms
+        if self.fake is None:  # name == "generator", the regression term alone
+            regression = self._regression(batch, rng)
+            return dc.regression_weight * regression.mean(), {"regression": regression.mean().item()}
         images = self._sample(batch, rng, cond, with_grad=True)  # name == "generator"
         t = self.objective.noise_levels(rng.rand(x0.device))
         noise = rng.randn(x0.shape[1:], x0.device)

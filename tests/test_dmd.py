@@ -478,6 +478,32 @@ def test_a_two_step_generator_regresses_every_step_the_first_or_its_own_and_resu
     assert sorted(set(own.pairs["timestep"].tolist())) == [499, 999] and len(own.pairs["index"]) == 10
 
 
+def test_the_regression_term_alone_trains_the_generator_only_and_resumes_exactly(teacher_file, toy_cache, tmp_path,
+                                                                                   caplog):
+    """distribution_weight=0 (no GAN): no fake score is built or checkpointed, the generator's update is the
+    regression term, a resume is exact, and resuming such a run with the DMD term switched on is refused."""
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5", "dmd.distribution_weight=0"]
+    straight = train(dmd_config(tmp_path / "a", teacher_file, *extra), DMDTask, toy_data)
+    first = train(dmd_config(tmp_path / "b", teacher_file, "train.steps=3", *extra), DMDTask, toy_data)
+    resumed = train(dmd_config(tmp_path / "b", teacher_file, *extra), DMDTask, toy_data, resume=str(first))
+    state = torch.load(next((straight / "checkpoints").iterdir()), weights_only=True)
+    assert list(state["networks"]) == ["generator"]
+    a, b = last_state(straight, "generator"), last_state(resumed, "generator")
+    assert a["optimizer"]["state"][0]["step"] == a["step"]  # one update per step, nothing else in the step
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    teacher, _, _ = load_checkpoint(teacher_file)
+    assert any(not torch.equal(a["model"][k].float(), v.float()) for k, v in teacher.state_dict().items())
+    task = DMDTask(dmd_config(tmp_path / "c", teacher_file, *extra), torch.device("cpu"))
+    assert task.fake is None and list(task.networks()) == ["generator"]
+    before = sorted(p.relative_to(straight) for p in straight.rglob("*"))
+    code = dmd_main(["--resume", str(straight), "--set", "dmd.distribution_weight=0.25"])
+    assert code == 2 and "trained the networks ['generator']" in caplog.text
+    assert "trains ['fake_score', 'generator']" in caplog.text and "dmd.distribution_weight" in caplog.text
+    assert sorted(p.relative_to(straight) for p in straight.rglob("*")) == before
+
+
 @pytest.mark.parametrize("override, message", [
     ("dmd.pairs=null", "needs the teacher's noise-image pairs"),
     ("dmd.regression_weight=0", "dmd.regression_weight is 0"),
