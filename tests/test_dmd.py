@@ -13,7 +13,7 @@ from toy_training import ToyLatents, last_state, toy_config, toy_data
 from common.errors import UserError
 from configs.loader import save_config
 from data.features import batch_conditions
-from data.pairs import load_pairs
+from data.pairs import load_pairs, read_pairs_metadata
 from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
 from diffusion.guidance import null_caption_pair
 from diffusion.samplers.lcm import sample_lcm
@@ -502,6 +502,38 @@ def test_the_regression_term_alone_trains_the_generator_only_and_resumes_exactly
     assert code == 2 and "trained the networks ['generator']" in caplog.text
     assert "trains ['fake_score', 'generator']" in caplog.text and "dmd.distribution_weight" in caplog.text
     assert sorted(p.relative_to(straight) for p in straight.rglob("*")) == before
+
+
+def test_joined_pairs_files_are_their_rows_in_order_and_train(teacher_file, toy_cache, tmp_path):
+    from tools.join_pairs import main as join_main
+
+    _, a = make_pairs(tmp_path, teacher_file, toy_cache, num=5, name="a")
+    _, b = make_pairs(tmp_path, teacher_file, toy_cache, num=3, name="b", args=("--seed", "5"))
+    out = tmp_path / "joined.safetensors"
+    assert join_main([str(out), str(a), str(b)]) == 0
+    joined, ta, tb = load_pairs(out), load_pairs(a), load_pairs(b)
+    assert joined.keys() == ta.keys() and all(torch.equal(joined[k], torch.cat([ta[k], tb[k]])) for k in joined)
+    meta = read_pairs_metadata(out)
+    assert meta["seed"] == "0,5" and meta["num"] == "8" and meta["teacher_sha256"] == read_pairs_metadata(a)[
+        "teacher_sha256"]
+    task = DMDTask(dmd_config(tmp_path / "runs", teacher_file, f"dmd.pairs={out}", "dmd.regression_weight=1",
+                              "dmd.distribution_weight=0"), torch.device("cpu"))
+    assert len(task.pairs["index"]) == 8
+
+
+def test_pairs_that_cannot_be_joined_exit_2_and_write_nothing(teacher_file, toy_cache, tmp_path, caplog):
+    from tools.join_pairs import main as join_main
+
+    _, a = make_pairs(tmp_path, teacher_file, toy_cache, num=5, name="a")
+    _, overlapping = make_pairs(tmp_path, teacher_file, toy_cache, num=3, name="o", args=("--seed", "3"))
+    _, guided = make_pairs(tmp_path, teacher_file, toy_cache, "sample.guidance=2", num=3, name="g",
+                           args=("--seed", "5"))
+    out = tmp_path / "joined.safetensors"
+    for files, message in [((a, overlapping), "share noise seeds"), ((a, guided), "made with other settings"),
+                           ((a,), "at least two"), ((a, tmp_path / "missing.safetensors"), "cannot read")]:
+        caplog.clear()
+        assert join_main([str(out), *map(str, files)]) == 2 and message in caplog.text
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("override, message", [
