@@ -504,6 +504,31 @@ def test_the_regression_term_alone_trains_the_generator_only_and_resumes_exactly
     assert sorted(p.relative_to(straight) for p in straight.rglob("*")) == before
 
 
+def test_pairs_loss_is_zero_for_the_teacher_on_its_own_one_step_pairs(teacher_file, toy_cache, tmp_path, capsys,
+                                                                         caplog):
+    """tools/pairs_loss.py feeds each row at its start timestep as the regression term does: the teacher's one-step
+    pairs are its own x0 estimates, so its loss is 0 to round-off and another network's is not; bad input exits 2."""
+    from tools.pairs_loss import main as pairs_loss_main
+
+    _, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    other, cfg = toy_net(6)
+    other_file = tmp_path / "other.safetensors"
+    save_checkpoint(other.state_dict(), cfg, other_file, "safetensors")
+    config = save_config(toy_config(tmp_path / "unused-runs"), tmp_path / "toy.yaml")
+    out = tmp_path / "loss.md"
+    assert pairs_loss_main([str(pairs), str(teacher_file), str(other_file), "--config", str(config), "--out",
+                            str(out)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[1].strip(" |"))
+            for line in out.read_text().splitlines() if line.startswith("| /")}
+    assert rows[str(teacher_file)] < 1e-8 and rows[str(other_file)] > 1e-4
+    assert out.read_text() in capsys.readouterr().out
+    for args, message in [(["--rows", "0"], "--rows must be >= 1"),
+                          ([str(tmp_path / "no.safetensors")], "no such checkpoint")]:
+        caplog.clear()
+        assert pairs_loss_main([str(pairs), str(teacher_file), *args, "--config", str(config)]) == 2
+        assert message in caplog.text
+
+
 def test_joined_pairs_files_are_their_rows_in_order_and_train(teacher_file, toy_cache, tmp_path):
     from tools.join_pairs import main as join_main
 
