@@ -134,6 +134,8 @@ class DMDConfig:
     distribution_weight: float = 1.0  # weight of the distribution-matching term (0: the regression term alone)
     regression_weight: float = 0.0   # > 0: DMD's regression loss: the generator's image from a pair's noise
                                      # against the teacher's image from that noise (dmd.pairs), mean squared
+    regression_edge_weight: float = 0.0  # > 0: the regression distance adds this times the squared distance of the
+                                         # images' neighbouring-pixel differences (weights shape edges and corners)
     regression_steps: str = "all"    # which generator steps the regression trains (generator_steps > 1): all (each
                                      # pair's step drawn as the DMD term's, earlier steps run and re-noised without
                                      # gradient) | first (only the first step's output, from the pair's noise) | own
@@ -168,7 +170,8 @@ class DMDConfig:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"dmd.t_min and dmd.t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min} and "
                             f"{self.t_max}")
-        for key in ("real_guidance", "gan_weight", "gan_head_weight", "distribution_weight", "regression_weight"):
+        for key in ("real_guidance", "gan_weight", "gan_head_weight", "distribution_weight", "regression_weight",
+                    "regression_edge_weight"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
@@ -185,6 +188,10 @@ class DMDConfig:
         if self.pairs and self.regression_weight == 0:
             raise UserError(f"dmd.pairs={self.pairs} is set but dmd.regression_weight is 0, so the pairs would not "
                             f"be used: set dmd.regression_weight (DMD used 0.25) or drop dmd.pairs")
+        if self.regression_edge_weight > 0 and self.regression_weight == 0:
+            raise UserError(f"dmd.regression_edge_weight={self.regression_edge_weight} weights an edge term of the "
+                            f"regression distance, but dmd.regression_weight is 0 (no regression term): set "
+                            f"dmd.regression_weight with dmd.pairs, or drop dmd.regression_edge_weight")
         if self.distribution_weight == 0 and self.regression_weight == 0:
             raise UserError("dmd.distribution_weight and dmd.regression_weight are both 0: nothing trains the "
                             "generator; set one of them > 0")

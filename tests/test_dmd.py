@@ -14,7 +14,7 @@ from common.errors import UserError
 from configs.loader import save_config
 from data.features import batch_conditions
 from data.pairs import load_pairs, read_pairs_metadata
-from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss
+from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss, regression_distance
 from diffusion.guidance import null_caption_pair
 from diffusion.samplers.lcm import sample_lcm
 from diffusion.schedule import NoiseSchedule
@@ -117,6 +117,26 @@ def test_gan_losses_are_the_non_saturating_ones():
     logits = torch.tensor([-2.0, 0.0, 3.0])
     torch.testing.assert_close(gan_generator_loss(logits), torch.log1p(torch.exp(-logits)))
     torch.testing.assert_close(gan_head_loss(logits, -logits), 2 * torch.log1p(torch.exp(-logits)))
+
+
+def test_the_regression_distance_edge_term_charges_disagreeing_edges_only():
+    """A difference flat in space has no edge term; a checkerboard difference of amplitude a has neighbouring-pixel
+    differences of 2a everywhere (squared: 4a^2 across and down), so its distance is a^2 (1 + 4 w)."""
+    target = torch.randn(3, 2, 8, 8)
+    flat = target + torch.tensor([0.5, -1.0, 2.0]).view(3, 1, 1, 1)
+    for w in (0.0, 3.0):
+        torch.testing.assert_close(regression_distance(flat, target, w), torch.tensor([0.25, 1.0, 4.0]))
+    checker = (torch.arange(8).view(8, 1) + torch.arange(8).view(1, 8)) % 2 * 2.0 - 1.0  # +-1
+    a = torch.tensor([0.1, 0.5, 2.0]).view(3, 1, 1, 1)
+    moved = target + a * checker
+    for w in (0.0, 0.5, 3.0):
+        torch.testing.assert_close(regression_distance(moved, target, w), a.flatten() ** 2 * (1 + 4 * w))
+    # one inner pixel of a 4x4 image off by 1: 1/16 squared; 2 of the 12 horizontal and 2 of the 12 vertical
+    # neighbour pairs change by 1, so the edge term is w (2/12 + 2/12) / 2
+    one = torch.zeros(1, 1, 4, 4)
+    one[0, 0, 1, 1] = 1.0
+    torch.testing.assert_close(regression_distance(one, torch.zeros_like(one), 2.0),
+                               torch.tensor([1 / 16 + 2.0 * (2 / 12 + 2 / 12) / 2]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,10 +251,17 @@ def run_cli(tmp_path, *args):
     ("dmd.matching_steps=0", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
     ("dmd.t_min=0.99", "dmd.t_min and dmd.t_max"),
     ("dmd.real_guidance=nan", "dmd.real_guidance must be a finite number"),
+    ("dmd.regression_edge_weight=-1", "dmd.regression_edge_weight must be a finite number >= 0"),
 ])
 def test_bad_dmd_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
     code, runs = run_cli(tmp_path, "--set", override)
     assert code == 2 and runs == [] and message in caplog.text
+
+
+def test_an_edge_weight_without_the_regression_term_is_refused(tmp_path, caplog):
+    code, runs = run_cli(tmp_path, "--set", "dmd.regression_weight=0", "--set", "dmd.pairs=null", "--set",
+                         "dmd.distribution_weight=1", "--set", "dmd.regression_edge_weight=1")
+    assert code == 2 and runs == [] and "dmd.regression_edge_weight=1.0 weights an edge term" in caplog.text
 
 
 def test_a_teacher_without_null_caption_is_refused_for_guidance(tmp_path, caplog):
