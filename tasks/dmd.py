@@ -159,7 +159,8 @@ class DMDTask(Task):
         self.model = self.generator
         self.schedule = cfg.diffusion.build()
         self.objective = DistributionMatching(self.schedule, cfg.diffusion.prediction, dc.generator_steps,
-                                              dc.real_guidance, dc.t_min, dc.t_max, dc.regression_edge_weight)
+                                              dc.real_guidance, dc.t_min, dc.t_max,
+                                              regression_edge_weight=dc.regression_edge_weight)
         self.vae = None  # loaded at the first sample grid
         self.pairs = None
         if dc.regression_weight > 0:
