@@ -136,6 +136,10 @@ class DMDConfig:
                                      # against the teacher's image from that noise (dmd.pairs), mean squared
     regression_edge_weight: float = 0.0  # > 0: the regression distance adds this times the squared distance of the
                                          # images' neighbouring-pixel differences (weights shape edges and corners)
+    regression_feature_weight: float = 0.0  # > 0: the regression distance adds this times a teacher-feature
+                                            # distance (diffusion/dmd.py TeacherFeatures): the frozen teacher's
+                                            # unit-length tokens after each block, both images noised alike
+    regression_feature_t: float = 0.3  # that term's timesteps: t ~ U[0, regression_feature_t T)
     regression_steps: str = "all"    # which generator steps the regression trains (generator_steps > 1): all (each
                                      # pair's step drawn as the DMD term's, earlier steps run and re-noised without
                                      # gradient) | first (only the first step's output, from the pair's noise) | own
@@ -171,7 +175,7 @@ class DMDConfig:
             raise UserError(f"dmd.t_min and dmd.t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min} and "
                             f"{self.t_max}")
         for key in ("real_guidance", "gan_weight", "gan_head_weight", "distribution_weight", "regression_weight",
-                    "regression_edge_weight"):
+                    "regression_edge_weight", "regression_feature_weight"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
@@ -192,6 +196,13 @@ class DMDConfig:
             raise UserError(f"dmd.regression_edge_weight={self.regression_edge_weight} weights an edge term of the "
                             f"regression distance, but dmd.regression_weight is 0 (no regression term): set "
                             f"dmd.regression_weight with dmd.pairs, or drop dmd.regression_edge_weight")
+        if self.regression_feature_weight > 0 and self.regression_weight == 0:
+            raise UserError(f"dmd.regression_feature_weight={self.regression_feature_weight} adds a teacher-feature "
+                            f"term to the regression distance, but dmd.regression_weight is 0 (no regression term): "
+                            f"set dmd.regression_weight with dmd.pairs, or drop dmd.regression_feature_weight")
+        if not 0.0 < self.regression_feature_t <= 1.0:
+            raise UserError(f"dmd.regression_feature_t must be in (0, 1] (the feature term's timesteps are drawn "
+                            f"from [0, regression_feature_t T)), got {self.regression_feature_t}")
         if self.distribution_weight == 0 and self.regression_weight == 0:
             raise UserError("dmd.distribution_weight and dmd.regression_weight are both 0: nothing trains the "
                             "generator; set one of them > 0")

@@ -135,23 +135,33 @@ class DistributionMatching:
         return loss, {"dmd_grad_norm": grad.square().mean(dim=dims).sqrt()}
 
     def regression_loss(self, generator: Network, noise: Tensor, target: Tensor, cond: dict,
-                        fresh: list[Tensor] | None = None, stop: Tensor | None = None) -> Tensor:
+                        fresh: list[Tensor] | None = None, stop: Tensor | None = None,
+                        features: "TeacherFeatures | None" = None) -> Tensor:
         """Per-sample regression loss (DMD's): mean squared distance of the generator's image from `noise` to the
         teacher's image `target` from the same noise. Without `stop` it is the first step's output (the whole sample
         of a one-step generator); with `stop` and `fresh` each sample's image is the output of its step `stop`, the
         steps before it run and re-noised without gradient as in generate() (the teacher's image is then the target
-        of the whole chain: the re-noising keeps the first step's content, which the pair fixes)."""
+        of the whole chain: the re-noising keeps the first step's content, which the pair fixes). features: a
+        teacher-feature term added to the pixel distance."""
         if stop is None:
             stop = torch.zeros(len(noise), dtype=torch.long, device=noise.device)
         out, _ = self.generate(generator, noise, cond, fresh or [], stop)
-        return regression_distance(out, target.float(), self.regression_edge_weight)
+        return self._distance(out, target.float(), cond, features)
 
-    def regression_loss_at(self, generator: Network, x_t: Tensor, t: Tensor, target: Tensor, cond: dict) -> Tensor:
+    def regression_loss_at(self, generator: Network, x_t: Tensor, t: Tensor, target: Tensor, cond: dict,
+                           features: "TeacherFeatures | None" = None) -> Tensor:
         """Per-sample regression loss of one generator step: its image from x_t at timesteps t (N,), each one of the
         generator's, against the teacher's image from that same x_t (pairs of tools/make_ode_pairs.py
         --start-timesteps, where a later step's target is a function of what that step sees)."""
         out = self.x0(generator, x_t.float(), t, cond)
-        return regression_distance(out, target.float(), self.regression_edge_weight)
+        return self._distance(out, target.float(), cond, features)
+
+    def _distance(self, out: Tensor, target: Tensor, cond: dict, features: "TeacherFeatures | None") -> Tensor:
+        """The regression distance (N,): pixels (with the edge term), plus the teacher-feature term when given."""
+        loss = regression_distance(out, target, self.regression_edge_weight)
+        if features is not None:
+            loss = loss + features.distance(self.schedule, out, target, cond)
+        return loss
 
     def fake_score_loss(self, fake: Network, x: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
         """Per-sample denoising loss of the fake score on generated images x (no gradient to the generator)."""
@@ -176,6 +186,42 @@ def regression_distance(x: Tensor, target: Tensor, edge_weight: float = 0.0) -> 
         down = diff[..., 1:, :] - diff[..., :-1, :]
         loss = loss + edge_weight * 0.5 * (across.square().mean(dim=dims) + down.square().mean(dim=dims))
     return loss
+
+
+@dataclass
+class TeacherFeatures:
+    """A learned feature distance for the regression term, read from the frozen teacher itself: both images noised
+    to the same timesteps t (N,) with the same noise, the teacher's tokens after each of its blocks for the pair's
+    caption, each token scaled to unit length over channels (as LPIPS scales its feature maps), and
+    weight x the squared distance of the two images' tokens, summed over channels and averaged over tokens and
+    blocks. The image's tokens carry the gradient; the target's are computed without it. A pixel distance weights a
+    rounded corner as a handful of pixels; the teacher's tokens, which decide what it draws next, may tell a square
+    from a circle by more. t and noise are drawn per step by the caller (so a resumed run draws the same)."""
+
+    net: Network
+    t: Tensor
+    noise: Tensor
+    weight: float
+
+    def tokens(self, schedule: NoiseSchedule, x: Tensor, cond: dict) -> list[Tensor]:
+        captured = []
+
+        def hook(i: int, tokens: Tensor, _cond) -> Tensor:
+            if i >= 0:
+                captured.append(F.normalize(tokens.float(), dim=-1))  # (N, T, D), unit length per token
+            return tokens
+
+        x_t = schedule.q_sample(x, self.t, self.noise.float())
+        self.net(x_t, self.t, block_hook=hook, **cond)
+        return captured
+
+    def distance(self, schedule: NoiseSchedule, x: Tensor, target: Tensor, cond: dict) -> Tensor:
+        """Per-sample feature distance (N,) of images x (with gradient) from target."""
+        with torch.no_grad():
+            reference = self.tokens(schedule, target, cond)
+        ours = self.tokens(schedule, x, cond)
+        per_block = [(a - b).square().sum(dim=-1).mean(dim=-1) for a, b in zip(ours, reference)]  # each (N,)
+        return self.weight * torch.stack(per_block).mean(dim=0)
 
 
 def gan_generator_loss(logits_generated: Tensor) -> Tensor:

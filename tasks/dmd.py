@@ -6,8 +6,9 @@ Networks: the generator (trained; exported and sampled, with an EMA if train.ema
 head when dmd.gan_weight > 0) and the teacher (the frozen real score, read from dmd.teacher, stored as
 train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher (the
 generator as dmd.generator_init instead when it is set, e.g. the LCD student). With dmd.regression_weight > 0 the
-generator's loss adds DMD's regression term on the teacher's noise-image pairs (dmd.pairs, held in memory); with that
-term alone (dmd.distribution_weight and dmd.gan_weight 0) no fake score is built or trained.
+generator's loss adds DMD's regression term on the teacher's noise-image pairs (dmd.pairs, held in memory): a
+distance in pixels plus, with dmd.regression_feature_weight > 0, one in the frozen teacher's tokens. With that term
+alone (dmd.distribution_weight and dmd.gan_weight 0) no fake score is built or trained.
 """
 
 import contextlib
@@ -21,7 +22,14 @@ from common.errors import UserError
 from configs import Config
 from data.features import batch_conditions
 from data.pairs import load_pairs, read_pairs_metadata, read_pairs_shapes, read_pairs_timesteps
-from diffusion.dmd import DistributionMatching, FakeScore, gan_generator_loss, gan_head_loss, generator_timesteps
+from diffusion.dmd import (
+    DistributionMatching,
+    FakeScore,
+    TeacherFeatures,
+    gan_generator_loss,
+    gan_head_loss,
+    generator_timesteps,
+)
 from diffusion.guidance import null_caption_pair
 from engine.loop import Task, Trainable
 from engine.precision import store_frozen
@@ -253,15 +261,23 @@ class DMDTask(Task):
                       "aspect_ratio": torch.tensor([[h / w]], device=device).expand(len(pick), 1)}
         cond = batch_conditions(self.generator, pair_batch)
         k = len(self.objective.timesteps)
+        shape = pairs["noise"].shape[1:]
+        features = None
+        if self.cfg.dmd.regression_feature_weight > 0:  # its timesteps and noise drawn before the steps' re-noising
+            dc = self.cfg.dmd
+            t = (rng.rand(device) * dc.regression_feature_t * self.schedule.num_steps).long()
+            features = TeacherFeatures(self.teacher, t.clamp(max=self.schedule.num_steps - 1),
+                                       rng.randn(shape, device), dc.regression_feature_weight)
         if self.cfg.dmd.regression_steps == "own":  # each row the step at its own timestep, from its stored input
             return self.objective.regression_loss_at(self.generator, pairs["noise"], pairs["timestep"],
-                                                     pairs["image"], cond)
+                                                     pairs["image"], cond, features)
         if k == 1 or self.cfg.dmd.regression_steps == "first":
-            return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond)
-        shape = pairs["noise"].shape[1:]
+            return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond,
+                                                  features=features)
         fresh = [rng.randn(shape, device) for _ in range(k - 1)]
         stop = rng.randint(k, device)  # each pair's trained step, as the DMD term's samples
-        return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond, fresh, stop)
+        return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond, fresh, stop,
+                                              features)
 
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions drawn by the generator with the sample config (its LCM steps, no CFG)."""

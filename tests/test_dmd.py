@@ -14,7 +14,7 @@ from common.errors import UserError
 from configs.loader import save_config
 from data.features import batch_conditions
 from data.pairs import load_pairs, read_pairs_metadata
-from diffusion.dmd import DistributionMatching, gan_generator_loss, gan_head_loss, regression_distance
+from diffusion.dmd import DistributionMatching, TeacherFeatures, gan_generator_loss, gan_head_loss, regression_distance
 from diffusion.guidance import null_caption_pair
 from diffusion.samplers.lcm import sample_lcm
 from diffusion.schedule import NoiseSchedule
@@ -139,6 +139,35 @@ def test_the_regression_distance_edge_term_charges_disagreeing_edges_only():
                                torch.tensor([1 / 16 + 2.0 * (2 / 12 + 2 / 12) / 2]))
 
 
+def test_the_teacher_feature_distance_is_the_cosine_distance_of_its_block_outputs():
+    """Against the blocks' outputs read with torch's own forward hooks (not the model's block_hook) and the identity
+    |a/|a| - b/|b||^2 = 2 - 2 cos(a, b): the mean over blocks and tokens, times the weight; zero for equal images;
+    the gradient reaches the image and not the frozen teacher."""
+    net, cfg = toy_net(5)
+    net.requires_grad_(False)
+    x, cond = conditions(cfg, n=3)
+    target = x + 0.3 * torch.randn_like(x)
+    t, noise = torch.tensor([0, 120, 290]), torch.randn_like(x)
+    outputs = []
+    handles = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in net.blocks]
+    with torch.no_grad():
+        net(SCHEDULE.q_sample(x, t, noise), t, **cond)
+        net(SCHEDULE.q_sample(target, t, noise), t, **cond)
+    for h in handles:
+        h.remove()
+    k = len(net.blocks)
+    cos = torch.stack([torch.nn.functional.cosine_similarity(outputs[i], outputs[k + i], dim=-1) for i in range(k)])
+    expected = 2.5 * (2 - 2 * cos).mean(dim=(0, 2))  # (blocks, N, T) -> (N,)
+    image = x.clone().requires_grad_(True)
+    features = TeacherFeatures(net, t, noise, weight=2.5)
+    got = features.distance(SCHEDULE, image, target, cond)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert (got > 0).all()
+    got.sum().backward()
+    assert image.grad.abs().sum() > 0 and all(p.grad is None for p in net.parameters())
+    torch.testing.assert_close(features.distance(SCHEDULE, target, target, cond), torch.zeros(3), atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -252,6 +281,8 @@ def run_cli(tmp_path, *args):
     ("dmd.t_min=0.99", "dmd.t_min and dmd.t_max"),
     ("dmd.real_guidance=nan", "dmd.real_guidance must be a finite number"),
     ("dmd.regression_edge_weight=-1", "dmd.regression_edge_weight must be a finite number >= 0"),
+    ("dmd.regression_feature_weight=-1", "dmd.regression_feature_weight must be a finite number >= 0"),
+    ("dmd.regression_feature_t=0", "dmd.regression_feature_t must be in (0, 1]"),
 ])
 def test_bad_dmd_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
     code, runs = run_cli(tmp_path, "--set", override)
@@ -262,6 +293,10 @@ def test_an_edge_weight_without_the_regression_term_is_refused(tmp_path, caplog)
     code, runs = run_cli(tmp_path, "--set", "dmd.regression_weight=0", "--set", "dmd.pairs=null", "--set",
                          "dmd.distribution_weight=1", "--set", "dmd.regression_edge_weight=1")
     assert code == 2 and runs == [] and "dmd.regression_edge_weight=1.0 weights an edge term" in caplog.text
+    caplog.clear()
+    code, runs = run_cli(tmp_path, "--set", "dmd.regression_weight=0", "--set", "dmd.pairs=null", "--set",
+                         "dmd.distribution_weight=1", "--set", "dmd.regression_feature_weight=1")
+    assert code == 2 and runs == [] and "dmd.regression_feature_weight=1.0 adds a teacher-feature" in caplog.text
 
 
 def test_a_teacher_without_null_caption_is_refused_for_guidance(tmp_path, caplog):
@@ -529,6 +564,21 @@ def test_the_regression_term_alone_trains_the_generator_only_and_resumes_exactly
     assert code == 2 and "trained the networks ['generator']" in caplog.text
     assert "trains ['fake_score', 'generator']" in caplog.text and "dmd.distribution_weight" in caplog.text
     assert sorted(p.relative_to(straight) for p in straight.rglob("*")) == before
+
+
+def test_the_teacher_feature_term_changes_the_regression_update_and_resumes_exactly(teacher_file, toy_cache,
+                                                                                    tmp_path):
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5", "dmd.distribution_weight=0"]
+    feature = [*extra, "dmd.regression_feature_weight=2", "dmd.regression_feature_t=0.5"]
+    plain = train(dmd_config(tmp_path / "p", teacher_file, *extra), DMDTask, toy_data)
+    straight = train(dmd_config(tmp_path / "a", teacher_file, *feature), DMDTask, toy_data)
+    first = train(dmd_config(tmp_path / "b", teacher_file, "train.steps=3", *feature), DMDTask, toy_data)
+    resumed = train(dmd_config(tmp_path / "b", teacher_file, *feature), DMDTask, toy_data, resume=str(first))
+    a, b, p = (last_state(r, "generator")["model"] for r in (straight, resumed, plain))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert any(not torch.equal(a[k], p[k]) for k in a)
 
 
 def test_pairs_loss_is_zero_for_the_teacher_on_its_own_one_step_pairs(teacher_file, toy_cache, tmp_path, capsys,
