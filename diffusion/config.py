@@ -144,6 +144,10 @@ class DMDConfig:
                                      # pair's step drawn as the DMD term's, earlier steps run and re-noised without
                                      # gradient) | first (only the first step's output, from the pair's noise) | own
                                      # (each row the step at its own timestep: pairs made with --start-timesteps)
+    regression_step_weights: list[float] | None = None  # one weight per generator step for the regression rows
+                                     # of that step (modes all and own); None: all 1. The later steps' squared
+                                     # errors are several times smaller than the first's, so uniform weights give
+                                     # the steps that draw the final image the least of the gradient
     pairs: str | None = None         # noise-image pairs of the teacher (tools/make_ode_pairs.py)
     matching_steps: int | None = None  # the distribution-matching term (and the fake score's samples) on the outputs
                                        # of the generator's first this many steps; None: every step
@@ -161,6 +165,11 @@ class DMDConfig:
         if not 1 <= self.generator_steps <= 50 or num_train_steps % 50:
             raise UserError(f"dmd.generator_steps must be in 1..50 (the generator's timesteps are picks of the "
                             f"50-step LCM grid of the {num_train_steps}-step schedule), got {self.generator_steps}")
+        weights = self.regression_step_weights
+        if weights is not None and len(weights) != self.generator_steps:
+            raise UserError(f"dmd.regression_step_weights has {len(weights)} weights for a {self.generator_steps}-step "
+                            f"generator: give one per step (first step first), e.g. "
+                            f"{[1.0] * self.generator_steps}")
         if self.matching_steps is not None and not 1 <= self.matching_steps <= self.generator_steps:
             raise UserError(f"dmd.matching_steps must be in 1..dmd.generator_steps={self.generator_steps} (the DMD "
                             f"term on the outputs of the generator's first that many steps), or null for every step; "
@@ -203,6 +212,17 @@ class DMDConfig:
         if not 0.0 < self.regression_feature_t <= 1.0:
             raise UserError(f"dmd.regression_feature_t must be in (0, 1] (the feature term's timesteps are drawn "
                             f"from [0, regression_feature_t T)), got {self.regression_feature_t}")
+        if self.regression_step_weights is not None:
+            weights = self.regression_step_weights
+            if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+                raise UserError(f"dmd.regression_step_weights must be finite numbers >= 0, not all 0, got {weights}")
+            if self.regression_weight == 0 or self.regression_steps == "first":
+                raise UserError(f"dmd.regression_step_weights={weights} weights the regression rows of each "
+                                f"generator step, but " + ("dmd.regression_weight is 0 (no regression term)"
+                                                           if self.regression_weight == 0 else
+                                                           "dmd.regression_steps=first trains the first step only")
+                                + ": set dmd.regression_steps to own or all with dmd.regression_weight > 0, or drop "
+                                  "dmd.regression_step_weights")
         if self.distribution_weight == 0 and self.regression_weight == 0:
             raise UserError("dmd.distribution_weight and dmd.regression_weight are both 0: nothing trains the "
                             "generator; set one of them > 0")

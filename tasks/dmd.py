@@ -269,15 +269,23 @@ class DMDTask(Task):
             features = TeacherFeatures(self.teacher, t.clamp(max=self.schedule.num_steps - 1),
                                        rng.randn(shape, device), dc.regression_feature_weight)
         if self.cfg.dmd.regression_steps == "own":  # each row the step at its own timestep, from its stored input
-            return self.objective.regression_loss_at(self.generator, pairs["noise"], pairs["timestep"],
+            loss = self.objective.regression_loss_at(self.generator, pairs["noise"], pairs["timestep"],
                                                      pairs["image"], cond, features)
+            step = (self.objective.timesteps.to(device)[None, :] == pairs["timestep"][:, None]).long().argmax(1)
+            return loss * self._step_weights(device)[step]
         if k == 1 or self.cfg.dmd.regression_steps == "first":
             return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond,
                                                   features=features)
         fresh = [rng.randn(shape, device) for _ in range(k - 1)]
         stop = rng.randint(k, device)  # each pair's trained step, as the DMD term's samples
-        return self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond, fresh, stop,
+        loss = self.objective.regression_loss(self.generator, pairs["noise"], pairs["image"], cond, fresh, stop,
                                               features)
+        return loss * self._step_weights(device)[stop]
+
+    def _step_weights(self, device) -> torch.Tensor:
+        """The regression weight of each generator step (K,), dmd.regression_step_weights (all 1 when unset)."""
+        weights = self.cfg.dmd.regression_step_weights or [1.0] * len(self.objective.timesteps)
+        return torch.tensor(weights, dtype=torch.float32, device=device)
 
     def sample(self, model, batch: dict, step: int) -> torch.Tensor:
         """The cached captions drawn by the generator with the sample config (its LCM steps, no CFG)."""

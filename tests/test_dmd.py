@@ -4,6 +4,7 @@ and every refusal before anything loads."""
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_script, random_inputs, random_model, tiny_config
@@ -540,6 +541,38 @@ def test_a_two_step_generator_regresses_every_step_the_first_or_its_own_and_resu
     assert sorted(set(own.pairs["timestep"].tolist())) == [499, 999] and len(own.pairs["index"]) == 10
 
 
+@pytest.mark.parametrize("mode", ["own", "all"])
+def test_regression_step_weights_scale_each_rows_loss_by_its_steps_weight(teacher_file, toy_cache, tmp_path, mode):
+    """The same draws with weights [3, 3] give exactly 3x the unweighted rows; with [1, 0] the rows of the second step
+    give 0 and the first step's rows their unweighted loss."""
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache, num=6)
+    if mode == "own":
+        code, pairs = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, num=6, name="renoised",
+                                 args=STARTS)
+    data = ToyLatents()
+    batch = data.collate([data[i] for i in range(4)])
+    losses, steps = {}, None
+    for weights in (None, [3, 3], [1, 0]):
+        sets = [f"dmd.pairs={pairs}", "dmd.regression_weight=1", "dmd.distribution_weight=0",
+                "dmd.generator_steps=2", f"dmd.regression_steps={mode}",
+                *([f"dmd.regression_step_weights={weights}"] if weights else [])]
+        task = DMDTask(dmd_config(tmp_path / "runs", teacher_file, *sets), torch.device("cpu"))
+        with torch.no_grad():
+            losses[str(weights)] = task._regression(batch, SampleRandomness(7, 0, batch["index"]))
+        if steps is None:  # each row's step, from the same draws the term makes
+            rng = SampleRandomness(7, 0, batch["index"])
+            pick = rng.randint(len(task.pairs["image"]), "cpu")
+            if mode == "own":
+                steps = (task.pairs["timestep"][pick] != 999).long()
+            else:
+                rng.randn(task.pairs["noise"].shape[1:], "cpu")  # the draw that re-noises the first step's image
+                steps = rng.randint(2, "cpu")
+    plain = losses["None"]
+    assert (plain > 0).all() and set(steps.tolist()) == {0, 1}
+    torch.testing.assert_close(losses["[3, 3]"], 3 * plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses["[1, 0]"], torch.where(steps == 0, plain, 0.0), rtol=1e-6, atol=0)
+
+
 def test_the_regression_term_alone_trains_the_generator_only_and_resumes_exactly(teacher_file, toy_cache, tmp_path,
                                                                                    caplog):
     """distribution_weight=0 (no GAN): no fake score is built or checkpointed, the generator's update is the
@@ -606,6 +639,20 @@ def test_pairs_loss_is_zero_for_the_teacher_on_its_own_one_step_pairs(teacher_fi
         assert message in caplog.text
 
 
+def test_pairs_loss_kind_agreement_reads_the_largest_shape_of_each_image():
+    """--kinds: the reader's kind of each image's largest shape (renders of the data set's own shapes, in [-1, 1]),
+    None for a blank image, and the agreement over the rows where the teacher's image holds a shape."""
+    from data.synthetic import parse_caption, render
+    from tools.pairs_loss import kind_agreement, largest_kind
+
+    captions = ["a large red square at the center", "a large blue circle at the top left",
+                "a medium green triangle at the center"]
+    images = [np.asarray(render(parse_caption(c), 32, 32)) for c in captions] + [np.full((32, 32, 3), 255, np.uint8)]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert largest_kind(batch) == ["square", "circle", "triangle", None]
+    assert kind_agreement(["square", "circle", None, "cross"], ["square", "square", "triangle", None]) == 100 / 3
+
+
 def test_joined_pairs_files_are_their_rows_in_order_and_train(teacher_file, toy_cache, tmp_path):
     from tools.join_pairs import main as join_main
 
@@ -644,6 +691,11 @@ def test_pairs_that_cannot_be_joined_exit_2_and_write_nothing(teacher_file, toy_
     ("dmd.distribution_weight=0 dmd.regression_weight=0 dmd.pairs=null", "nothing trains the generator"),
     ("dmd.distribution_weight=-1", "dmd.distribution_weight must be a finite number"),
     ("dmd.regression_steps=last", "dmd.regression_steps must be 'all'"),
+    ("dmd.regression_step_weights=[1,2]", "dmd.regression_step_weights has 2 weights for a 1-step generator"),
+    ("dmd.generator_steps=2 dmd.regression_step_weights=[1,-2]", "dmd.regression_step_weights must be finite"),
+    ("dmd.generator_steps=2 dmd.regression_step_weights=[0,0]", "dmd.regression_step_weights must be finite"),
+    ("dmd.generator_steps=2 dmd.regression_steps=first dmd.regression_step_weights=[1,2]",
+     "dmd.regression_steps=first trains the first step only"),
     ("dmd.regression_steps=own dmd.generator_steps=4 dmd.pairs=no/such/pairs4.safetensors",
      "--extend PAIRS --start-timesteps 759,499,259"),
     ("dmd.generator_init=no/such/generator.safetensors", "dmd.generator_init=no/such/generator.safetensors does not "
