@@ -122,6 +122,9 @@ class DMDConfig:
     teacher: str | None = None       # the frozen teacher (real score); generator and fake score start as it
     generator_init: str | None = None  # the generator starts as this checkpoint instead (same architecture, e.g. the
                                        # LCD student); the fake score still starts as the teacher
+    generator_depth: int | None = None  # the generator's blocks, more than the teacher's: the extra ones start as
+                                        # identity (models/pixart.py deepened), so it starts as the teacher (or
+                                        # generator_init); None: the teacher's depth
     generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
                                      # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
     real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off

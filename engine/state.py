@@ -198,7 +198,8 @@ def read_training_state(path: str | os.PathLike, weights: str = "ema") -> Checkp
     run = state["config"]
     # the run config's model section, with what the task adds to it read off the weights (as for any checkpoint):
     # an LCM student with a guidance input (distill.guidance_embedding) is not declared in that section
-    cfg = replace(config_from_json(json.dumps(run["model"]), path),
-                  guidance_embedding=infer_config(sd)["guidance_embedding"])
+    found = infer_config(sd)  # a DMD generator may be deeper than the run's model (dmd.generator_depth)
+    cfg = replace(config_from_json(json.dumps(run["model"]), path), guidance_embedding=found["guidance_embedding"],
+                  depth=found["depth"])
     metadata = {"config": yaml.safe_dump(run, sort_keys=False), "step": str(state["step"])}
     return Checkpoint(sd, "training-state", path, cfg, metadata)

@@ -5,6 +5,7 @@ It knows no noise schedule; losses live in diffusion/, sampling in diffusion/sam
 """
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -274,6 +275,42 @@ class PixArt(nn.Module):
         tokens = self.run_blocks(tokens, cond, block_hook)  # (N, T, D)
         out = self.final_layer(tokens, cond.c)  # (N, T, p*p*C_out)
         return self.unpatchify(out, grid_h, grid_w)  # (N, C_out, H, W)
+
+
+def identity_block_positions(depth: int, new_depth: int) -> list[int]:
+    """Where a deepened model's new blocks go (indices into its new_depth blocks): spread evenly, one after every
+    depth / extra blocks of the original (6 -> 8: after blocks 3 and 6, at indices 3 and 7)."""
+    extra = new_depth - depth
+    after = [round((k + 1) * depth / extra) for k in range(extra)]  # original blocks each new one follows
+    return [a + k for k, a in enumerate(after)]
+
+
+def deepened(net: PixArt, new_depth: int) -> PixArt:
+    """A copy of `net` with new_depth blocks: its own blocks in order, and new ones (identity_block_positions) whose
+    three output projections (self-attention, cross-attention, MLP) are zero, so each new block passes its tokens
+    through unchanged and the copy computes exactly what `net` does; training then uses the new blocks as capacity.
+    Its cfg (what checkpoints store) says new_depth."""
+    depth = len(net.blocks)
+    if new_depth < depth:
+        raise UserError(f"cannot deepen a {depth}-block model to {new_depth} blocks")
+    if net.cfg.kv_compress_blocks and new_depth > depth:
+        raise UserError("deepening a model with KV-compressed blocks (PixArt-Sigma's kv_compress_blocks) is not "
+                        "supported: the new blocks' positions would move the compressed ones")
+    device = next(net.parameters()).device
+    out = build_pixart(replace(net.cfg, depth=new_depth), device).to(next(net.parameters()).dtype)
+    new = set(identity_block_positions(depth, new_depth)) if new_depth > depth else set()
+    old = iter(net.blocks)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
+    for i in range(new_depth):
+        if i in new:
+            block = out.blocks[i]
+            for layer in (block.attn.proj, block.cross_attn.proj, block.mlp.fc2):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        else:
+            state.update({f"blocks.{i}.{k}": v for k, v in next(old).state_dict().items()})
+    out.load_state_dict(state, strict=False)  # the new blocks keep their own (zero-output) weights
+    return out
 
 
 def build_pixart(cfg: PixArtConfig, device: torch.device | str | None = None) -> PixArt:

@@ -5,7 +5,8 @@ Networks: the generator (trained; exported and sampled, with an EMA if train.ema
 (trained dmd.fake_updates times per generator update, on the generator's samples, at dmd.fake_lr; with the GAN
 head when dmd.gan_weight > 0) and the teacher (the frozen real score, read from dmd.teacher, stored as
 train.frozen_dtype, recorded by path and hash). Generator and fake score start as copies of the teacher (the
-generator as dmd.generator_init instead when it is set, e.g. the LCD student). With dmd.regression_weight > 0 the
+generator as dmd.generator_init instead when it is set, e.g. the LCD student; with dmd.generator_depth, deepened by
+identity blocks). With dmd.regression_weight > 0 the
 generator's loss adds DMD's regression term on the teacher's noise-image pairs (dmd.pairs, held in memory): a
 distance in pixels plus, with dmd.regression_feature_weight > 0, one in the frozen teacher's tokens. With that term
 alone (dmd.distribution_weight and dmd.gan_weight 0) no fake score is built or trained.
@@ -36,7 +37,7 @@ from engine.precision import store_frozen
 from engine.randomness import SampleRandomness
 from models.autoencoder import load_autoencoder
 from models.checkpoint import load_checkpoint, peek, save_checkpoint
-from models.pixart import build_pixart
+from models.pixart import build_pixart, deepened, identity_block_positions
 from models.shipped import content_hash
 from pipeline.generate import preview_images
 
@@ -53,6 +54,11 @@ def check_config(cfg: Config) -> None:
                         f"{dc.teacher} has none (a plain diffusers folder): use a checkpoint that holds y_embedding "
                         f"(an official .pth, this project's safetensors, or a folder converted by "
                         f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
+    depth = cfg.model.dims()[0]
+    if dc.generator_depth is not None and dc.generator_depth < depth:
+        raise UserError(f"dmd.generator_depth={dc.generator_depth} is less than the teacher's {depth} blocks: the "
+                        f"generator starts as the teacher with extra identity blocks; set it to {depth} or more, or "
+                        f"to null")
     if dc.generator_init:
         if not Path(dc.generator_init).exists():
             raise UserError(f"dmd.generator_init={dc.generator_init} does not exist: the generator starts from a "
@@ -158,6 +164,10 @@ class DMDTask(Task):
             self.generator.load_state_dict(init.float().state_dict())
             self.generator_init_hash = content_hash(dc.generator_init)
             log.info("generator starts as %s", dc.generator_init)
+        if dc.generator_depth is not None and dc.generator_depth > len(self.generator.blocks):
+            self.generator = deepened(self.generator, dc.generator_depth).train().requires_grad_(True)
+            log.info("generator deepened to %d blocks (new blocks at %s start as identity)", dc.generator_depth,
+                     identity_block_positions(len(teacher.blocks), dc.generator_depth))
         self.fake = None
         if dc.reads_fake_score:
             self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0).to(device).train()
@@ -297,6 +307,6 @@ class DMDTask(Task):
     def export(self, state_dict: dict, path: Path, metadata: dict) -> None:
         """The generator as this project's safetensors, sampled with `--sampler lcm --steps dmd.generator_steps`."""
         dc = self.cfg.dmd
-        save_checkpoint(state_dict, self.cfg.model, path, "safetensors",
+        save_checkpoint(state_dict, self.generator.cfg, path, "safetensors",
                         metadata={**metadata, "teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash,
                                   "distillation": "dmd2", "generator_steps": str(dc.generator_steps)})

@@ -614,6 +614,36 @@ def test_the_teacher_feature_term_changes_the_regression_update_and_resumes_exac
     assert any(not torch.equal(a[k], p[k]) for k in a)
 
 
+def test_a_deepened_generator_starts_as_the_teacher_trains_exports_and_resumes(teacher_file, toy_cache, tmp_path,
+                                                                               caplog):
+    """dmd.generator_depth: the generator has more blocks than the teacher (identity at the start: its output is the
+    teacher's exactly), the fake score keeps the teacher's; the run resumes exactly, its export and the curve's
+    export of a training checkpoint declare the deeper model and load as it; fewer blocks are refused."""
+    from engine.state import read_training_state
+
+    code, pairs = make_pairs(tmp_path, teacher_file, toy_cache)
+    extra = [f"dmd.pairs={pairs}", "dmd.regression_weight=0.5", "dmd.distribution_weight=0.5", "dmd.generator_depth=3"]
+    task = DMDTask(dmd_config(tmp_path / "c", teacher_file, *extra), torch.device("cpu"))
+    assert len(task.generator.blocks) == 3 and len(task.fake.net.blocks) == 2
+    teacher, cfg = toy_net(4)
+    x, t, y, mask, _ = random_inputs(cfg, height=8, width=8)
+    with torch.no_grad():
+        torch.testing.assert_close(task.generator(x, t, y, mask), teacher(x, t, y, mask), rtol=0, atol=0)
+    straight = train(dmd_config(tmp_path / "a", teacher_file, *extra), DMDTask, toy_data)
+    first = train(dmd_config(tmp_path / "b", teacher_file, "train.steps=3", *extra), DMDTask, toy_data)
+    resumed = train(dmd_config(tmp_path / "b", teacher_file, *extra), DMDTask, toy_data, resume=str(first))
+    a, b = last_state(straight, "generator")["model"], last_state(resumed, "generator")["model"]
+    assert "blocks.2.attn.proj.weight" in a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    exported, cfg3, _ = load_checkpoint(straight / "ema.safetensors")
+    assert cfg3.depth == 3 and len(exported.blocks) == 3
+    state = read_training_state(next((straight / "checkpoints").iterdir()))
+    assert state.config.depth == 3
+    code, runs = run_cli(tmp_path / "refused", "--set", "dmd.generator_depth=1")
+    assert code == 2 and runs == [] and "dmd.generator_depth=1 is less than the teacher's" in caplog.text
+
+
 def test_pairs_loss_is_zero_for_the_teacher_on_its_own_one_step_pairs(teacher_file, toy_cache, tmp_path, capsys,
                                                                          caplog):
     """tools/pairs_loss.py feeds each row at its start timestep as the regression term does: the teacher's one-step

@@ -137,3 +137,26 @@ def test_ms_model_requires_micro_conditions():
 def test_unknown_arch_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown model.arch 'XXL'.*XL"):
         build_pixart(PixArtConfig(arch="XXL"), device="meta")
+
+
+def test_a_deepened_model_computes_what_the_original_does():
+    """models/pixart.py deepened: new blocks spread evenly with zero output projections pass their tokens through, so
+    the deeper model's output equals the original's exactly (and its cfg says the new depth); once a new block's
+    projections are non-zero the outputs differ, and a shallower depth is refused."""
+    from common.errors import UserError
+    from models.pixart import deepened, identity_block_positions
+
+    assert identity_block_positions(6, 8) == [3, 7] and identity_block_positions(6, 9) == [2, 5, 8]
+    assert identity_block_positions(2, 3) == [2]
+    cfg = tiny_config()
+    net = random_model(cfg, seed=3, std=0.05)
+    x, t, y, mask, _ = random_inputs(cfg, batch=2)
+    deep = deepened(net, len(net.blocks) + 2)
+    assert len(deep.blocks) == len(net.blocks) + 2 and deep.cfg.depth == len(net.blocks) + 2
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, y, mask), net(x, t, y, mask), rtol=0, atol=0)
+        new = identity_block_positions(len(net.blocks), len(deep.blocks))[0]
+        deep.blocks[new].mlp.fc2.weight.normal_()
+        assert not torch.allclose(deep(x, t, y, mask), net(x, t, y, mask))
+    with pytest.raises(UserError, match="cannot deepen"):
+        deepened(net, len(net.blocks) - 1)
