@@ -124,7 +124,8 @@ class DMDConfig:
                                        # LCD student); the fake score still starts as the teacher
     generator_depth: int | None = None  # the generator's blocks, more than the teacher's: the extra ones start as
                                         # identity (models/pixart.py deepened), so it starts as the teacher (or
-                                        # generator_init); None: the teacher's depth
+                                        # generator_init, which may also be such a deeper export when this is
+                                        # its depth); None: the teacher's depth
     generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
                                      # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
     real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off

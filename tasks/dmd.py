@@ -14,6 +14,7 @@ alone (dmd.distribution_weight and dmd.gan_weight 0) no fake score is built or t
 
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,9 +69,16 @@ def check_config(cfg: Config) -> None:
                             f"dmd.generator_init=null to start from the teacher")
         init = peek(dc.generator_init).config
         if init is not None and info.config is not None and init != info.config:
-            raise UserError(f"dmd.generator_init={dc.generator_init} is not of the teacher's architecture "
-                            f"({init} against {info.config}): the generator and the fake score share one model "
-                            f"config; start the generator from a checkpoint of the teacher's shape")
+            only_deeper = replace(init, depth=info.config.depth) == info.config and init.depth > info.config.depth
+            if not only_deeper:
+                raise UserError(f"dmd.generator_init={dc.generator_init} is not of the teacher's architecture "
+                                f"({init} against {info.config}): the generator and the fake score share one model "
+                                f"config; start the generator from a checkpoint of the teacher's shape")
+            if dc.generator_depth != init.depth:
+                raise UserError(f"dmd.generator_init={dc.generator_init} is the teacher's architecture with "
+                                f"{init.depth} blocks (a dmd.generator_depth run's export); set "
+                                f"dmd.generator_depth={init.depth} to train it on, or start from a checkpoint of the "
+                                f"teacher's {info.config.depth} blocks")
     if dc.pairs:  # last: the pairs are made from the teacher, so its errors come first
         if dc.regression_steps == "own" and not Path(dc.pairs).exists():
             later = start_timesteps_arg(dc, cfg.diffusion.num_steps)
@@ -160,8 +168,12 @@ class DMDTask(Task):
             copies.append(net.train().requires_grad_(True))
         self.generator = copies[0]
         if dc.generator_init:
-            init, _, _ = load_checkpoint(dc.generator_init, cfg.model, device=device)
-            self.generator.load_state_dict(init.float().state_dict())
+            deeper = dc.generator_depth is not None and peek(dc.generator_init).config.depth == dc.generator_depth
+            init, _, _ = load_checkpoint(dc.generator_init, None if deeper else cfg.model, device=device)
+            if deeper:  # check_config has checked it is the teacher's architecture but for the depth
+                self.generator = init.float().train().requires_grad_(True)
+            else:
+                self.generator.load_state_dict(init.float().state_dict())
             self.generator_init_hash = content_hash(dc.generator_init)
             log.info("generator starts as %s", dc.generator_init)
         if dc.generator_depth is not None and dc.generator_depth > len(self.generator.blocks):

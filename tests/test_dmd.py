@@ -225,7 +225,7 @@ def test_generator_init_starts_the_generator_elsewhere_and_is_recorded(teacher_f
         assert torch.equal(task.generator(x, t, y, mask), student(x, t, y, mask))
         assert torch.equal(task.fake(x, t, y, mask), teacher(x, t, y, mask))
     assert task.references()["generator_init"]["path"] == str(path)
-    other = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8, depth=3)
+    other = tiny_config(caption_channels=32, caption_tokens=8, latent_size=8, hidden_size=64)
     wide = tmp_path / "other.safetensors"
     save_checkpoint(random_model(other, seed=1).state_dict(), other, wide, "safetensors")
     code, runs = run_cli(tmp_path, "--set", f"dmd.teacher={teacher_file}", "--set", f"dmd.generator_init={wide}")
@@ -642,6 +642,15 @@ def test_a_deepened_generator_starts_as_the_teacher_trains_exports_and_resumes(t
     assert state.config.depth == 3
     code, runs = run_cli(tmp_path / "refused", "--set", "dmd.generator_depth=1")
     assert code == 2 and runs == [] and "dmd.generator_depth=1 is less than the teacher's" in caplog.text
+    # the deeper export as the start of another run: with its depth it is the generator, without it refused
+    on = DMDTask(dmd_config(tmp_path / "d", teacher_file, *extra, f"dmd.generator_init={straight / 'ema.safetensors'}"),
+                 torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(on.generator(x, t, y, mask), exported.float()(x, t, y, mask), rtol=0, atol=0)
+    caplog.clear()
+    code, runs = run_cli(tmp_path / "refused2", "--set", f"dmd.teacher={teacher_file}", "--set",
+                         f"dmd.generator_init={straight / 'ema.safetensors'}")
+    assert code == 2 and runs == [] and "set dmd.generator_depth=3 to train it on" in caplog.text
 
 
 def test_pairs_loss_is_zero_for_the_teacher_on_its_own_one_step_pairs(teacher_file, toy_cache, tmp_path, capsys,
