@@ -44,6 +44,7 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
     from pipeline.generate import denoise_batch, guided_denoiser, initial_noise
     from tools.make_ode_pairs import start_steps
 
+    teacher_s = replace(teacher_s, uncond="null")  # guided against its learned null caption (no negative prompt)
     k = student_s.steps
     if not 0 <= handoff <= k:
         raise UserError(f"--handoff {handoff}: the student draws {k} steps (sample.steps of the student config), so "
@@ -56,7 +57,12 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
         raise UserError(f"the teacher finishes from a start timestep with DPM-Solver; its config samples with "
                         f"{teacher_s.sampler!r}: use --teacher-set sample.sampler=dpm")
 
-    x = initial_noise(seeds, (student.in_channels, *latent_hw), cond["y"].device, torch.float32)
+    def in_dtype_of(net) -> tuple[torch.dtype, dict]:  # each network's inputs in its own dtype, as denoise_batch
+        dtype = next(net.parameters()).dtype
+        return dtype, {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+
+    dtype, student_cond = in_dtype_of(student)
+    x = initial_noise(seeds, (student.in_channels, *latent_hw), cond["y"].device, dtype)
     generators = [torch.Generator().manual_seed(seed + 1_000_003) for seed in seeds]  # as denoise_batch draws
 
     def stop(info):
@@ -64,14 +70,15 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
             raise _Handoff(info.x)
 
     try:
-        sample_lcm(guided_denoiser(student, schedule, student_s, cond, prediction=prediction), x, schedule, k,
-                   generator=generators, callback=stop, **student_s.sampler_options)
+        denoise = guided_denoiser(student, schedule, student_s, student_cond, prediction=prediction)
+        sample_lcm(denoise, x, schedule, k, generator=generators, callback=stop, **student_s.sampler_options)
     except _Handoff as h:
         x = h.x
     t = int(lcm_timesteps(k, student_s.sampler_options.get("original_steps", 50), schedule.num_steps)[handoff])
-    denoise = guided_denoiser(teacher, schedule, replace(teacher_s, uncond="null"), cond, prediction=prediction)
-    return sample_dpm_solver(denoise, x, schedule, start_steps(teacher_s.steps, t, schedule.num_steps), start=t,
-                             **teacher_s.sampler_options)
+    dtype, teacher_cond = in_dtype_of(teacher)
+    denoise = guided_denoiser(teacher, schedule, teacher_s, teacher_cond, prediction=prediction)
+    steps = start_steps(teacher_s.steps, t, schedule.num_steps)
+    return sample_dpm_solver(denoise, x.to(dtype), schedule, steps, start=t, **teacher_s.sampler_options)
 
 
 def run(args) -> str:
