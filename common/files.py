@@ -72,3 +72,11 @@ def atomic_dir(path: str | os.PathLike, replace_existing: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def print_report(text: str, out: str | os.PathLike | None) -> None:
+    """Print a report (a Markdown table) to stdout and, when `out` is given, write it there whole (atomic_path)."""
+    print(text, end="")
+    if out is not None:
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text(text)

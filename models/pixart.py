@@ -302,14 +302,13 @@ def deepened(net: PixArt, new_depth: int) -> PixArt:
     old = iter(net.blocks)
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
     for i in range(new_depth):
+        block = out.blocks[i] if i in new else next(old)
         if i in new:
-            block = out.blocks[i]
             for layer in (block.attn.proj, block.cross_attn.proj, block.mlp.fc2):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        else:
-            state.update({f"blocks.{i}.{k}": v for k, v in next(old).state_dict().items()})
-    out.load_state_dict(state, strict=False)  # the new blocks keep their own (zero-output) weights
+        state.update({f"blocks.{i}.{k}": v for k, v in block.state_dict().items()})
+    out.load_state_dict(state)
     return out
 
 

@@ -376,6 +376,11 @@ def guided_denoiser(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, con
     return classifier_free_guidance(fn, cond, uncond, s.guidance)
 
 
+def conditions_in_dtype(cond: dict, dtype: torch.dtype) -> dict:
+    """The batch's conditions with every floating-point tensor in the network's dtype (masks and flags as they are)."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+
+
 def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond: dict, seeds: list[int], latent_hw,
                   *, negative: dict | None = None, prediction: str = "eps", timings: Timings | None = None,
                   on_step=None) -> torch.Tensor:
@@ -389,7 +394,7 @@ def denoise_batch(model: PixArt, schedule: NoiseSchedule, s: SampleConfig, cond:
     dtype = next(model.parameters()).dtype
     device = cond["y"].device
     x = initial_noise(seeds, (model.in_channels, *latent_hw), device, dtype)  # (N, C, h, w)
-    cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+    cond = conditions_in_dtype(cond, dtype)
     denoise = guided_denoiser(model, schedule, s, cond, negative=negative, prediction=prediction, timings=timings)
     # Fresh noise of stochastic samplers (LCM, DDIM eta > 0): one generator per image, so batching changes nothing.
     generators = [torch.Generator().manual_seed(seed + 1_000_003) for seed in seeds]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.files import print_report
 
 log = logging.getLogger("handoff")
 
@@ -41,7 +42,7 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
     sampler (teacher_s) from the student's next timestep."""
     from diffusion.samplers.dpm_solver import sample_dpm_solver
     from diffusion.samplers.lcm import lcm_timesteps, sample_lcm
-    from pipeline.generate import denoise_batch, guided_denoiser, initial_noise
+    from pipeline.generate import conditions_in_dtype, denoise_batch, guided_denoiser, initial_noise
     from tools.make_ode_pairs import start_steps
 
     teacher_s = replace(teacher_s, uncond="null")  # guided against its learned null caption (no negative prompt)
@@ -57,11 +58,8 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
         raise UserError(f"the teacher finishes from a start timestep with DPM-Solver; its config samples with "
                         f"{teacher_s.sampler!r}: use --teacher-set sample.sampler=dpm")
 
-    def in_dtype_of(net) -> tuple[torch.dtype, dict]:  # each network's inputs in its own dtype, as denoise_batch
-        dtype = next(net.parameters()).dtype
-        return dtype, {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-
-    dtype, student_cond = in_dtype_of(student)
+    dtype = next(student.parameters()).dtype  # each network's inputs in its own dtype, as denoise_batch casts them
+    student_cond = conditions_in_dtype(cond, dtype)
     x = initial_noise(seeds, (student.in_channels, *latent_hw), cond["y"].device, dtype)
     generators = [torch.Generator().manual_seed(seed + 1_000_003) for seed in seeds]  # as denoise_batch draws
 
@@ -75,7 +73,8 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
     except _Handoff as h:
         x = h.x
     t = int(lcm_timesteps(k, student_s.sampler_options.get("original_steps", 50), schedule.num_steps)[handoff])
-    dtype, teacher_cond = in_dtype_of(teacher)
+    dtype = next(teacher.parameters()).dtype
+    teacher_cond = conditions_in_dtype(cond, dtype)
     denoise = guided_denoiser(teacher, schedule, teacher_s, teacher_cond, prediction=prediction)
     steps = start_steps(teacher_s.steps, t, schedule.num_steps)
     return sample_dpm_solver(denoise, x.to(dtype), schedule, steps, start=t, **teacher_s.sampler_options)
@@ -162,10 +161,7 @@ def main(argv=None) -> int:
     except UserError as e:
         log.error("error: %s", e)
         return 2
-    print(text, end="")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    print_report(text, args.out)
     return 0
 
 

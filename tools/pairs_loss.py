@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.files import print_report
 
 log = logging.getLogger("pairs_loss")
 
@@ -137,10 +138,7 @@ def main(argv=None) -> int:
     except UserError as e:
         log.error("error: %s", e)
         return 2
-    print(text, end="")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    print_report(text, args.out)
     return 0
 
 
