@@ -128,6 +128,9 @@ class DMDConfig:
                                         # its depth); None: the teacher's depth
     generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
                                      # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
+    generator_timesteps: list[int] | None = None  # the student's timesteps instead of LCM's picks, descending from
+                                     # T - 1, one per generator step (e.g. [999, 639, 339, 119]); the sample section
+                                     # must then sample them: sample.sampler_options: {timesteps: the same list}
     real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off
     fake_updates: int = 5            # fake-score updates per generator update (DMD2's two time-scale rule)
     fake_lr: float | None = None     # learning rate of the fake score; None: train.lr
@@ -169,6 +172,13 @@ class DMDConfig:
         if not 1 <= self.generator_steps <= 50 or num_train_steps % 50:
             raise UserError(f"dmd.generator_steps must be in 1..50 (the generator's timesteps are picks of the "
                             f"50-step LCM grid of the {num_train_steps}-step schedule), got {self.generator_steps}")
+        if self.generator_timesteps is not None:
+            from diffusion.samplers.lcm import check_timesteps  # torch: only when a run is checked
+
+            try:
+                check_timesteps(self.generator_timesteps, self.generator_steps, num_train_steps)
+            except UserError as e:
+                raise UserError(f"dmd.generator_timesteps: {e}") from None
         weights = self.regression_step_weights
         if weights is not None and len(weights) != self.generator_steps:
             raise UserError(f"dmd.regression_step_weights has {len(weights)} weights for a {self.generator_steps}-step "

@@ -3,7 +3,8 @@ Image Synthesis"): a one- or few-step generator trained so that its samples' dis
 
 Three networks, all starting as the teacher:
   generator G   maps noise to an image in `generator_steps` denoiser evaluations (multi-step: each output re-noised to
-                the next timestep, as LCM samples; the timesteps are LCM's picks, 999 / 999, 499 / ...);
+                the next timestep, as LCM samples; the timesteps are LCM's picks, 999 / 999, 499 / ..., or
+                given ones);
   real score    the frozen teacher, guided (CFG): the score of the data distribution;
   fake score    trained with the ordinary denoising loss on G's samples: the score of G's distribution.
 The generator's gradient at a random noise level t is the difference of the two scores' clean estimates,
@@ -56,10 +57,11 @@ class FakeScore(nn.Module):
         return self.head(captured["tokens"].mean(dim=1)).squeeze(-1)  # (N, T, D) -> (N,)
 
 
-def generator_timesteps(steps: int, num_train: int) -> Tensor:
+def generator_timesteps(steps: int, num_train: int, timesteps: list[int] | None = None) -> Tensor:
     """A `steps`-step generator's timesteps (K,), descending: LCM's picks of its 50-step grid, so `--sampler lcm
-    --steps K` samples it (1: 999; 2: 999, 499; 4: 999, 759, 499, 259)."""
-    return lcm_timesteps(steps, 50, num_train)
+    --steps K` samples it (1: 999; 2: 999, 499; 4: 999, 759, 499, 259), or the given ones (dmd.generator_timesteps;
+    sampled with sampler option `timesteps`)."""
+    return lcm_timesteps(steps, 50, num_train, timesteps)
 
 
 @dataclass
@@ -73,9 +75,11 @@ class DistributionMatching:
     t_min: float = 0.02
     t_max: float = 0.98
     regression_edge_weight: float = 0.0  # the regression distance's edge term (regression_distance)
+    explicit_timesteps: list[int] | None = None  # the generator's timesteps instead of LCM's picks
 
     def __post_init__(self):
-        self.timesteps = generator_timesteps(self.generator_steps, self.schedule.num_steps)  # (K,) descending
+        self.timesteps = generator_timesteps(self.generator_steps, self.schedule.num_steps,
+                                             self.explicit_timesteps)  # (K,) descending
 
     def x0(self, net: Network, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         return Denoiser(net, self.schedule, self.prediction, torch.float32).x0(x, t, **cond)

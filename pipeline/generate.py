@@ -92,8 +92,8 @@ def plan(cfg, prompts: list[str]) -> Plan:
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UserError("no prompts (or an empty one): pass --prompt TEXT or --prompts-file FILE (one per line)")
     check_sample_values(s)
-    sampler_timesteps(s.sampler, s.steps, cfg.diffusion.num_steps)
     check_sampler_options(s.sampler, s.sampler_options)
+    timesteps = sampler_timesteps(s.sampler, s.steps, cfg.diffusion.num_steps, s.sampler_options).tolist()
     check_device(s.device, s.dtype)
     s.quantize = resolve_quantize(s.quantize, s.device)
     if s.checkpoint is None:
@@ -112,6 +112,12 @@ def plan(cfg, prompts: list[str]) -> Plan:
                               f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
                               f"use the autoencoder the model was trained with")
     check_prediction(info, cfg.diffusion.prediction, s.checkpoint)
+    trained = info.metadata.get("generator_timesteps")  # a DMD student's export: the timesteps it was trained at
+    if s.sampler == "lcm" and trained and len(trained.split(",")) == s.steps and trained.split(",") != \
+            [str(t) for t in timesteps]:
+        log.warning("%s was trained as a %d-step generator at timesteps %s but is sampled at %s: set "
+                    "sample.sampler_options to {timesteps: [%s]} (its preset config does)", s.checkpoint, s.steps,
+                    trained, ",".join(map(str, timesteps)), trained)
     if s.sampler == "lcm" and model_cfg.guided_by_cfg(s.guidance) and info.metadata.get("teacher"):
         log.warning("guidance %g with the LCM sampler on a distilled student: the teacher's guidance is distilled "
                     "into it, so more guidance on top over-saturates and degrades the image; use guidance 0",

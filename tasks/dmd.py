@@ -33,6 +33,7 @@ from diffusion.dmd import (
     generator_timesteps,
 )
 from diffusion.guidance import null_caption_pair
+from diffusion.samplers import sampler_timesteps
 from engine.loop import Task, Trainable
 from engine.precision import store_frozen
 from engine.randomness import SampleRandomness
@@ -55,6 +56,7 @@ def check_config(cfg: Config) -> None:
                         f"{dc.teacher} has none (a plain diffusers folder): use a checkpoint that holds y_embedding "
                         f"(an official .pth, this project's safetensors, or a folder converted by "
                         f"tools/convert_checkpoint.py), or set dmd.real_guidance=1")
+    check_sample_timesteps(cfg)
     depth = cfg.model.dims()[0]
     if dc.generator_depth is not None and dc.generator_depth < depth:
         raise UserError(f"dmd.generator_depth={dc.generator_depth} is less than the teacher's {depth} blocks: the "
@@ -101,16 +103,31 @@ def check_config(cfg: Config) -> None:
         check_pair_timesteps(dc, read_pairs_timesteps(dc.pairs), cfg.diffusion.num_steps)
 
 
+def check_sample_timesteps(cfg: Config) -> None:
+    """The sample section (training's preview grids, and every tool that reads the config) must draw a
+    generator_steps-step student at the timesteps it is trained at."""
+    dc, s = cfg.dmd, cfg.sample
+    if s.sampler != "lcm" or s.steps != dc.generator_steps:
+        return
+    trained = generator_timesteps(dc.generator_steps, cfg.diffusion.num_steps, dc.generator_timesteps).tolist()
+    sampled = sampler_timesteps("lcm", s.steps, cfg.diffusion.num_steps, s.sampler_options).tolist()
+    if sampled != trained:
+        raise UserError(f"the generator trains at timesteps {trained} (dmd.generator_timesteps) but the sample "
+                        f"section draws its {s.steps} steps at {sampled}: set sample.sampler_options to "
+                        f"{{timesteps: {trained}}}" + (" (or drop its timesteps)" if dc.generator_timesteps is None
+                                                       else ""))
+
+
 def start_timesteps_arg(dc, num_train: int) -> str:
     """The generator's later timesteps as tools/make_ode_pairs.py --start-timesteps takes them ("759,499,259")."""
-    return ",".join(map(str, generator_timesteps(dc.generator_steps, num_train)[1:].tolist()))
+    return ",".join(map(str, generator_timesteps(dc.generator_steps, num_train, dc.generator_timesteps)[1:].tolist()))
 
 
 def check_pair_timesteps(dc, timesteps: list[int] | None, num_train: int) -> None:
     """dmd.regression_steps=own needs pairs with rows that start at the generator's timesteps (rows at others are
     left out, so one file of 759, 499, 259 serves the 4-step and the 2-step generator); the other modes run every
     row from pure noise, so they refuse re-noised rows (which they would read as noise)."""
-    steps = generator_timesteps(dc.generator_steps, num_train).tolist()
+    steps = generator_timesteps(dc.generator_steps, num_train, dc.generator_timesteps).tolist()
     make = (f"python tools/make_ode_pairs.py OUT --config TEACHER_CONFIG --extend {dc.pairs} --start-timesteps "
             f"{start_timesteps_arg(dc, num_train)}")
     if dc.regression_steps == "own":
@@ -190,7 +207,8 @@ class DMDTask(Task):
         self.schedule = cfg.diffusion.build()
         self.objective = DistributionMatching(self.schedule, cfg.diffusion.prediction, dc.generator_steps,
                                               dc.real_guidance, dc.t_min, dc.t_max,
-                                              regression_edge_weight=dc.regression_edge_weight)
+                                              regression_edge_weight=dc.regression_edge_weight,
+                                              explicit_timesteps=dc.generator_timesteps)
         self.vae = None  # loaded at the first sample grid
         self.pairs = None
         if dc.regression_weight > 0:
@@ -321,4 +339,5 @@ class DMDTask(Task):
         dc = self.cfg.dmd
         save_checkpoint(state_dict, self.generator.cfg, path, "safetensors",
                         metadata={**metadata, "teacher": str(dc.teacher), "teacher_sha256": self.teacher_hash,
-                                  "distillation": "dmd2", "generator_steps": str(dc.generator_steps)})
+                                  "distillation": "dmd2", "generator_steps": str(dc.generator_steps),
+                                  "generator_timesteps": ",".join(map(str, self.objective.timesteps.tolist()))})

@@ -21,7 +21,7 @@ from diffusion.samplers.lcm import sample_lcm
 from diffusion.schedule import NoiseSchedule
 from engine.loop import train
 from engine.randomness import SampleRandomness
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, peek, save_checkpoint
 from tasks.dmd import DMDTask
 from tools.make_ode_pairs import main as make_pairs_main
 
@@ -98,6 +98,27 @@ def test_multi_step_generation_equals_the_lcm_sampler():
             eps = lambda x, t: net(x, t, **cond)[:, :4]  # noqa: E731
             theirs = sample_lcm(eps, noise, SCHEDULE, steps, generator=torch.Generator().manual_seed(9))
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_generator_at_given_timesteps_is_the_lcm_sampler_at_them():
+    net, cfg = toy_net(2)
+    noise, cond = conditions(cfg, n=2)
+    objective = DistributionMatching(SCHEDULE, generator_steps=3, explicit_timesteps=[999, 339, 119])
+    assert objective.timesteps.tolist() == [999, 339, 119]
+    gen = torch.Generator().manual_seed(9)
+    fresh = [torch.randn(noise.shape, generator=gen) for _ in range(2)]  # as the sampler draws its re-noising
+    seen = []
+    with torch.no_grad():
+        ours, _ = objective.generate(net, noise, cond, fresh)
+
+        def eps(x, t):
+            seen.append(int(t[0]))
+            return net(x, t, **cond)[:, :4]
+
+        theirs = sample_lcm(eps, noise, SCHEDULE, 3, timesteps=[999, 339, 119],
+                            generator=torch.Generator().manual_seed(9))
+    assert seen == [999, 339, 119]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_simulation_stops_each_sample_at_its_step():
@@ -284,10 +305,50 @@ def run_cli(tmp_path, *args):
     ("dmd.regression_edge_weight=-1", "dmd.regression_edge_weight must be a finite number >= 0"),
     ("dmd.regression_feature_weight=-1", "dmd.regression_feature_weight must be a finite number >= 0"),
     ("dmd.regression_feature_t=0", "dmd.regression_feature_t must be in (0, 1]"),
+    ("dmd.generator_timesteps=[999, 259]", "dmd.generator_timesteps: LCM timesteps [999, 259] give 2 steps but "
+                                           "steps is 1"),
+    ("dmd.generator_timesteps=[259]", "dmd.generator_timesteps: LCM timesteps [259] must be strictly descending "
+                                      "from 999"),
 ])
 def test_bad_dmd_settings_exit_2_before_anything_loads(tmp_path, caplog, override, message):
     code, runs = run_cli(tmp_path, "--set", override)
     assert code == 2 and runs == [] and message in caplog.text
+
+
+def test_a_sample_section_that_does_not_draw_the_generators_timesteps_is_refused(tmp_path, caplog):
+    two = ["--set", "dmd.generator_steps=2", "--set", "sample.steps=2", "--set", "dmd.regression_weight=0",
+           "--set", "dmd.pairs=null"]
+    code, runs = run_cli(tmp_path, *two, "--set", "dmd.generator_timesteps=[999, 259]")
+    assert code == 2 and runs == []
+    assert "trains at timesteps [999, 259] (dmd.generator_timesteps) but the sample section draws its 2 steps at " \
+           "[999, 499]: set sample.sampler_options to {timesteps: [999, 259]}" in caplog.text
+    caplog.clear()
+    code, runs = run_cli(tmp_path, *two, "--set", "sample.sampler_options={timesteps: [999, 259]}")
+    assert code == 2 and runs == [] and "trains at timesteps [999, 499]" in caplog.text and "drop its" in caplog.text
+
+
+def test_a_generator_at_given_timesteps_exports_them_and_sampling_it_elsewhere_is_flagged(teacher_file, tmp_path,
+                                                                                          caplog):
+    from configs import Config, load_config
+    from pipeline.generate import plan
+
+    given = ["dmd.generator_steps=2", "dmd.generator_timesteps=[999, 259]", "sample.sampler=lcm", "sample.steps=2",
+             "sample.sampler_options={timesteps: [999, 259]}", "train.steps=1"]
+    run = train(dmd_config(tmp_path, teacher_file, *given), DMDTask, toy_data)
+    assert peek(run / "ema.safetensors").metadata["generator_timesteps"] == "999,259"
+    shapes = tmp_path / "shapes-student.safetensors"  # the shapes teacher's weights with such an export's metadata
+    net, net_cfg, _ = load_checkpoint("weights/shapes/teacher.safetensors")
+    save_checkpoint(net.state_dict(), net_cfg, shapes, "safetensors",
+                    metadata={"generator_timesteps": "999,759,499,119"})
+    prompt = ["a large red circle at the center"]
+    plan(load_config(Config, "lcm_shapes", [f"sample.checkpoint={shapes}", "sample.steps=4"]), prompt)
+    assert "trained as a 4-step generator at timesteps 999,759,499,119 but is sampled at 999,759,499,259" \
+        in caplog.text
+    caplog.clear()
+    plan(load_config(Config, "lcm_shapes", [f"sample.checkpoint={shapes}", "sample.steps=4",
+                                            "sample.sampler_options={timesteps: [999, 759, 499, 119]}"]), prompt)
+    plan(load_config(Config, "lcm_shapes", [f"sample.checkpoint={shapes}", "sample.steps=2"]), prompt)
+    assert "trained as a" not in caplog.text  # its own timesteps, or another step count: nothing to flag
 
 
 def test_an_edge_weight_without_the_regression_term_is_refused(tmp_path, caplog):

@@ -37,10 +37,14 @@ def test_no_hand_off_is_the_students_sample_and_hand_off_at_zero_is_the_teachers
     assert not torch.allclose(mixed, own) and not torch.allclose(mixed, teachers)
 
 
-def test_handing_the_last_step_to_the_student_itself_gives_its_own_sample(nets):
+@pytest.mark.parametrize("options, solver_steps", [
+    ({}, 4),  # LCM's picks: the last step from 259, round(4 * 259 / 999) = 1 solver step
+    ({"timesteps": [999, 759, 499, 119]}, 8),  # given timesteps: the last from 119, round(8 * 119 / 999) = 1
+])
+def test_handing_the_last_step_to_the_student_itself_gives_its_own_sample(nets, options, solver_steps):
     student, _, cond = nets
-    ss = SampleConfig(sampler="lcm", steps=4, guidance=0.0)
-    ts = SampleConfig(sampler="dpm", steps=4, guidance=1.0)  # from 259: round(4 * 259 / 999) = 1 solver step
+    ss = SampleConfig(sampler="lcm", steps=4, guidance=0.0, sampler_options=options)
+    ts = SampleConfig(sampler="dpm", steps=solver_steps, guidance=1.0)
     full = handoff_latents(student, student, SCHEDULE, ss, ts, cond, SEEDS, (8, 8), 4, "eps")
     handed = handoff_latents(student, student, SCHEDULE, ss, ts, cond, SEEDS, (8, 8), 3, "eps")
     torch.testing.assert_close(handed, full, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ from diffusion import (
     sample_ddim,
     sample_dpm_solver,
     sample_lcm,
+    sampler_timesteps,
 )
 from diffusion.samplers.dpm_solver import step_order
 
@@ -262,6 +263,35 @@ def test_lcm_matches_diffusers(steps):
     ours = sample_lcm(fake_denoise, x, SCHEDULE, steps, generator=torch.Generator().manual_seed(3))
     theirs = run_diffusers(LCMScheduler(**PIXART_BETAS), x, steps, generator=torch.Generator().manual_seed(3))
     assert_parity(ours, theirs)
+
+
+@pytest.mark.parametrize("timesteps", [[999, 639, 339, 119], [999, 119], [999, 759, 499, 259, 59]])
+def test_lcm_at_given_timesteps_matches_diffusers(timesteps):
+    """sample_lcm(timesteps=...) against LCMScheduler.set_timesteps(timesteps=...) (diffusers' custom schedule)."""
+    x = initial_noise()
+    ours = sample_lcm(fake_denoise, x, SCHEDULE, len(timesteps), timesteps=timesteps,
+                      generator=torch.Generator().manual_seed(3))
+    scheduler = LCMScheduler(**PIXART_BETAS)
+    scheduler.set_timesteps(timesteps=timesteps)
+    assert scheduler.timesteps.tolist() == timesteps
+    theirs, generator = x, torch.Generator().manual_seed(3)
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(fake_denoise(theirs, t.expand(len(x))), t, theirs, generator=generator).prev_sample
+    assert_parity(ours, theirs)
+
+
+@pytest.mark.parametrize("timesteps, steps, text", [
+    ([999, 639, 339], 4, "give 3 steps but steps is 4"),
+    ([999, 339, 639, 119], 4, "strictly descending from 999"),
+    ([899, 639, 339, 119], 4, "strictly descending from 999"),
+    ([999, 639, 339, -1], 4, "strictly descending from 999"),
+    ([999, 639.5, 339, 119], 4, "must be integers"),
+])
+def test_lcm_rejects_bad_given_timesteps(timesteps, steps, text):
+    with pytest.raises(ValueError, match=text):
+        sample_lcm(fake_denoise, initial_noise(), SCHEDULE, steps, timesteps=timesteps)
+    with pytest.raises(ValueError, match=text):  # the check a config meets before anything loads
+        sampler_timesteps("lcm", steps, 1000, {"timesteps": timesteps, "original_steps": 50})
 
 
 # Properties

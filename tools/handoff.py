@@ -40,8 +40,9 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
                     handoff: int, prediction: str) -> torch.Tensor:
     """Latents (N, C, h, w): the student's first `handoff` LCM steps of student_s.steps, the teacher's guided
     sampler (teacher_s) from the student's next timestep."""
+    from diffusion.samplers import sampler_timesteps
     from diffusion.samplers.dpm_solver import sample_dpm_solver
-    from diffusion.samplers.lcm import lcm_timesteps, sample_lcm
+    from diffusion.samplers.lcm import sample_lcm
     from pipeline.generate import conditions_in_dtype, denoise_batch, guided_denoiser, initial_noise
     from tools.make_ode_pairs import start_steps
 
@@ -72,7 +73,7 @@ def handoff_latents(student, teacher, schedule, student_s, teacher_s, cond: dict
         sample_lcm(denoise, x, schedule, k, generator=generators, callback=stop, **student_s.sampler_options)
     except _Handoff as h:
         x = h.x
-    t = int(lcm_timesteps(k, student_s.sampler_options.get("original_steps", 50), schedule.num_steps)[handoff])
+    t = int(sampler_timesteps("lcm", k, schedule.num_steps, student_s.sampler_options)[handoff])
     dtype = next(teacher.parameters()).dtype
     teacher_cond = conditions_in_dtype(cond, dtype)
     denoise = guided_denoiser(teacher, schedule, teacher_s, teacher_cond, prediction=prediction)

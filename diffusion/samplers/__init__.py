@@ -6,6 +6,7 @@
 classifier-free guidance is a closure around the model. `callback` receives a StepInfo after each step.
 """
 
+import inspect
 from collections.abc import Callable
 
 from common.errors import UserError
@@ -31,10 +32,14 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
-def sampler_timesteps(name: str, steps: int, num_train: int = 1000):
-    """The timesteps sampler `name` visits in `steps` steps; raises (naming the valid range) before any sampling."""
+def sampler_timesteps(name: str, steps: int, num_train: int = 1000, options: dict | None = None):
+    """The timesteps sampler `name` visits in `steps` steps with its sampler options (those that place the timesteps,
+    e.g. LCM's explicit `timesteps`); raises (naming the valid range) before any sampling."""
     get_sampler(name)
-    return TIMESTEPS[name](steps, num_train=num_train)
+    fn = TIMESTEPS[name]
+    params = inspect.signature(fn).parameters
+    placing = {k: v for k, v in (options or {}).items() if k in params and k not in ("steps", "num_train")}
+    return fn(steps, num_train=num_train, **placing)
 
 
 __all__ = [

@@ -4,7 +4,7 @@ Each step maps x_t to the consistency estimate f(x_t, t) = c_skip(t) x_t + c_out
 but the last re-noises that estimate to the next timestep with fresh Gaussian noise.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +25,32 @@ def consistency_grid(original_steps: int = 50, num_train: int = 1000) -> Tensor:
     return torch.arange(1, original_steps + 1) * (num_train // original_steps) - 1  # (original_steps,)
 
 
-def lcm_timesteps(steps: int, original_steps: int = 50, num_train: int = 1000) -> Tensor:
-    """Descending LCM timesteps (steps,): evenly spaced picks from the distillation schedule k-1, 2k-1, ..., T-1."""
+def lcm_timesteps(steps: int, original_steps: int = 50, num_train: int = 1000,
+                  timesteps: Sequence[int] | None = None) -> Tensor:
+    """Descending LCM timesteps (steps,): evenly spaced picks from the distillation schedule k-1, 2k-1, ..., T-1, or
+    the given `timesteps` once checked (a few-step generator trained at its own, dmd.generator_timesteps)."""
+    if timesteps is not None:
+        return check_timesteps(timesteps, steps, num_train)
     origin = consistency_grid(original_steps, num_train).numpy()[::-1]  # (original_steps,) 999, 979, ..., 19
     check_steps("LCM", steps, original_steps, f"a subset of the original {original_steps}-step schedule")
     picks = np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)
     return torch.from_numpy(origin[picks].astype(np.int64))  # (steps,) descending
+
+
+def check_timesteps(timesteps: Sequence[int], steps: int, num_train: int = 1000) -> Tensor:
+    """Explicit descending timesteps (steps,), checked: one per step, integers in 0..T-1, strictly descending, the
+    first T - 1 (the sampler starts from pure noise)."""
+    values = list(timesteps)
+    hint = "e.g. [999, 639, 339, 119] for 4 steps"
+    if any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in values):
+        raise UserError(f"LCM timesteps must be integers, got {values!r} ({hint})")
+    if len(values) != steps:
+        raise UserError(f"LCM timesteps {values} give {len(values)} steps but steps is {steps}: give one timestep per "
+                        f"step (or set steps to {len(values)})")
+    if values[0] != num_train - 1 or any(b >= a for a, b in zip(values, values[1:])) or values[-1] < 0:
+        raise UserError(f"LCM timesteps {values} must be strictly descending from {num_train - 1} (pure noise) to a "
+                        f"timestep >= 0 ({hint})")
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def lcm_boundary_scalings(
@@ -62,9 +82,11 @@ def sample_lcm(
     original_steps: int = 50,
     timestep_scaling: float = TIMESTEP_SCALING,
     sigma_data: float = SIGMA_DATA,
+    timesteps: Sequence[int] | None = None,
 ) -> Tensor:
-    """Run multistep LCM sampling from noise x (N, C, H, W) with `steps` denoiser calls; returns the clean sample."""
-    timesteps = lcm_timesteps(steps, original_steps, schedule.num_steps).tolist()
+    """Run multistep LCM sampling from noise x (N, C, H, W) with `steps` denoiser calls; returns the clean sample.
+    timesteps: the steps' timesteps (descending from T - 1) instead of LCM's picks of its original schedule."""
+    timesteps = lcm_timesteps(steps, original_steps, schedule.num_steps, timesteps).tolist()
     for i, t in enumerate(timesteps):
         t_batch = timestep_batch(t, x)  # (N,)
         x0 = schedule.eps_to_x0(x, t_batch, denoise(x, t_batch))  # (N, C, H, W)
