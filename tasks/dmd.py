@@ -139,9 +139,11 @@ def check_pair_timesteps(dc, timesteps: list[int] | None, num_train: int) -> Non
             raise UserError(f"dmd.regression_steps=own trains each generator step on pairs that start at its "
                             f"timestep, but dmd.pairs={dc.pairs} holds rows from pure noise only: make them with "
                             f"{make}")
-        if not set(timesteps) & set(steps[1:]):
-            raise UserError(f"dmd.pairs={dc.pairs} starts rows at timesteps {timesteps}, none of them a later step "
-                            f"of the {dc.generator_steps}-step generator ({steps}): make the pairs with {make}")
+        missing = sorted(set(steps[1:]) - set(timesteps), reverse=True)
+        if missing:
+            raise UserError(f"dmd.pairs={dc.pairs} starts rows at timesteps {timesteps}, but the "
+                            f"{dc.generator_steps}-step generator ({steps}) has later steps at {missing} that no row "
+                            f"starts at (their regression term would be empty): make the pairs with {make}")
     elif timesteps is not None:
         raise UserError(f"dmd.pairs={dc.pairs} holds rows re-noised to timesteps {timesteps}, which "
                         f"dmd.regression_steps={dc.regression_steps} would read as pure noise: set "

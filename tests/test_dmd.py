@@ -525,7 +525,8 @@ def test_bad_start_timesteps_exit_2_and_write_nothing(teacher_file, toy_cache, t
 
 @pytest.mark.parametrize("mode, steps, timesteps, message", [
     ("own", 4, None, "holds rows from pure noise only"),
-    ("own", 2, [259, 759, 999], "none of them a later step of the 2-step generator ([999, 499])"),
+    ("own", 2, [259, 759, 999], "the 2-step generator ([999, 499]) has later steps at [499] that no row starts at"),
+    ("own", 4, [499, 759, 999], "the 4-step generator ([999, 759, 499, 259]) has later steps at [259] that no row"),
     ("all", 4, [259, 999], "set dmd.regression_steps=own"),
     ("own", 1, [259, 499, 759, 999], "dmd.generator_steps is 1: use dmd.regression_steps=first"),
 ])
