@@ -202,6 +202,14 @@ def apply_override(cls, data: dict, assignment: str) -> dict:
             node[key] = value
             break
         sub = typing.get_type_hints(node_cls)[key]
+        if typing.get_origin(sub) is dict:  # one entry of a mapping, e.g. sample.sampler_options.timesteps=[...]
+            if i != len(keys) - 2:
+                raise ConfigError(f"--set {assignment}: {'.'.join(done)} is a mapping of values; set one entry with "
+                                  f"{'.'.join(done)}.KEY=VALUE")
+            if node.get(key) is not None and not isinstance(node[key], dict):
+                raise ConfigError(f"--set {assignment}: {'.'.join(done)} is {node[key]!r}, not a mapping")
+            node[key] = {**(node.get(key) or {}), keys[-1]: value}
+            break
         if not dataclasses.is_dataclass(sub):
             raise ConfigError(f"--set {assignment}: {'.'.join(done)} is a value, not a section")
         node = node.setdefault(key, {})

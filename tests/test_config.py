@@ -41,6 +41,18 @@ def test_overrides_are_typed_and_win_over_files(tmp_path):
     assert load_config(Config, child, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
+def test_one_entry_of_a_mapping_is_set_by_a_dotted_key():
+    cfg = load_config(Config, "lcm_shapes", ["sample.sampler_options.timesteps=[999, 759, 499, 119]",
+                                             "sample.sampler_options.original_steps=50"])
+    assert cfg.sample.sampler_options == {"timesteps": [999, 759, 499, 119], "original_steps": 50}
+    whole = load_config(Config, "lcm_shapes", ["sample.sampler_options={timesteps: [999, 119]}",
+                                               "sample.sampler_options.original_steps=25"])
+    assert whole.sample.sampler_options == {"timesteps": [999, 119], "original_steps": 25}  # added to, not replaced
+    with pytest.raises(ConfigError, match="sample.sampler_options is a mapping of values; set one entry with "
+                                          "sample.sampler_options.KEY=VALUE"):
+        load_config(Config, "lcm_shapes", ["sample.sampler_options.a.b=1"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.dpth=3", "unknown config key 'model.dpth'; did you mean 'model.depth'?"),
     ("modle.depth=3", "unknown config key 'modle'; did you mean 'model'?"),
