@@ -30,7 +30,18 @@ class Config:
 
     @classmethod
     def config_defaults(cls, data: dict) -> dict:
-        """A model variant (model.variant) also sets the text encoder's caption length: its family's."""
+        """Defaults one section's value sets in another (what the file or --set gives still wins):
+        - a model variant (model.variant) sets the text encoder's caption length: its family's;
+        - a DMD generator at given timesteps (dmd.generator_timesteps) is sampled at them (sample.sampler_options
+          timesteps) when the sample section draws it with LCM at its step count."""
+        defaults = {}
         model = data.get("model") or {}
         variant = VARIANTS.get(model.get("variant")) if isinstance(model, dict) else None
-        return {"text_encoder": {"max_tokens": variant.family.caption_tokens}} if variant else {}
+        if variant:
+            defaults["text_encoder"] = {"max_tokens": variant.family.caption_tokens}
+        dmd, sample = data.get("dmd") or {}, data.get("sample") or {}
+        if isinstance(dmd, dict) and isinstance(sample, dict) and isinstance(dmd.get("generator_timesteps"), list):
+            lcm = sample.get("sampler", SampleConfig.sampler) == "lcm"
+            if lcm and sample.get("steps", SampleConfig.steps) == dmd.get("generator_steps", DMDConfig.generator_steps):
+                defaults["sample"] = {"sampler_options": {"timesteps": dmd["generator_timesteps"]}}
+        return defaults

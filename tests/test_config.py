@@ -53,6 +53,16 @@ def test_one_entry_of_a_mapping_is_set_by_a_dotted_key():
         load_config(Config, "lcm_shapes", ["sample.sampler_options.a.b=1"])
 
 
+def test_a_dmd_generator_at_given_timesteps_is_sampled_at_them_unless_the_sample_section_says_otherwise():
+    ts = "dmd.generator_timesteps=[999, 759, 499, 119]"
+    assert load_config(Config, "dmd_shapes_4step", [ts]).sample.sampler_options == {"timesteps": [999, 759, 499, 119]}
+    assert load_config(Config, "dmd_shapes_4step", [ts, "sample.steps=2"]).sample.sampler_options == {}
+    assert load_config(Config, "dmd_shapes_4step", [ts, "sample.sampler=dpm"]).sample.sampler_options == {}
+    given = load_config(Config, "dmd_shapes_4step", [ts, "sample.sampler_options.timesteps=[999, 639, 339, 119]"])
+    assert given.sample.sampler_options == {"timesteps": [999, 639, 339, 119]}  # refused when a run is checked
+    assert load_config(Config, "dmd_shapes_4step").sample.sampler_options == {}
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.dpth=3", "unknown config key 'model.dpth'; did you mean 'model.depth'?"),
     ("modle.depth=3", "unknown config key 'modle'; did you mean 'model'?"),

@@ -318,7 +318,8 @@ def test_bad_dmd_settings_exit_2_before_anything_loads(tmp_path, caplog, overrid
 def test_a_sample_section_that_does_not_draw_the_generators_timesteps_is_refused(tmp_path, caplog):
     two = ["--set", "dmd.generator_steps=2", "--set", "sample.steps=2", "--set", "dmd.regression_weight=0",
            "--set", "dmd.pairs=null"]
-    code, runs = run_cli(tmp_path, *two, "--set", "dmd.generator_timesteps=[999, 259]")
+    code, runs = run_cli(tmp_path, *two, "--set", "dmd.generator_timesteps=[999, 259]", "--set",
+                         "sample.sampler_options.timesteps=[999, 499]")
     assert code == 2 and runs == []
     assert "trains at timesteps [999, 259] (dmd.generator_timesteps) but the sample section draws its 2 steps at " \
            "[999, 499]: set sample.sampler_options to {timesteps: [999, 259]}" in caplog.text
@@ -333,7 +334,7 @@ def test_a_generator_at_given_timesteps_exports_them_and_sampling_it_elsewhere_i
     from pipeline.generate import plan
 
     given = ["dmd.generator_steps=2", "dmd.generator_timesteps=[999, 259]", "sample.sampler=lcm", "sample.steps=2",
-             "sample.sampler_options={timesteps: [999, 259]}", "train.steps=1"]
+             "train.steps=1"]  # the sample section's timesteps follow (configs/schema.py: Config.config_defaults)
     run = train(dmd_config(tmp_path, teacher_file, *given), DMDTask, toy_data)
     assert peek(run / "ema.safetensors").metadata["generator_timesteps"] == "999,259"
     shapes = tmp_path / "shapes-student.safetensors"  # the shapes teacher's weights with such an export's metadata
