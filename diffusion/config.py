@@ -129,8 +129,9 @@ class DMDConfig:
     generator_steps: int = 1         # denoiser evaluations of the student: its timesteps are LCM's picks of that many
                                      # (1: 999; 2: 999, 499), so `--sampler lcm --steps N` samples it
     generator_timesteps: list[int] | None = None  # the student's timesteps instead of LCM's picks, descending from
-                                     # T - 1, one per generator step (e.g. [999, 639, 339, 119]); the sample section
-                                     # must then sample them: sample.sampler_options: {timesteps: the same list}
+                                     # T - 1, one per generator step (e.g. [999, 759, 499, 119]); an LCM sample section
+                                     # at generator_steps draws them by default (sample.sampler_options.timesteps;
+                                     # configs/schema.py), and one that draws others is refused
     real_guidance: float = 4.5       # CFG scale of the real score: eps_u + s (eps_c - eps_u), null caption; <= 1: off
     fake_updates: int = 5            # fake-score updates per generator update (DMD2's two time-scale rule)
     fake_lr: float | None = None     # learning rate of the fake score; None: train.lr
