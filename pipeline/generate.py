@@ -112,12 +112,12 @@ def plan(cfg, prompts: list[str]) -> Plan:
                               f"autoencoder ({cfg.autoencoder.kind}, {cfg.autoencoder.path}) makes {vae_channels}: "
                               f"use the autoencoder the model was trained with")
     check_prediction(info, cfg.diffusion.prediction, s.checkpoint)
-    trained = info.metadata.get("generator_timesteps")  # a DMD student's export: the timesteps it was trained at
-    if s.sampler == "lcm" and trained and len(trained.split(",")) == s.steps and trained.split(",") != \
-            [str(t) for t in timesteps]:
+    trained = info.metadata.get("generator_timesteps", "")  # a DMD student's export: the timesteps it trained at
+    drawn = ",".join(map(str, timesteps))
+    if s.sampler == "lcm" and trained and trained.count(",") + 1 == s.steps and trained != drawn:
         log.warning("%s was trained as a %d-step generator at timesteps %s but is sampled at %s: set "
                     "sample.sampler_options to {timesteps: [%s]} (its preset config does)", s.checkpoint, s.steps,
-                    trained, ",".join(map(str, timesteps)), trained)
+                    trained, drawn, trained)
     if s.sampler == "lcm" and model_cfg.guided_by_cfg(s.guidance) and info.metadata.get("teacher"):
         log.warning("guidance %g with the LCM sampler on a distilled student: the teacher's guidance is distilled "
                     "into it, so more guidance on top over-saturates and degrades the image; use guidance 0",
