@@ -246,7 +246,7 @@ class LoadReport:
 
     format: str
     null_caption: bool = True  # False when the file had no y_embedding (plain diffusers): null-caption CFG is off
-    quantization: str = "none"  # int8: the block linear layers hold int8 weights (models/quantize.py)
+    quantization: str = "none"  # int8: the block linear layers hold int8 weights; int8-weights: stored so, now float
 
 
 def check_state_dict(
@@ -301,6 +301,11 @@ def load_checkpoint(
     model = build_pixart(cfg, device="meta")
     check_state_dict(model, cfg, {**sd, **{k: q for k, (q, _) in quantized.items()}}, str(path))
     sd = {k: v for k, v in sd.items() if k != "pos_embed"}
+    if report.quantization == "int8-weights":  # a storage format: the model computes in float (models/quantize.py)
+        from models.quantize import load_int8_weights
+
+        stored_dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+        sd, quantized = load_int8_weights(sd, quantized, stored_dtype), {}
     if not report.null_caption:
         # Plain diffusers folders drop the null caption. Keep the weights usable, with CFG from a negative prompt.
         log.debug("%s has no null caption (y_embedding): guidance needs an encoded negative prompt; the buffer is "

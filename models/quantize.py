@@ -22,6 +22,12 @@ prompt, where memory matters and its activations have outliers) gets torchao's w
 int8 checkpoints (`tools/convert_checkpoint.py SRC OUT.safetensors --quantize int8`) hold each quantised weight
 as its int8 values under the weight's own key plus `<key>_scale` (float32, one per row), with metadata
 `quantization: int8`; loading assigns those tensors as they are.
+
+int8-weights checkpoints (`--quantize int8-weights`) store the same layers the same way (round(w / s) with s the
+row's largest |w| over 127), with metadata `quantization: int8-weights`, but are a storage format only: loading
+multiplies the values back by their scales and the model computes in float as before (each weight within half a
+step, s / 2, of the original). The file is about 55% of fp16 for a small PixArt; the shipped shapes students
+use it to fit the weights budget, at the float model's speed where the int8 GEMMs would not pay off.
 """
 
 import functools
@@ -35,7 +41,8 @@ from common.errors import UserError
 log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "fp8")
-FILE_MODES = ("int8",)       # modes a checkpoint file can hold
+FILE_MODES = ("int8", "int8-weights")  # modes a checkpoint file can hold (int8-weights: stored only, float compute)
+COMPUTE_MODE = {"none": "none", "int8": "int8", "int8-weights": "none"}  # what a file's mode runs as, once loaded
 SCALE_SUFFIX = "_scale"      # key of a quantised weight's per-row scales: "<weight key>_scale"
 
 
@@ -200,3 +207,36 @@ def assign_int8(model: nn.Module, quantized: dict, device: torch.device | str, d
             raise QuantizationError(f"{key}: checkpoint {tuple(qdata.shape)}, model "
                                     f"{(linear.out_features, linear.in_features)}")
         linear.weight = int8_weight(qdata.to(device), scale.to(device), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int8-weights files: the same int8 values and scales, multiplied back at load (storage only)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scales of shape (rows, 1)) of a 2-D weight, symmetric per row: s = max |w| / 127 (1 for a
+    row of zeros), q = round(w / s), so that q * s is within s / 2 of w everywhere."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def store_int8_weights(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`sd` (the official keys of `model`) with the weight of every transformer-block Linear as int8 values plus
+    `<key>_scale` (the layers int8 compute would quantise); every other tensor unchanged."""
+    keys = {f"{name}.weight" for name in block_linears(model)}
+    if not keys:
+        raise QuantizationError(f"{type(model).__name__} has no transformer blocks to store in int8")
+    out = {}
+    for key, value in sd.items():
+        if key in keys:
+            out[key], out[key + SCALE_SUFFIX] = quantize_rows(value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_int8_weights(sd: dict[str, torch.Tensor], quantized: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An int8-weights file's state dict made float again: each stored weight is its values times their scales."""
+    return {**sd, **{key: (q.float() * scale.float()).to(dtype) for key, (q, scale) in quantized.items()}}

@@ -99,7 +99,7 @@ def plan(cfg, prompts: list[str]) -> Plan:
     if s.checkpoint is None:
         raise UserError("no transformer checkpoint: pass --checkpoint PATH (or set sample.checkpoint)")
     info = peek(s.checkpoint)
-    stored = info.metadata.get("quantization", "none")
+    stored = stored_compute_mode(info)
     if stored != "none" and s.quantize not in ("none", stored):
         raise CheckpointError(f"{s.checkpoint} holds {stored} weights already; --quantize {s.quantize} needs the "
                               f"float checkpoint (or drop --quantize to run the {stored} file as it is)")
@@ -252,6 +252,15 @@ def check_device(device: str, dtype: str) -> None:
                             f"cuda:{torch.cuda.device_count() - 1})")
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: sampling runs on cpu or cuda, not {dev.type}")
+
+
+def stored_compute_mode(info) -> str:
+    """How a checkpoint file's weights compute once loaded: "int8" for an int8 file, "none" for float weights
+    (an int8-weights file is stored in int8 and computes in float; models/quantize.py)."""
+    from models.quantize import COMPUTE_MODE
+
+    mode = info.metadata.get("quantization", "none")
+    return COMPUTE_MODE.get(mode, mode)  # an unknown mode is refused when the file loads
 
 
 def int8_base_message(path, stored: str) -> str:

@@ -60,7 +60,8 @@ def test_a_dmd_generator_at_given_timesteps_is_sampled_at_them_unless_the_sample
     assert load_config(Config, "dmd_shapes_4step", [ts, "sample.sampler=dpm"]).sample.sampler_options == {}
     given = load_config(Config, "dmd_shapes_4step", [ts, "sample.sampler_options.timesteps=[999, 639, 339, 119]"])
     assert given.sample.sampler_options == {"timesteps": [999, 639, 339, 119]}  # refused when a run is checked
-    assert load_config(Config, "dmd_shapes_4step").sample.sampler_options == {}
+    assert load_config(Config, "dmd_shapes_4step").sample.sampler_options == {"timesteps": [999, 639, 339, 119]}
+    assert load_config(Config, "dmd_shapes_2step").sample.sampler_options == {}  # LCM's own picks
 
 
 @pytest.mark.parametrize("override,message", [

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, random_inputs, random_model, tiny_config
+from conftest import ROOT, load_script, random_inputs, random_model, tiny_config
 from PIL import Image
 from torch import nn
 
@@ -116,6 +116,55 @@ def test_int8_file_loads_without_requantising_and_runs_identically(tiny, tmp_pat
 
     with safe_open(str(dst), "pt") as f:
         assert f.metadata()["config"] == "diffusion: {prediction: v}\n"  # the run config travels along
+
+
+def test_int8_weights_file_is_storage_only_and_loads_as_float_within_half_a_step(tiny, tmp_path):
+    cfg, model, (x, t, y, mask, _) = tiny
+    src = save_checkpoint(model.state_dict(), cfg, tmp_path / "float.safetensors", "safetensors")
+    dst = tmp_path / "stored.safetensors"
+    assert convert_main([str(src), str(dst), "--to", "safetensors", "--quantize", "int8-weights"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(dst), "pt") as f:
+        assert f.metadata()["quantization"] == "int8-weights"
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    loaded, _, report = load_checkpoint(dst)
+    assert report.quantization == "int8-weights"
+    block = {f"{name}.weight" for name in Q.block_linears(model)}
+    original, restored = model.state_dict(), loaded.state_dict()
+    for key, value in original.items():
+        if key == "pos_embed":
+            continue
+        assert type(restored[key]) is torch.Tensor and restored[key].dtype == torch.float32, key  # plain float
+        if key not in block:
+            assert torch.equal(restored[key], value), key  # everything outside the block linears untouched
+            continue
+        q = stored[key]
+        assert q.dtype == torch.int8 and q.abs().amax(1).eq(127).all()  # each row's largest |w| maps to 127
+        step = value.abs().amax(1, keepdim=True) / 127
+        assert ((restored[key] - value).abs() <= step / 2 * (1 + 1e-5)).all(), key  # rounding: half a step at most
+        assert (restored[key] - value).abs().max() > 0  # and it did round
+    with torch.inference_mode():
+        out, ref = loaded(x, t, y, mask), model(x, t, y, mask)
+    assert 0 < (out - ref).norm() / ref.norm() < 1e-2
+    block_bytes = sum(m.weight.numel() * 4 for m in Q.block_linears(model).values())
+    assert src.stat().st_size - dst.stat().st_size > 0.7 * block_bytes
+
+
+def test_int8_weights_student_samples_in_float_and_takes_a_branch_or_int8_on_top(tmp_path, caplog):
+    stored = tmp_path / "student-int8w.safetensors"
+    assert convert_main(["weights/shapes/student.safetensors", str(stored), "--to", "safetensors",
+                         "--quantize", "int8-weights", "--config", "lcm_shapes"]) == 0
+    assert stored.stat().st_size < 0.6 * (ROOT / "weights/shapes/student.safetensors").stat().st_size
+    common = ("--config", "lcm_shapes")
+    assert shipped(tmp_path / "fp", *common) == 0
+    assert shipped(tmp_path / "stored", *common, "--checkpoint", str(stored)) == 0
+    for a, b in zip(images(tmp_path / "fp"), images(tmp_path / "stored"), strict=True):
+        assert np.abs(a - b).mean() < 0.01  # the same drawing; weights within half an int8 step of fp16
+    assert shipped(tmp_path / "q", *common, "--checkpoint", str(stored), "--quantize", "int8") == 0
+    assert shipped(tmp_path / "control", *common, "--checkpoint", str(stored),
+                   "--control", "docs/examples/triangle_edges.png") == 0  # float once loaded: a branch copies it
+    assert "pass the float checkpoint" not in caplog.text
 
 
 @pytest.mark.parametrize("args, message", [

@@ -179,6 +179,68 @@ def test_dmd_recipe_skips_the_one_step_stage_when_its_generator_is_kept(tmp_path
     assert len(trains) == 1 and "--config dmd_shapes_2step " in trains[0]
 
 
+def test_dmd4_recipe_extends_the_pairs_then_regression_then_dmd_from_its_kept_generator(tmp_path, caplog):
+    """`shapes_recipe.py dmd4`: the teacher's pairs, the rows re-noised to 639, 339, 119 added to them, stage one
+    (regression alone) from the shipped LCD student, stage two from stage one's kept EMA, then the shipped
+    dmd4_student.safetensors evaluated with the four-step preset; a kept stage-one generator skips stage one."""
+    from train.shapes_recipe import main as recipe_main
+
+    work, ship = tmp_path / "work", tmp_path / "ship"
+
+    def dry_run() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="shapes_recipe"):
+            assert recipe_main(["dmd4", "--dry-run", "--work", str(work), "--ship", str(ship)]) == 0
+        return [r.getMessage()[2:] for r in caplog.records if r.getMessage().startswith("$ ")]
+
+    commands = dry_run()
+    assert len(commands) == 5
+    assert "tools/make_ode_pairs.py" in commands[0] and "--start-timesteps 639,339,119" in commands[1]
+    assert f"--extend {work / 'pairs.safetensors'}" in commands[1]
+    pairs4 = commands[1].split()[2]
+    assert "train/train_dmd.py --config dmd_shapes_4step_regression " in commands[2]
+    assert f"dmd.generator_init={ship / 'student.safetensors'}" in commands[2]
+    assert "train/train_dmd.py --config dmd_shapes_4step " in commands[3]
+    assert f"dmd.generator_init={work / 'dmd4-regression.safetensors'}" in commands[3]
+    for command in commands[2:4]:
+        assert f"dmd.pairs={pairs4}" in command and f"dmd.teacher={ship / 'teacher.safetensors'}" in command
+    assert "tools/evaluate.py model --config dmd_shapes_4step " in commands[4]
+    assert f"sample.checkpoint={ship / 'dmd4_student.safetensors'}" in commands[4]
+
+    work.mkdir()
+    for kept in ("pairs.safetensors", "pairs4_639.safetensors", "dmd4-regression.safetensors"):
+        (work / kept).write_bytes(b"")
+    trains = [c for c in dry_run() if "train/train_dmd.py" in c or "make_ode_pairs" in c]
+    assert len(trains) == 1 and "--config dmd_shapes_4step " in trains[0]
+
+
+def test_int8_weights_shipping_keeps_the_metadata_and_loads_the_fp16_weights_within_half_a_step(tmp_path):
+    from models.checkpoint import load_checkpoint, peek
+    from models.quantize import block_linears
+    from train.shapes_recipe import ship
+
+    cfg = tiny_config(caption_channels=16)
+    model = random_model(cfg)
+    source = save_checkpoint(model.state_dict(), cfg, tmp_path / "ema.safetensors", "safetensors",
+                             metadata={"generator_timesteps": "999,639,339,119"})
+    ship(source, tmp_path / "fp16.safetensors")
+    ship(source, tmp_path / "int8w.safetensors", storage="int8-weights")
+    assert peek(tmp_path / "int8w.safetensors").metadata["generator_timesteps"] == "999,639,339,119"
+    half, _, _ = load_checkpoint(tmp_path / "fp16.safetensors")
+    stored, _, report = load_checkpoint(tmp_path / "int8w.safetensors")
+    assert report.quantization == "int8-weights"
+    block = {f"{name}.weight" for name in block_linears(model)}
+    for key, value in half.state_dict().items():
+        got = stored.state_dict()[key]
+        if key in block:
+            step = value.float().abs().amax(1, keepdim=True) / 127
+            fp16_rounding = value.float().abs() * 2**-11  # the restored weight is fp16 again, as the file's others
+            assert ((got.float() - value.float()).abs() <= step / 2 + fp16_rounding).all(), key
+        else:
+            assert torch.equal(got, value), key
+    assert (tmp_path / "int8w.safetensors").stat().st_size < (tmp_path / "fp16.safetensors").stat().st_size
+
+
 def test_recipe_refuses_a_run_folder_of_its_stage_name_trained_with_another_config(tmp_path, caplog):
     """A finished run named like the stage but trained with other settings (e.g. an ablation left in the runs
     folder) would be shipped as the stage: the recipe stops and names the folder and the keys that differ."""

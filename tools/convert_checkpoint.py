@@ -78,9 +78,10 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", choices=("ema", "model"),
                         help="a training checkpoint (step_*.pt) as source: its EMA (default) or raw training weights")
     parser.add_argument("--base", help="a ControlNet branch to --to official: its base model (any format)")
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+    parser.add_argument("--quantize", choices=("none", "int8", "int8-weights"), default="none",
                         help="--to safetensors only: store the transformer blocks' linear weights as int8 with "
-                             "per-row scales (a quarter of fp32; loads without re-quantising; models/quantize.py)")
+                             "per-row scales (a quarter of fp32); int8 loads as int8 layers without re-quantising, "
+                             "int8-weights is storage only and loads as float weights (models/quantize.py)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -255,16 +256,21 @@ def convert(args, run_cfg) -> None:
         # The run config a trainer recorded (prediction type, ...) travels with the weights.
         keep = ("config", "step") if ckpt.format == "training-state" else ("config",)
         metadata = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata} if args.to == "safetensors" else None
+        if args.quantize != "none":
+            metadata["quantization"] = args.quantize
         out = save_checkpoint(sd, cfg, dst, args.to, metadata=metadata, max_shard_bytes=args.max_shard_size,
                               overwrite=args.overwrite)
     log.info("%s (%s) -> %s (%s), %d tensors", args.src, ckpt.format, out, args.to, len(sd))
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], cfg, mode: str) -> dict[str, torch.Tensor]:
-    """Official-key float weights -> the same keys with the block linear weights as int8 (+ `<key>_scale`)."""
-    from models.quantize import quantize_transformer, quantized_state_dict
+    """Official-key float weights -> the same keys with the block linear weights as int8 (+ `<key>_scale`): as
+    torchao's int8 layers hold them (int8), or rounded per row for storage only (int8-weights)."""
+    from models.quantize import quantize_transformer, quantized_state_dict, store_int8_weights
 
     model = build_pixart(cfg, device="meta")
+    if mode == "int8-weights":
+        return store_int8_weights(sd, model)
     float_sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k != "pos_embed"}
     model.load_state_dict(float_sd, strict=False, assign=True)  # only a missing null caption stays unassigned
     quantized = quantized_state_dict(quantize_transformer(model.eval(), mode))

@@ -137,9 +137,9 @@ class Engine:
             from models.checkpoint import CheckpointError, peek
             from models.controlnet import ControlledPixArt, load_branch
             from models.shipped import content_hash
-            from pipeline.generate import check_control_branch, int8_base_message
+            from pipeline.generate import check_control_branch, int8_base_message, stored_compute_mode
 
-            stored = peek(s.checkpoint).metadata.get("quantization", "none")
+            stored = stored_compute_mode(peek(s.checkpoint))
             if stored != "none":
                 raise CheckpointError(int8_base_message(s.checkpoint, stored))
             check_control_branch(cfg, request.model_cfg)

@@ -25,7 +25,12 @@ a run folder of a stage's train.name trained with another config stops the recip
 evaluates it with LCM in 4 steps. `dmd` (after `student`) makes the teacher's noise-image pairs
 (tools/make_ode_pairs.py), trains train/train_dmd.py --config dmd_shapes from the shipped student on them (a
 one-step generator, kept in fp16 as work/shapes/dmd-1step.safetensors), trains that on as a two-step generator
-(--config dmd_shapes_2step), ships it as dmd_student.safetensors (fp16) and evaluates it in two steps and in one.
+(--config dmd_shapes_2step), ships it as dmd_student.safetensors (fp16 with the blocks' linear weights stored in
+int8 per row, loaded as float: the 30 MB weights budget) and evaluates it in two steps and in one. `dmd4` (after
+`student`) extends the pairs with rows from the teacher's image re-noised to 639, 339 and 119, trains the LCD student
+as a four-step generator at 999, 639, 339, 119 on the regression term alone (configs/dmd_shapes_4step_regression.yaml)
+and then with the DMD term (configs/dmd_shapes_4step.yaml), and ships dmd4_student.safetensors (the same storage),
+the default of sample/sample.py, evaluated in four steps.
 `controlnet` extracts the edge-map cache, trains the
 branch of configs/controlnet_shapes.yaml on the shipped teacher (captions partly rewritten to contradict the edge
 map), ships it (controlnet.safetensors, fp16) and evaluates it steering the teacher and the student on agreeing,
@@ -214,10 +219,11 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
 
 def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, config: str, teacher_key: str,
            weights: str, name: str, what: str, extra: tuple[str, ...] = (), stages: Stages | None = None,
-           also_evaluate: dict[str, str] | None = None) -> None:
+           also_evaluate: dict[str, str] | None = None, storage: str = "fp16") -> None:
     """Distil the shipped teacher on its feature cache with `script --config config` (needs `teacher` first; `extra`:
-    more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16), evaluate it with `config`
-    (and with each config of `also_evaluate`, recorded under its key) and record it in the manifest."""
+    more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16, or int8-weights: see
+    ship), evaluate it with `config` (and with each config of `also_evaluate`, recorded under its key) and record it
+    in the manifest."""
     stages = stages or Stages(dry_run)
     shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
     if not dry_run and not shipped:
@@ -226,7 +232,7 @@ def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, con
                          f"and {recipe.cache})")
     target = recipe.ship / f"{name}.safetensors"
     run_dir = train_stage(stages, recipe, script, config, distil_paths(recipe, teacher_key, extra) + recipe.overrides)
-    stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target))
+    stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target, storage=storage))
     shipped_files = [f"sample.checkpoint={target}", f"text_encoder.path={recipe.ship / 't5'}"]
     out = evaluate_stage(stages, recipe, config, shipped_files, name)
     others = {key: evaluate_stage(stages, recipe, other, shipped_files, f"{name}-{other}")
@@ -252,7 +258,8 @@ def student(recipe: Recipe, dry_run: bool) -> None:
            "teacher; LCM 4 steps, no guidance")
 
 
-DMD_WHAT = ("two-step student (fp16 EMA of the generator): the LCD student trained on DMD's regression term (the "
+DMD_WHAT = ("two-step student (fp16 EMA of the generator, its block linear weights stored in int8 per row: "
+            "int8-weights, loaded as float): the LCD student trained on DMD's regression term (the "
             "teacher's noise-image pairs) and distribution matching at a quarter weight as a one-step generator, then "
             "on both as a two-step generator (every step regressed); LCM sampler, 2 steps (999, 499) or 1 (999), "
             "no guidance")
@@ -263,17 +270,13 @@ def dmd(recipe: Recipe, dry_run: bool) -> None:
     student (needs `student` first) trained further on DMD's regression term, the teacher's own noise-image pairs
     (made here, DPM-Solver 20 with CFG 3 from 6,000 training captions), with the DMD term as the preset weighs it,
     as a one-step generator; its EMA in fp16 (work/shapes/dmd-1step.safetensors) is trained on as a two-step generator,
-    whose EMA is shipped and evaluated in two steps (LCM's 999 and 499) and in one (999), no guidance."""
+    whose EMA is shipped (int8-weights) and evaluated in two steps (LCM's 999 and 499) and in one (999), no guidance."""
     stages = Stages(dry_run)
     student_file = recipe.ship / "student.safetensors"
     if not dry_run and not student_file.is_file():
         raise SystemExit(f"error: the DMD student starts from the shipped LCD student: run `python "
                          f"train/shapes_recipe.py student` first (needs {student_file})")
-    pairs = recipe.work / "pairs.safetensors"
-    stages("pairs", pairs.is_file(), python(
-        "tools/make_ode_pairs.py", pairs, "--config", recipe.config, "--num", 6000, "--batch-size", 250,
-        "--no-progress", *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}",
-                                f"data.cache_dir={recipe.cache}"])))
+    pairs = teacher_pairs(stages, recipe)
     one_step = recipe.work / "dmd-1step.safetensors"
     paths = distil_paths(recipe, "dmd.teacher", (f"dmd.pairs={pairs}", f"dmd.generator_init={student_file}"))
     run_dir = train_stage(stages, recipe, "train/train_dmd.py", "dmd_shapes", paths + recipe.overrides,
@@ -282,7 +285,52 @@ def dmd(recipe: Recipe, dry_run: bool) -> None:
     distil(recipe, dry_run, "dmd", "the DMD student", "train/train_dmd.py", "dmd_shapes_2step", "dmd.teacher",
            "ema.safetensors", "dmd_student", DMD_WHAT, stages=stages,
            extra=(f"dmd.pairs={pairs}", f"dmd.generator_init={one_step}"),
-           also_evaluate={"evaluation_one_step": "dmd_shapes"})
+           also_evaluate={"evaluation_one_step": "dmd_shapes"}, storage="int8-weights")
+
+
+def teacher_pairs(stages: Stages, recipe: Recipe) -> Path:
+    """The teacher's noise-image pairs from 6,000 training captions (DPM-Solver 20, CFG 3), made once."""
+    pairs = recipe.work / "pairs.safetensors"
+    stages("pairs", pairs.is_file(), python(
+        "tools/make_ode_pairs.py", pairs, "--config", recipe.config, "--num", 6000, "--batch-size", 250,
+        "--no-progress", *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}",
+                                f"data.cache_dir={recipe.cache}"])))
+    return pairs
+
+
+DMD4_WHAT = ("four-step student, the default of sample/sample.py (fp16 EMA of the generator, its block linear weights "
+             "stored in int8 per row: int8-weights, loaded as float): the LCD student trained as a four-step "
+             "generator at timesteps 999, 639, 339, 119, on the regression term alone (each step on the teacher's "
+             "pairs from its own timestep, the last step weighted 28 of 34) and then with the DMD term at weight "
+             "0.5, real score guided at 2; LCM sampler at those timesteps, no guidance")
+
+
+def dmd4(recipe: Recipe, dry_run: bool) -> None:
+    """The four-step student (configs/dmd_shapes_4step_regression.yaml, then configs/dmd_shapes_4step.yaml): the
+    shipped LCD student (needs `student` first) trained as a four-step generator at 999, 639, 339, 119 on the
+    teacher's pairs (made here, or `dmd`'s) plus rows from the teacher's image re-noised to 639, 339 and 119, first on
+    the regression term alone (its EMA kept as work/shapes/dmd4-regression.safetensors), then with the DMD term;
+    shipped in int8-weights storage and evaluated in four steps."""
+    stages = Stages(dry_run)
+    student_file = recipe.ship / "student.safetensors"
+    if not dry_run and not student_file.is_file():
+        raise SystemExit(f"error: the four-step student starts from the shipped LCD student: run `python "
+                         f"train/shapes_recipe.py student` first (needs {student_file})")
+    pairs = teacher_pairs(stages, recipe)
+    pairs4 = recipe.work / "pairs4_639.safetensors"
+    stages("pairs from 639, 339, 119", pairs4.is_file(), python(
+        "tools/make_ode_pairs.py", pairs4, "--config", recipe.config, "--batch-size", 250, "--extend", pairs,
+        "--start-timesteps", "639,339,119", "--no-progress",
+        *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}", f"data.cache_dir={recipe.cache}"])))
+    regression = recipe.work / "dmd4-regression.safetensors"
+    paths = distil_paths(recipe, "dmd.teacher", (f"dmd.pairs={pairs4}", f"dmd.generator_init={student_file}"))
+    run_dir = train_stage(stages, recipe, "train/train_dmd.py", "dmd_shapes_4step_regression",
+                          paths + recipe.overrides, skip=regression.is_file())
+    stages("keep the regression generator", regression.is_file(),
+           fn=lambda: shutil.copyfile(run_dir / "ema.safetensors", regression))  # fp32, as stage two reads it
+    distil(recipe, dry_run, "dmd4", "the four-step student", "train/train_dmd.py", "dmd_shapes_4step", "dmd.teacher",
+           "ema.safetensors", "dmd4_student", DMD4_WHAT, stages=stages,
+           extra=(f"dmd.pairs={pairs4}", f"dmd.generator_init={regression}"), storage="int8-weights")
 
 
 CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
@@ -338,9 +386,12 @@ def controlnet(recipe: Recipe, dry_run: bool) -> None:
     log.info("shipped %s; stage seconds: %s", recipe.ship / "controlnet.safetensors", stages.seconds)
 
 
-def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | None = None) -> None:
+def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | None = None,
+         storage: str = "fp16") -> None:
     """fp16 weights (half the bytes; the evaluation runs on exactly these), and the T5 folder when given; the
-    manifest's hashes follow at once (shipped files are verified on load, also by the evaluation that follows)."""
+    manifest's hashes follow at once (shipped files are verified on load, also by the evaluation that follows).
+    storage "int8-weights" then stores the fp16 blocks' linear weights in int8 with per-row scales (a little over
+    half of fp16; they load as float weights: models/quantize.py)."""
     from safetensors import safe_open
 
     from common.files import atomic_dir, atomic_path
@@ -349,12 +400,19 @@ def ship(source: Path, target: Path, t5: Path | None = None, t5_target: Path | N
     with safe_open(str(source), framework="pt") as f:
         tensors = {k: f.get_tensor(k).half() for k in f.keys()}
         metadata = f.metadata()
+    if storage == "int8-weights":
+        from models.checkpoint import peek
+        from models.pixart import build_pixart
+        from models.quantize import store_int8_weights
+
+        tensors = store_int8_weights(tensors, build_pixart(peek(source).config, device="meta"))
+        metadata = {**metadata, "quantization": storage}
     with atomic_path(target) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     if t5 is not None:
         with atomic_dir(t5_target, replace_existing=True) as tmp:
             shutil.copytree(t5, tmp, dirs_exist_ok=True)
-    log.info("shipped %s (fp16)%s", target, f" and {t5_target}" if t5 is not None else "")
+    log.info("shipped %s (%s)%s", target, storage, f" and {t5_target}" if t5 is not None else "")
     from models.shipped import MANIFEST_NAME, read_manifest, write_manifest
 
     manifest = target.parent / MANIFEST_NAME
@@ -387,7 +445,7 @@ def update_manifest(recipe: Recipe, name: str, files: list[str], command: str, c
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["teacher", "student", "dmd", "controlnet"],
+    parser.add_argument("what", choices=["teacher", "student", "dmd", "dmd4", "controlnet"],
                         help="which shipped model to make (the students, LCD and DMD, distil the shipped teacher; the "
                              "ControlNet branch steers it)")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "shapes", help="working folder (not shipped)")
@@ -400,7 +458,8 @@ def main(argv=None) -> int:
     recipe = Recipe(work=args.work.resolve(), ship=args.ship.resolve(), overrides=args.overrides)
     start = time.perf_counter()
     try:
-        {"teacher": teacher, "student": student, "dmd": dmd, "controlnet": controlnet}[args.what](recipe, args.dry_run)
+        stage = {"teacher": teacher, "student": student, "dmd": dmd, "dmd4": dmd4, "controlnet": controlnet}
+        stage[args.what](recipe, args.dry_run)
     except subprocess.CalledProcessError as e:
         log.error("error: a stage failed (exit %d): %s; fix it and run the recipe again: finished stages are "
                   "skipped and training resumes", e.returncode, " ".join(map(str, e.cmd)))

@@ -42,9 +42,10 @@ def config_from_json(text: str, path: Path) -> PixArtConfig:
 
 def write_safetensors(sd: dict[str, torch.Tensor], cfg: PixArtConfig, path: Path, metadata: dict[str, str] | None,
                       int8: bool) -> None:
-    """The weights with the config (and `quantization: int8` for int8 weights) in the metadata, atomically."""
+    """The weights with the config (and `quantization: int8` for int8 weights, unless `metadata` names the int8
+    mode) in the metadata, atomically."""
     meta = {"format": FORMAT_TAG, "model_config": json.dumps(asdict(cfg)), **(metadata or {})}
     if int8:
-        meta["quantization"] = "int8"
+        meta.setdefault("quantization", "int8")
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=meta)
