@@ -256,3 +256,10 @@ def test_recipe_refuses_a_run_folder_of_its_stage_name_trained_with_another_conf
     with pytest.raises(SystemExit, match=r"00000-dmd-shapes-2step has this stage's train.name but another config "
                                          r"\(.*dmd.regression_steps: 'first' -> 'all'"):
         recipe_main(["dmd", "--dry-run", "--work", str(work), "--ship", str(ship)])
+
+
+def test_the_shipped_weights_fit_the_30_mb_budget():
+    from conftest import ROOT
+
+    total = sum(p.stat().st_size for p in (ROOT / "weights").rglob("*") if p.is_file())
+    assert total <= 30e6, f"weights/ holds {total / 1e6:.1f} MB, over the 30 MB budget"

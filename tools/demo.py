@@ -29,8 +29,8 @@ from pathlib import Path
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "lcm_shapes"            # the shipped student (LCM 4 steps, no guidance)
-TEACHERS = {"lcm_shapes": "shapes_teacher"}  # the teacher shown beside a student preset by default
+DEFAULT_CONFIG = "lcm_shapes"            # the shipped LCD student (LCM 4 steps, no guidance)
+TEACHERS = {"lcm_shapes": "shapes_teacher", "dmd_shapes_4step": "shapes_teacher"}  # shown beside a student preset
 DISPLAY_SIDE = 256                        # images are enlarged to about this many pixels per side for the page
 EDGE_COLOUR = (255, 0, 255)               # the control map's edges drawn over the result
 EXAMPLE_PROMPTS = ["a large red circle at the center", "a small blue square at the top left",

@@ -302,7 +302,7 @@ DMD4_WHAT = ("four-step student, the default of sample/sample.py (fp16 EMA of th
              "stored in int8 per row: int8-weights, loaded as float): the LCD student trained as a four-step "
              "generator at timesteps 999, 639, 339, 119, on the regression term alone (each step on the teacher's "
              "pairs from its own timestep, the last step weighted 28 of 34) and then with the DMD term at weight "
-             "0.5, real score guided at 2; LCM sampler at those timesteps, no guidance")
+             "1, real score guided at 3; LCM sampler at those timesteps, no guidance")
 
 
 def dmd4(recipe: Recipe, dry_run: bool) -> None:
