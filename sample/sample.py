@@ -77,6 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def sampling_sets(args: argparse.Namespace) -> list[str]:
+    """--sampler and --steps as --set entries after the user's, so that the defaults they decide are the flags':
+    a preset whose generator trains at given timesteps samples them only at its own step count (e.g. the default
+    four-step student with --steps 2 draws LCM's two timesteps, not its four)."""
+    flags = {"sample.sampler": args.sampler, "sample.steps": args.steps}
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
 def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
     """Command-line flags win over the config file and --set."""
     s = cfg.sample
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     try:
-        cfg = apply_flags(load_config(Config, args.config, args.overrides), args)
+        cfg = apply_flags(load_config(Config, args.config, args.overrides + sampling_sets(args)), args)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0

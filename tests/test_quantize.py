@@ -230,18 +230,19 @@ def test_int8_file_samples_as_quantised_at_load_and_half_dtype_falls_back_on_cpu
     int8 = tmp_path / "student-int8.safetensors"
     assert convert_main(["weights/shapes/student.safetensors", str(int8), "--to", "safetensors",
                          "--quantize", "int8"]) == 0
-    assert shipped(tmp_path / "file", "--checkpoint", str(int8), "--quantize", "int8") == 0  # (T5 in int8 too)
+    lcd = ("--config", "lcm_shapes")  # the LCD student's preset, whose checkpoint the int8 file holds
+    assert shipped(tmp_path / "file", *lcd, "--checkpoint", str(int8), "--quantize", "int8") == 0  # (T5 in int8 too)
     with caplog.at_level(logging.WARNING):
-        assert shipped(tmp_path / "flag", "--quantize", "int8", "--dtype", "bf16") == 0
+        assert shipped(tmp_path / "flag", *lcd, "--quantize", "int8", "--dtype", "bf16") == 0
     assert "computes in fp32" in caplog.text
     for a, b in zip(images(tmp_path / "file"), images(tmp_path / "flag"), strict=True):
         assert np.array_equal(a, b)  # the saved int8 weights are exactly the ones quantised at load
     caplog.clear()
     edges = "docs/examples/triangle_edges.png"
-    assert shipped(tmp_path / "control", "--checkpoint", str(int8), "--control", edges) == 2
+    assert shipped(tmp_path / "control", *lcd, "--checkpoint", str(int8), "--control", edges) == 2
     assert "pass the float checkpoint with --quantize int8" in caplog.text
     assert not (tmp_path / "control" / "out").exists()
-    assert shipped(tmp_path / "fp8", "--quantize", "fp8") == 0  # no fp8 on this CPU: int8, said so
+    assert shipped(tmp_path / "fp8", *lcd, "--quantize", "fp8") == 0  # no fp8 on this CPU: int8, said so
     assert "runs in int8 instead" in caplog.text
     for a, b in zip(images(tmp_path / "fp8"), images(tmp_path / "flag"), strict=True):
         assert np.array_equal(a, b)

@@ -263,3 +263,19 @@ def test_the_shipped_weights_fit_the_30_mb_budget():
 
     total = sum(p.stat().st_size for p in (ROOT / "weights").rglob("*") if p.is_file())
     assert total <= 30e6, f"weights/ holds {total / 1e6:.1f} MB, over the 30 MB budget"
+
+
+@pytest.mark.parametrize("flags, timesteps", [((), [999, 639, 339, 119]), (("--steps", "2"), None),
+                                              (("--sampler", "ddim"), None)])
+def test_the_default_student_draws_its_own_timesteps_only_at_its_own_step_count(tmp_path, flags, timesteps):
+    """The default preset's generator trained at 999, 639, 339, 119: it samples those in 4 LCM steps, and --steps 2
+    or another sampler draws that sampler's own timesteps (no error about four timesteps for two steps)."""
+    import yaml
+    from conftest import load_script
+
+    main = load_script("sample/sample.py").main
+    assert main(["--prompt", "a small green triangle at the top right", "--out", str(tmp_path), "--no-progress",
+                 *flags]) == 0
+    (run,) = tmp_path.iterdir()
+    options = yaml.safe_load((run / "config.yaml").read_text())["sample"]["sampler_options"]
+    assert options.get("timesteps") == timesteps
