@@ -197,6 +197,16 @@ def test_a_damaged_int8_file_is_named(tiny, tmp_path):
         load_checkpoint(path)
 
 
+def test_a_damaged_int8_weights_file_is_named(tiny, tmp_path):
+    cfg, model, _ = tiny
+    sd = Q.store_int8_weights(model.state_dict(), model)
+    sd["blocks.0.mlp.fc1.weight_scale"] = sd["blocks.0.mlp.fc1.weight_scale"][:5]
+    path = save_checkpoint(sd, cfg, tmp_path / "bad.safetensors", "safetensors",
+                           metadata={"quantization": "int8-weights"})
+    with pytest.raises(UserError, match="damaged"):
+        load_checkpoint(path)
+
+
 def test_fp8_without_fp8_hardware_falls_back_to_int8_and_unknown_modes_are_refused(caplog):
     with caplog.at_level(logging.WARNING):
         assert Q.resolve_mode("fp8", "cpu") == "int8"
