@@ -272,10 +272,7 @@ def dmd(recipe: Recipe, dry_run: bool) -> None:
     as a one-step generator; its EMA in fp16 (work/shapes/dmd-1step.safetensors) is trained on as a two-step generator,
     whose EMA is shipped (int8-weights) and evaluated in two steps (LCM's 999 and 499) and in one (999), no guidance."""
     stages = Stages(dry_run)
-    student_file = recipe.ship / "student.safetensors"
-    if not dry_run and not student_file.is_file():
-        raise SystemExit(f"error: the DMD student starts from the shipped LCD student: run `python "
-                         f"train/shapes_recipe.py student` first (needs {student_file})")
+    student_file = shipped_student(recipe, dry_run, "the DMD student")
     pairs = teacher_pairs(stages, recipe)
     one_step = recipe.work / "dmd-1step.safetensors"
     paths = distil_paths(recipe, "dmd.teacher", (f"dmd.pairs={pairs}", f"dmd.generator_init={student_file}"))
@@ -288,13 +285,26 @@ def dmd(recipe: Recipe, dry_run: bool) -> None:
            also_evaluate={"evaluation_one_step": "dmd_shapes"}, storage="int8-weights")
 
 
+def shipped_student(recipe: Recipe, dry_run: bool, who: str) -> Path:
+    """The shipped LCD student a DMD stage starts from; stops the recipe when `student` has not made it."""
+    student_file = recipe.ship / "student.safetensors"
+    if not dry_run and not student_file.is_file():
+        raise SystemExit(f"error: {who} starts from the shipped LCD student: run `python "
+                         f"train/shapes_recipe.py student` first (needs {student_file})")
+    return student_file
+
+
+def make_pairs(stages: Stages, recipe: Recipe, name: str, pairs: Path, *args) -> None:
+    """tools/make_ode_pairs.py with the shipped teacher on the recipe's cache (skipped when `pairs` exists)."""
+    stages(name, pairs.is_file(), python(
+        "tools/make_ode_pairs.py", pairs, "--config", recipe.config, "--batch-size", 250, *args, "--no-progress",
+        *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}", f"data.cache_dir={recipe.cache}"])))
+
+
 def teacher_pairs(stages: Stages, recipe: Recipe) -> Path:
     """The teacher's noise-image pairs from 6,000 training captions (DPM-Solver 20, CFG 3), made once."""
     pairs = recipe.work / "pairs.safetensors"
-    stages("pairs", pairs.is_file(), python(
-        "tools/make_ode_pairs.py", pairs, "--config", recipe.config, "--num", 6000, "--batch-size", 250,
-        "--no-progress", *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}",
-                                f"data.cache_dir={recipe.cache}"])))
+    make_pairs(stages, recipe, "pairs", pairs, "--num", 6000)
     return pairs
 
 
@@ -312,16 +322,11 @@ def dmd4(recipe: Recipe, dry_run: bool) -> None:
     the regression term alone (its EMA kept as work/shapes/dmd4-regression.safetensors), then with the DMD term;
     shipped in int8-weights storage and evaluated in four steps."""
     stages = Stages(dry_run)
-    student_file = recipe.ship / "student.safetensors"
-    if not dry_run and not student_file.is_file():
-        raise SystemExit(f"error: the four-step student starts from the shipped LCD student: run `python "
-                         f"train/shapes_recipe.py student` first (needs {student_file})")
+    student_file = shipped_student(recipe, dry_run, "the four-step student")
     pairs = teacher_pairs(stages, recipe)
     pairs4 = recipe.work / "pairs4_639.safetensors"
-    stages("pairs from 639, 339, 119", pairs4.is_file(), python(
-        "tools/make_ode_pairs.py", pairs4, "--config", recipe.config, "--batch-size", 250, "--extend", pairs,
-        "--start-timesteps", "639,339,119", "--no-progress",
-        *sets([f"sample.checkpoint={recipe.ship / 'teacher.safetensors'}", f"data.cache_dir={recipe.cache}"])))
+    make_pairs(stages, recipe, "pairs from 639, 339, 119", pairs4, "--extend", pairs,
+               "--start-timesteps", "639,339,119")
     regression = recipe.work / "dmd4-regression.safetensors"
     paths = distil_paths(recipe, "dmd.teacher", (f"dmd.pairs={pairs4}", f"dmd.generator_init={student_file}"))
     run_dir = train_stage(stages, recipe, "train/train_dmd.py", "dmd_shapes_4step_regression",
