@@ -139,6 +139,8 @@ class DMDConfig:
     t_max: float = 0.98
     gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
     gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
+    gan_pool: str = "mean"           # the head's logits: one per image from the middle tokens' mean (mean), or one
+                                     # per token (tokens: a patch discriminator, each logit judging a patch)
     distribution_weight: float = 1.0  # weight of the distribution-matching term (0: the regression term alone)
     regression_weight: float = 0.0   # > 0: DMD's regression loss: the generator's image from a pair's noise
                                      # against the teacher's image from that noise (dmd.pairs), mean squared
@@ -203,6 +205,9 @@ class DMDConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
+        if self.gan_pool not in ("mean", "tokens"):
+            raise UserError(f"dmd.gan_pool must be 'mean' (one logit per image) or 'tokens' (one per token, a patch "
+                            f"discriminator), got {self.gan_pool!r}")
         if self.regression_steps not in ("all", "first", "own"):
             raise UserError(f"dmd.regression_steps must be 'all' (every generator step, backward simulation), "
                             f"'first' (the first step only) or 'own' (each pair the step at its own timestep), got "

@@ -29,11 +29,14 @@ from diffusion.schedule import NoiseSchedule
 
 
 class FakeScore(nn.Module):
-    """The fake score network, with the optional GAN head on its middle tokens (mean-pooled) beside it."""
+    """The fake score network, with the optional GAN head on its middle tokens beside it: one logit per image from
+    the tokens' mean (pool "mean"), or one per token (pool "tokens": a patch discriminator, each logit judging one
+    patch of the image, as PatchGAN's do)."""
 
-    def __init__(self, net: nn.Module, gan_head: bool):
+    def __init__(self, net: nn.Module, gan_head: bool, pool: str = "mean"):
         super().__init__()
         self.net = net
+        self.pool = pool
         self.middle = len(net.blocks) // 2 - 1  # the head reads the tokens after this block
         width = net.hidden_size
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(),
@@ -45,7 +48,8 @@ class FakeScore(nn.Module):
         return self.net(x, t, *args, **cond)
 
     def logits(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        """The GAN head's real-vs-generated logit (N,) from the tokens after the middle block."""
+        """The GAN head's real-vs-generated logits from the tokens after the middle block: (N,) for pool "mean",
+        (N, T) for pool "tokens"."""
         captured = {}
 
         def hook(i: int, tokens: Tensor, _cond) -> Tensor:
@@ -54,7 +58,8 @@ class FakeScore(nn.Module):
             return tokens
 
         self.net(x, t, block_hook=hook, **cond)
-        return self.head(captured["tokens"].mean(dim=1)).squeeze(-1)  # (N, T, D) -> (N,)
+        tokens = captured["tokens"]  # (N, T, D)
+        return self.head(tokens.mean(dim=1) if self.pool == "mean" else tokens).squeeze(-1)
 
 
 def generator_timesteps(steps: int, num_train: int, timesteps: list[int] | None = None) -> Tensor:
@@ -228,11 +233,16 @@ class TeacherFeatures:
         return self.weight * torch.stack(per_block).mean(dim=0)
 
 
+def _per_sample(loss: Tensor) -> Tensor:
+    """(N,) from a loss of one logit per image (N,) or one per token (N, T): the mean over the tokens."""
+    return loss.flatten(1).mean(dim=1) if loss.ndim > 1 else loss
+
+
 def gan_generator_loss(logits_generated: Tensor) -> Tensor:
-    """Non-saturating GAN loss of the generator (N,): softplus(-D(G(z)))."""
-    return F.softplus(-logits_generated)
+    """Non-saturating GAN loss of the generator (N,): softplus(-D(G(z))), averaged over tokens for per-token logits."""
+    return _per_sample(F.softplus(-logits_generated))
 
 
 def gan_head_loss(logits_real: Tensor, logits_generated: Tensor) -> Tensor:
-    """The head's loss (N,): softplus(-D(real)) + softplus(D(generated))."""
-    return F.softplus(-logits_real) + F.softplus(logits_generated)
+    """The head's loss (N,): softplus(-D(real)) + softplus(D(generated)), averaged over tokens for per-token logits."""
+    return _per_sample(F.softplus(-logits_real) + F.softplus(logits_generated))

@@ -201,7 +201,7 @@ class DMDTask(Task):
                      identity_block_positions(len(teacher.blocks), dc.generator_depth))
         self.fake = None
         if dc.reads_fake_score:
-            self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0).to(device).train()
+            self.fake = FakeScore(copies[1], gan_head=dc.gan_weight > 0, pool=dc.gan_pool).to(device).train()
         else:
             log.info("regression term alone (dmd.distribution_weight=0, dmd.gan_weight=0): no fake score is trained")
         self.teacher = store_frozen(teacher.eval().requires_grad_(False), cfg.train.frozen_dtype)

@@ -15,7 +15,14 @@ from common.errors import UserError
 from configs.loader import save_config
 from data.features import batch_conditions
 from data.pairs import load_pairs, read_pairs_metadata
-from diffusion.dmd import DistributionMatching, TeacherFeatures, gan_generator_loss, gan_head_loss, regression_distance
+from diffusion.dmd import (
+    DistributionMatching,
+    FakeScore,
+    TeacherFeatures,
+    gan_generator_loss,
+    gan_head_loss,
+    regression_distance,
+)
 from diffusion.guidance import null_caption_pair
 from diffusion.samplers.lcm import sample_lcm
 from diffusion.schedule import NoiseSchedule
@@ -141,6 +148,33 @@ def test_gan_losses_are_the_non_saturating_ones():
     torch.testing.assert_close(gan_head_loss(logits, -logits), 2 * torch.log1p(torch.exp(-logits)))
 
 
+def test_per_token_gan_losses_are_each_images_mean_over_its_tokens():
+    """A patch discriminator's logits (N, T): each image's loss is the mean of its tokens' losses, so an image
+    judged real on every token but one is charged for that one token alone."""
+    logits = torch.tensor([[-2.0, 0.0, 3.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
+    per_token = torch.log1p(torch.exp(-logits))
+    torch.testing.assert_close(gan_generator_loss(logits), per_token.mean(dim=1))
+    torch.testing.assert_close(gan_head_loss(logits, -logits), 2 * per_token.mean(dim=1))
+    assert gan_generator_loss(logits).shape == (2,)
+
+
+def test_the_gan_head_reads_one_logit_per_image_or_per_token():
+    """Per-token logits, one per patch; with a linear head (which commutes with the mean) their mean over the tokens
+    is exactly the pooled head's logit."""
+    net, cfg = toy_net(2)
+    noise, cond = conditions(cfg, n=3)
+    t = torch.tensor([10, 500, 900])
+    pooled, patches = FakeScore(net, gan_head=True), FakeScore(net, gan_head=True, pool="tokens")
+    linear = torch.nn.Linear(net.hidden_size, 1)
+    pooled.head, patches.head = linear, linear
+    tokens = (noise.shape[-1] // cfg.patch_size) * (noise.shape[-2] // cfg.patch_size)
+    with torch.no_grad():
+        one, each = pooled.logits(noise, t, **cond), patches.logits(noise, t, **cond)
+    assert one.shape == (3,) and each.shape == (3, tokens)
+    torch.testing.assert_close(each.mean(dim=1), one)
+    assert each.std(dim=1).min() > 1e-4  # the patches are judged apart
+
+
 def test_the_regression_distance_edge_term_charges_disagreeing_edges_only():
     """A difference flat in space has no edge term; a checkerboard difference of amplitude a has neighbouring-pixel
     differences of 2a everywhere (squared: 4a^2 across and down), so its distance is a^2 (1 + 4 w)."""
@@ -254,9 +288,9 @@ def test_generator_init_starts_the_generator_elsewhere_and_is_recorded(teacher_f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gan", [False, True], ids=["dmd", "dmd+gan"])
+@pytest.mark.parametrize("gan", [None, "mean", "tokens"], ids=["dmd", "dmd+gan", "dmd+patch-gan"])
 def test_dmd_resume_equals_uninterrupted_run(teacher_file, tmp_path, gan):
-    extra = ["dmd.gan_weight=1e-2", "dmd.generator_steps=2"] if gan else []
+    extra = ["dmd.gan_weight=1e-2", "dmd.generator_steps=2", f"dmd.gan_pool={gan}"] if gan else []
     straight = train(dmd_config(tmp_path / "a", teacher_file, *extra), DMDTask, toy_data)
     first = train(dmd_config(tmp_path / "b", teacher_file, "train.steps=3", *extra), DMDTask, toy_data)
     resumed = train(dmd_config(tmp_path / "b", teacher_file, *extra), DMDTask, toy_data, resume=str(first))
@@ -301,6 +335,7 @@ def run_cli(tmp_path, *args):
     ("dmd.matching_steps=2", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
     ("dmd.matching_steps=0", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
     ("dmd.t_min=0.99", "dmd.t_min and dmd.t_max"),
+    ("dmd.gan_pool=max", "dmd.gan_pool must be 'mean' (one logit per image) or 'tokens'"),
     ("dmd.real_guidance=nan", "dmd.real_guidance must be a finite number"),
     ("dmd.regression_edge_weight=-1", "dmd.regression_edge_weight must be a finite number >= 0"),
     ("dmd.regression_feature_weight=-1", "dmd.regression_feature_weight must be a finite number >= 0"),
