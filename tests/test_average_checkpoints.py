@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 from safetensors import safe_open
+from toy_training import toy_config, toy_data
 
+from engine.loop import train
 from models import quantize as Q
 from models.checkpoint import load_checkpoint, save_checkpoint
+from tasks.alpha import PixArtAlphaTask
 from tools.average_checkpoints import main
 
 
@@ -75,6 +78,22 @@ def test_an_int8_weights_file_is_averaged_as_the_float_weights_it_loads_as(three
         torch.testing.assert_close(value, restored.state_dict()[key], rtol=0, atol=1e-7)
     with safe_open(str(out), "pt") as f:
         assert "quantization" not in f.metadata()  # the mean is float
+
+
+def test_training_checkpoints_give_the_mean_of_their_ema_weights(tmp_path):
+    run = train(toy_config(tmp_path / "runs", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=10"),
+                PixArtAlphaTask, toy_data)
+    states = sorted((run / "checkpoints").glob("step_*.pt"))
+    assert len(states) == 2
+    out = tmp_path / "mean.safetensors"
+    assert main([str(out), *map(str, states)]) == 0
+    shadows = [torch.load(p, weights_only=True)["networks"]["model"]["ema"]["shadow"] for p in states]
+    averaged = raw(out)
+    assert set(shadows[0]) <= set(averaged)
+    for key in shadows[0]:
+        np.testing.assert_allclose(averaged[key], ((shadows[0][key] + shadows[1][key]) / 2).numpy(), rtol=0, atol=1e-6)
+    with safe_open(str(out), "pt") as f:
+        assert [s["step"] for s in json.loads(f.metadata()["averaged_from"])] == ["2", "4"]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -6,11 +6,12 @@ window leaves; or a weighted mean with --weights).
         RUN/curve/step_00000400.ema.safetensors RUN/curve/step_00000600.ema.safetensors \\
         RUN/curve/step_00000800.ema.safetensors
 
-Every input is read by the project's loader (any format it reads, int8-weights files restored to float first) and
-checked against the first one's architecture; the mean is taken in float64 and written as this project's safetensors
-in float32 (or --dtype). The output keeps the first input's metadata (its run config, which the samplers read for
-e.g. a generator's timesteps) and adds `averaged_from` (each input's path, sha256, step and weight). Inputs whose
-run configs differ are averaged with a warning (a weight soup of several runs); the output says which it came from.
+Every input is read by the project's loader (any format it reads, int8-weights files restored to float first; a
+run's training checkpoint, checkpoints/step_*.pt, gives its EMA) and checked against the first one's architecture;
+the mean is taken in float64 and written as this project's safetensors in float32 (or --dtype). The output keeps the
+first input's metadata (its run config, which the samplers read for e.g. a generator's timesteps) and adds
+`averaged_from` (each input's path, sha256, step and weight). Inputs whose run configs differ are averaged with a
+warning (a weight soup of several runs); the output says which it came from.
 Nothing is written unless every input reads and fits.
 """
 
@@ -25,11 +26,26 @@ from pathlib import Path
 import torch
 
 from common.errors import CheckpointError, UserError
-from models.checkpoint import load_checkpoint, peek, save_checkpoint
+from engine.state import is_training_state, read_training_state
+from models.checkpoint import check_state_dict, load_checkpoint, peek, save_checkpoint
+from models.pixart import build_pixart
 from models.shipped import content_hash
+from models.variants import PixArtConfig
 
 log = logging.getLogger("average_checkpoints")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], PixArtConfig, dict[str, str]]:
+    """A checkpoint's float weights (official keys), architecture and metadata: a training state's EMA, or any file
+    the loader reads (int8-weights restored to float)."""
+    if is_training_state(path):
+        ckpt = read_training_state(path, "ema")
+        check_state_dict(build_pixart(ckpt.config, device="meta"), ckpt.config, ckpt.state_dict, str(path))
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.state_dict.items() if k != "pos_embed"}
+        return sd, ckpt.config, ckpt.metadata
+    model, cfg, _ = load_checkpoint(path)
+    return {k: v for k, v in model.state_dict().items() if k != "pos_embed"}, cfg, peek(path).metadata
 
 
 def describe_config_difference(a, b) -> str:
@@ -56,26 +72,27 @@ def average_checkpoints(out: Path, files: list[Path], weights: list[float] | Non
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise UserError(f"no such checkpoint: {', '.join(missing)}")
-    first = peek(files[0])
-    model, cfg, _ = load_checkpoint(files[0])
-    total = {k: v.double() * weights[0] for k, v in model.state_dict().items()}
-    for f, w in zip(files[1:], weights[1:]):
-        info = peek(f)  # a damaged file is named here
-        if info.config is not None and info.config.resolved() != cfg.resolved():
+    total, cfg, first_meta, steps = None, None, None, []
+    for f, w in zip(files, weights):
+        sd, f_cfg, meta = read_weights(f)  # a damaged file is named here
+        steps.append(meta.get("step"))
+        if cfg is None:
+            total, cfg, first_meta = {k: v.double() * w for k, v in sd.items()}, f_cfg, meta
+            continue
+        if f_cfg.resolved() != cfg.resolved():
             raise CheckpointError(f"{f} does not fit the architecture of {files[0]}, the first checkpoint: "
-                                  f"{describe_config_difference(info.config, cfg)}")
-        other, _, _ = load_checkpoint(f, cfg)  # a config-less file of another architecture is named here
-        if info.metadata.get("config") != first.metadata.get("config"):
+                                  f"{describe_config_difference(f_cfg, cfg)}")
+        if meta.get("config") != first_meta.get("config"):
             log.warning("%s comes from another run config than %s: the average (a weight soup) carries the first's",
                         f, files[0])
-        for k, v in other.state_dict().items():
+        for k, v in sd.items():
             total[k] += v.double() * w
     norm = sum(weights)
     sd = {k: (v / norm).to(dtype) if v.is_floating_point() else v for k, v in total.items()}
-    meta = {k: v for k, v in first.metadata.items() if k not in ("format", "model_config", "quantization")}
+    meta = {k: v for k, v in first_meta.items() if k not in ("format", "model_config", "quantization")}
     meta["averaged_from"] = json.dumps([{"path": str(f), "sha256": content_hash(f),
-                                         "step": peek(f).metadata.get("step"), "weight": w / norm}
-                                        for f, w in zip(files, weights)])
+                                         "step": step, "weight": w / norm}
+                                        for f, step, w in zip(files, steps, weights)])
     save_checkpoint(sd, cfg, out, "safetensors", metadata=meta)
     log.info("wrote %s: the mean of %d checkpoints (weights %s)", out, len(files),
              ", ".join(f"{w / norm:.3g}" for w in weights))
