@@ -139,6 +139,8 @@ class DMDConfig:
     t_max: float = 0.98
     gan_weight: float = 0.0          # > 0: the generator's GAN loss weight (DMD2's SDXL run: 1e-3); 0: no GAN term
     gan_head_weight: float = 1e-2    # weight of the GAN head's loss within the fake-score update
+    gan_t_max: float | None = None   # the GAN term's noise levels: t ~ U[t_min T, gan_t_max T) (low noise, where
+                                     # a shape's outline is visible); None: t_max, as the DMD term's
     gan_pool: str = "mean"           # the head's logits: one per image from the middle tokens' mean (mean), or one
                                      # per token (tokens: a patch discriminator, each logit judging a patch)
     distribution_weight: float = 1.0  # weight of the distribution-matching term (0: the regression term alone)
@@ -205,6 +207,9 @@ class DMDConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"dmd.{key} must be a finite number >= 0, got {value}")
+        if self.gan_t_max is not None and not self.t_min < self.gan_t_max <= 1.0:
+            raise UserError(f"dmd.gan_t_max must be in (dmd.t_min={self.t_min}, 1] (or null: dmd.t_max), got "
+                            f"{self.gan_t_max}")
         if self.gan_pool not in ("mean", "tokens"):
             raise UserError(f"dmd.gan_pool must be 'mean' (one logit per image) or 'tokens' (one per token, a patch "
                             f"discriminator), got {self.gan_pool!r}")

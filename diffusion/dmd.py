@@ -109,10 +109,12 @@ class DistributionMatching:
         t_last = self.timesteps.to(noise.device)[stop]  # (N,)
         return self.x0(generator, inputs, t_last, cond), inputs
 
-    def noise_levels(self, u: Tensor) -> Tensor:
-        """Timesteps floor(T (t_min + (t_max - t_min) u)) for u ~ U[0, 1) (N,)."""
+    def noise_levels(self, u: Tensor, t_max: float | None = None) -> Tensor:
+        """Timesteps floor(T (t_min + (t_max - t_min) u)) for u ~ U[0, 1) (N,); t_max: another top than the DMD
+        term's (the GAN term's dmd.gan_t_max)."""
         T = self.schedule.num_steps
-        return (T * (self.t_min + (self.t_max - self.t_min) * u)).long().clamp(0, T - 1)
+        top = self.t_max if t_max is None else t_max
+        return (T * (self.t_min + (top - self.t_min) * u)).long().clamp(0, T - 1)
 
     @torch.no_grad()
     def real_x0(self, teacher: Network, x_t: Tensor, t: Tensor, cond: dict, uncond: dict) -> Tensor:

@@ -259,7 +259,7 @@ class DMDTask(Task):
             loss = self.objective.fake_score_loss(model, images, t, noise, cond)
             terms = {"fake_mse": loss.mean().item()}
             if self.fake.head is not None:
-                t_gan = self.objective.noise_levels(rng.rand(x0.device))
+                t_gan = self.objective.noise_levels(rng.rand(x0.device), dc.gan_t_max)
                 real = self.schedule.q_sample(x0.float(), t_gan, rng.randn(x0.shape[1:], x0.device))
                 fake = self.schedule.q_sample(images, t_gan, rng.randn(x0.shape[1:], x0.device))
                 head = gan_head_loss(self.fake.logits(real, t_gan, **cond), self.fake.logits(fake, t_gan, **cond))
@@ -281,7 +281,7 @@ class DMDTask(Task):
             loss = loss + dc.regression_weight * regression
             out["regression"] = regression.mean().item()
         if self.fake.head is not None:
-            t_gan = self.objective.noise_levels(rng.rand(x0.device))
+            t_gan = self.objective.noise_levels(rng.rand(x0.device), dc.gan_t_max)
             noised = self.schedule.q_sample(images, t_gan, rng.randn(x0.shape[1:], x0.device))
             with no_parameter_grads(self.fake):
                 gan = gan_generator_loss(self.fake.logits(noised, t_gan, **cond))

@@ -148,6 +148,13 @@ def test_gan_losses_are_the_non_saturating_ones():
     torch.testing.assert_close(gan_head_loss(logits, -logits), 2 * torch.log1p(torch.exp(-logits)))
 
 
+def test_the_gan_terms_noise_levels_stop_at_gan_t_max():
+    objective = DistributionMatching(SCHEDULE, t_min=0.02, t_max=0.98)
+    u = torch.tensor([0.0, 0.5, 0.999])
+    assert objective.noise_levels(u).tolist() == [20, 500, 979]
+    assert objective.noise_levels(u, 0.3).tolist() == [20, 160, 299]
+
+
 def test_per_token_gan_losses_are_each_images_mean_over_its_tokens():
     """A patch discriminator's logits (N, T): each image's loss is the mean of its tokens' losses, so an image
     judged real on every token but one is charged for that one token alone."""
@@ -335,6 +342,7 @@ def run_cli(tmp_path, *args):
     ("dmd.matching_steps=2", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
     ("dmd.matching_steps=0", "dmd.matching_steps must be in 1..dmd.generator_steps=1"),
     ("dmd.t_min=0.99", "dmd.t_min and dmd.t_max"),
+    ("dmd.gan_t_max=0.01", "dmd.gan_t_max must be in (dmd.t_min=0.02, 1]"),
     ("dmd.gan_pool=max", "dmd.gan_pool must be 'mean' (one logit per image) or 'tokens'"),
     ("dmd.real_guidance=nan", "dmd.real_guidance must be a finite number"),
     ("dmd.regression_edge_weight=-1", "dmd.regression_edge_weight must be a finite number >= 0"),
