@@ -537,6 +537,37 @@ def test_re_noised_pairs_hold_the_teachers_image_from_what_each_later_step_sees(
         assert 0.5 < implied.std() < 1.5 and abs(implied.mean()) < 0.5
 
 
+def test_on_policy_rows_start_from_the_students_own_state_at_each_later_step(teacher_file, toy_cache, tmp_path):
+    """--student: each later row starts where the student's own sampling is at that timestep. With the teacher as
+    the student and a one-step unguided solve (the teacher's x0 estimate), the first later row is the teacher's
+    image re-noised with the same fresh noise as the off-policy row (they coincide exactly), and each row after it is
+    the previous row's image (the student's output at that step) re-noised with the off-policy row's implied noise;
+    the rows from noise are unchanged and the file names its student."""
+    starts = ("--start-timesteps", "759,499")
+    code, plain = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="plain", args=starts)
+    assert code == 0
+    code, on = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, name="on",
+                          args=(*starts, "--student", str(teacher_file)))
+    assert code == 0
+    off, ours = load_pairs(plain), load_pairs(on)
+    assert read_pairs_metadata(on)["student"] == str(teacher_file)
+    rows = {t: (off["timestep"] == t, ours["timestep"] == t) for t in (999, 759, 499)}
+    for key in ("noise", "image", "index"):
+        torch.testing.assert_close(ours[key][rows[999][1]], off[key][rows[999][0]], rtol=0, atol=0)
+    torch.testing.assert_close(ours["noise"][rows[759][1]], off["noise"][rows[759][0]], rtol=0, atol=1e-5)
+    t = torch.full((int(rows[499][0].sum()),), 499)
+    alpha, sigma = SCHEDULE.alpha_sigma(t, off["noise"][rows[499][0]])
+    implied = (off["noise"][rows[499][0]] - alpha * off["image"][rows[999][0]]) / sigma  # the fresh noise at 499
+    expected = alpha * ours["image"][rows[759][1]] + sigma * implied
+    torch.testing.assert_close(ours["noise"][rows[499][1]], expected, rtol=1e-5, atol=1e-5)  # float round-off
+    assert not torch.allclose(ours["noise"][rows[499][1]], off["noise"][rows[499][0]], atol=1e-3)
+
+
+def test_a_student_without_later_timesteps_is_refused(teacher_file, toy_cache, tmp_path, caplog):
+    code, out = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, args=("--student", str(teacher_file)))
+    assert code == 2 and "--student makes rows from the student's states" in caplog.text and not out.exists()
+
+
 def test_extending_a_pairs_file_gives_the_file_made_from_scratch(teacher_file, toy_cache, tmp_path, caplog):
     """--extend keeps an existing file's rows from noise (they are not sampled again) and adds the re-noised ones:
     the same file as one run with --start-timesteps; a file of another sampler config is refused by name."""

@@ -23,6 +23,17 @@ for the rows from pure noise). Each row's image is then a function of what that 
 student can regress onto it (dmd.regression_steps: own); the image from the first noise is not (the re-noising
 draws fresh noise), which is why regressing later steps onto it averages to blur. `--extend PAIRS` takes the rows
 from noise of an existing pairs file of the same teacher and settings instead of sampling them again.
+
+On-policy rows (`--student CKPT`, with --start-timesteps the student's later timesteps): the re-noised latent of
+each later row is not the teacher's image re-noised but what the few-step student itself sees at that step when it
+samples from the row's noise (its steps before, each output re-noised to the next timestep as the LCM sampler does),
+and the teacher's ODE finishes from there. A student trained on them learns to finish as the teacher would from its
+own states rather than from the teacher's, which its later steps never see (the hand-off of tools/handoff.py: the
+teacher finishing from the student's state after one step keeps the teacher's kind). The metadata names the student.
+
+    python tools/make_ode_pairs.py work/shapes/pairs4_onpolicy.safetensors --config shapes_teacher --batch-size 250 \
+        --extend work/shapes/pairs.safetensors --start-timesteps 639,339,119 \
+        --student weights/shapes/dmd4_student.safetensors
 """
 
 import argparse
@@ -59,6 +70,9 @@ def parse_args(argv=None):
                    "from each image re-noised to each of them (a few-step generator's later steps, e.g. 759,499,259)")
     p.add_argument("--extend", type=Path, default=None, help="a pairs file of the same teacher and settings: its "
                    "rows from noise are kept (not sampled again) and the --start-timesteps rows are added to them")
+    p.add_argument("--student", type=Path, default=None, help="a few-step student at timesteps T - 1 and then "
+                   "--start-timesteps: each later row starts from the student's own state at that timestep (on-policy "
+                   "rows) instead of the teacher's image re-noised")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -123,6 +137,11 @@ def make_pairs(args) -> Path:
                         f"{s.sampler}")
     if args.extend is not None and not starts_t:
         raise UserError("--extend adds re-noised rows to a pairs file: give --start-timesteps too")
+    if args.student is not None and not starts_t:
+        raise UserError("--student makes rows from the student's states at its later timesteps: give them as "
+                        "--start-timesteps (e.g. 639,339,119 for a student at 999, 639, 339, 119)")
+    if args.student is not None and not args.student.exists():
+        raise UserError(f"--student {args.student}: no such checkpoint")
     if s.checkpoint is None:
         raise UserError("no teacher: set sample.checkpoint (--set sample.checkpoint=PATH)")
     info = peek(s.checkpoint)
@@ -134,6 +153,14 @@ def make_pairs(args) -> Path:
     if starts_t:
         meta["start_timesteps"] = ",".join(map(str, starts_t))
         meta["start_steps"] = ",".join(str(start_steps(s.steps, t, schedule.num_steps)) for t in starts_t)
+    student = None
+    if args.student is not None:
+        from diffusion.dmd import DistributionMatching
+
+        student_model, _, _ = load_checkpoint(args.student, cfg.model, device=s.device, dtype=torch.float32)
+        student = (student_model.eval(), DistributionMatching(schedule, cfg.diffusion.prediction, len(starts_t) + 1,
+                                                              explicit_timesteps=[schedule.num_steps - 1, *starts_t]))
+        meta.update(student=str(args.student), student_sha256=content_hash(args.student))
     extended = read_extended(args.extend, meta) if args.extend is not None else None
     if extended is not None:
         chosen = extended["index"].tolist()
@@ -175,10 +202,16 @@ def make_pairs(args) -> Path:
         rows = {"noise": [noise], "image": [images.float().cpu()],
                 "timestep": [torch.full((len(indices),), schedule.num_steps - 1)]}
         denoise = guided_denoiser(teacher, schedule, s, cond, prediction=cfg.diffusion.prediction)
-        for k, t in enumerate(starts_t):  # the same images re-noised to t, and the teacher's ODE from there
-            fresh = initial_noise([seed + (k + 1) * 10_000_019 for seed in seeds], tuple(images.shape[1:]),
-                                  s.device, torch.float32)
-            x_t = schedule.q_sample(images.float(), torch.full((len(indices),), t, device=s.device), fresh)
+        fresh = [initial_noise([seed + (k + 1) * 10_000_019 for seed in seeds], tuple(images.shape[1:]), s.device,
+                               torch.float32) for k in range(len(starts_t))]
+        for k, t in enumerate(starts_t):  # re-noised to t (the teacher's image, or the student's own state there)
+            if student is None:
+                x_t = schedule.q_sample(images.float(), torch.full((len(indices),), t, device=s.device), fresh[k])
+            else:  # the student's steps 0..k from the row's noise, each re-noised with fresh[j]; its input at k + 1
+                net, chain = student
+                stop = torch.full((len(indices),), k + 1, device=s.device)
+                with torch.no_grad():
+                    _, x_t = chain.generate(net, noise.to(s.device), cond, fresh, stop)
             with torch.no_grad():
                 solved = sample_dpm_solver(denoise, x_t, schedule, start_steps(s.steps, t, schedule.num_steps),
                                            start=t, **s.sampler_options)
