@@ -3,6 +3,7 @@ tokenizer and its warning for words it never saw."""
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,10 +180,12 @@ def test_dmd_recipe_skips_the_one_step_stage_when_its_generator_is_kept(tmp_path
     assert len(trains) == 1 and "--config dmd_shapes_2step " in trains[0]
 
 
-def test_dmd4_recipe_extends_the_pairs_then_regression_then_dmd_from_its_kept_generator(tmp_path, caplog):
+def test_dmd4_recipe_regression_then_dmd_then_on_policy_rows_then_the_mean_of_four_checkpoints(tmp_path, caplog):
     """`shapes_recipe.py dmd4`: the teacher's pairs, the rows re-noised to 639, 339, 119 added to them, stage one
-    (regression alone) from the shipped LCD student, stage two from stage one's kept EMA, then the shipped
-    dmd4_student.safetensors evaluated with the four-step preset; a kept stage-one generator skips stage one."""
+    (regression alone) from the shipped LCD student, stage two from stage one's kept EMA, on-policy rows from stage
+    two's kept student, stage three from stage two's kept EMA on them, the mean of stage three's EMA at steps
+    100-400 (its training checkpoints), then the shipped dmd4_student.safetensors evaluated with the four-step preset;
+    kept generators and pairs skip their stages."""
     from train.shapes_recipe import main as recipe_main
 
     work, ship = tmp_path / "work", tmp_path / "ship"
@@ -194,7 +197,7 @@ def test_dmd4_recipe_extends_the_pairs_then_regression_then_dmd_from_its_kept_ge
         return [r.getMessage()[2:] for r in caplog.records if r.getMessage().startswith("$ ")]
 
     commands = dry_run()
-    assert len(commands) == 5
+    assert len(commands) == 8
     assert "tools/make_ode_pairs.py" in commands[0] and "--start-timesteps 639,339,119" in commands[1]
     assert f"--extend {work / 'pairs.safetensors'}" in commands[1]
     pairs4 = commands[1].split()[2]
@@ -204,14 +207,25 @@ def test_dmd4_recipe_extends_the_pairs_then_regression_then_dmd_from_its_kept_ge
     assert f"dmd.generator_init={work / 'dmd4-regression.safetensors'}" in commands[3]
     for command in commands[2:4]:
         assert f"dmd.pairs={pairs4}" in command and f"dmd.teacher={ship / 'teacher.safetensors'}" in command
-    assert "tools/evaluate.py model --config dmd_shapes_4step " in commands[4]
-    assert f"sample.checkpoint={ship / 'dmd4_student.safetensors'}" in commands[4]
+    assert "tools/make_ode_pairs.py" in commands[4]
+    assert f"--student {work / 'dmd4-stage2-int8w.safetensors'}" in commands[4]
+    assert f"--extend {work / 'pairs.safetensors'}" in commands[4] and "--start-timesteps 639,339,119" in commands[4]
+    on_policy = commands[4].split()[2]
+    assert "train/train_dmd.py --config dmd_shapes_4step_onpolicy " in commands[5]
+    assert f"dmd.generator_init={work / 'dmd4-stage2.safetensors'}" in commands[5] and f"dmd.pairs={on_policy}" in \
+        commands[5]
+    assert "tools/average_checkpoints.py" in commands[6]
+    assert commands[6].split()[2].endswith("averaged.safetensors")
+    assert [Path(a).name for a in commands[6].split()[3:]] == [f"step_00000{n}00.pt" for n in (1, 2, 3, 4)]
+    assert "tools/evaluate.py model --config dmd_shapes_4step_onpolicy " in commands[7]
+    assert f"sample.checkpoint={ship / 'dmd4_student.safetensors'}" in commands[7]
 
     work.mkdir()
-    for kept in ("pairs.safetensors", "pairs4_639.safetensors", "dmd4-regression.safetensors"):
+    for kept in ("pairs.safetensors", "pairs4_639.safetensors", "dmd4-regression.safetensors",
+                 "dmd4-stage2-int8w.safetensors"):
         (work / kept).write_bytes(b"")
     trains = [c for c in dry_run() if "train/train_dmd.py" in c or "make_ode_pairs" in c]
-    assert len(trains) == 1 and "--config dmd_shapes_4step " in trains[0]
+    assert len(trains) == 2 and "--student" in trains[0] and "--config dmd_shapes_4step_onpolicy " in trains[1]
 
 
 def test_int8_weights_shipping_keeps_the_metadata_and_loads_the_fp16_weights_within_half_a_step(tmp_path):

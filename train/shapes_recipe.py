@@ -219,11 +219,13 @@ def teacher(recipe: Recipe, dry_run: bool) -> None:
 
 def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, config: str, teacher_key: str,
            weights: str, name: str, what: str, extra: tuple[str, ...] = (), stages: Stages | None = None,
-           also_evaluate: dict[str, str] | None = None, storage: str = "fp16") -> None:
+           also_evaluate: dict[str, str] | None = None, storage: str = "fp16",
+           average_steps: tuple[int, ...] = ()) -> None:
     """Distil the shipped teacher on its feature cache with `script --config config` (needs `teacher` first; `extra`:
     more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16, or int8-weights: see
     ship), evaluate it with `config` (and with each config of `also_evaluate`, recorded under its key) and record it
-    in the manifest."""
+    in the manifest. average_steps: ship instead the mean of the EMA weights of the run's training checkpoints at
+    those steps (tools/average_checkpoints.py, written as the run's `weights` file)."""
     stages = stages or Stages(dry_run)
     shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
     if not dry_run and not shipped:
@@ -232,6 +234,10 @@ def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, con
                          f"and {recipe.cache})")
     target = recipe.ship / f"{name}.safetensors"
     run_dir = train_stage(stages, recipe, script, config, distil_paths(recipe, teacher_key, extra) + recipe.overrides)
+    if average_steps:
+        stages("average checkpoints", False, python(
+            "tools/average_checkpoints.py", run_dir / weights,
+            *[run_dir / "checkpoints" / f"step_{step:08d}.pt" for step in average_steps]))
     stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target, storage=storage))
     shipped_files = [f"sample.checkpoint={target}", f"text_encoder.path={recipe.ship / 't5'}"]
     out = evaluate_stage(stages, recipe, config, shipped_files, name)
@@ -308,19 +314,24 @@ def teacher_pairs(stages: Stages, recipe: Recipe) -> Path:
     return pairs
 
 
-DMD4_WHAT = ("four-step student, the default of sample/sample.py (fp16 EMA of the generator, its block linear weights "
-             "stored in int8 per row: int8-weights, loaded as float): the LCD student trained as a four-step "
-             "generator at timesteps 999, 639, 339, 119, on the regression term alone (each step on the teacher's "
-             "pairs from its own timestep, the last step weighted 28 of 34) and then with the DMD term at weight "
-             "1, real score guided at 3; LCM sampler at those timesteps, no guidance")
+DMD4_WHAT = ("four-step student, the default of sample/sample.py (fp16 mean of four EMA checkpoints of the generator, "
+             "its block linear weights stored in int8 per row: int8-weights, loaded as float): the LCD student "
+             "trained as a four-step generator at timesteps 999, 639, 339, 119, on the regression term alone (each "
+             "step on the teacher's pairs from its own timestep, the last step weighted 28 of 34), then with the DMD "
+             "term at weight 1, real score guided at 3, then 400 steps more on regression rows from its own states "
+             "(on-policy), shipped as the mean of the EMA at steps 100-400; LCM sampler at those timesteps, no "
+             "guidance")
 
 
 def dmd4(recipe: Recipe, dry_run: bool) -> None:
-    """The four-step student (configs/dmd_shapes_4step_regression.yaml, then configs/dmd_shapes_4step.yaml): the
-    shipped LCD student (needs `student` first) trained as a four-step generator at 999, 639, 339, 119 on the
-    teacher's pairs (made here, or `dmd`'s) plus rows from the teacher's image re-noised to 639, 339 and 119, first on
-    the regression term alone (its EMA kept as work/shapes/dmd4-regression.safetensors), then with the DMD term;
-    shipped in int8-weights storage and evaluated in four steps."""
+    """The four-step student, three stages (configs/dmd_shapes_4step_regression.yaml, configs/dmd_shapes_4step.yaml,
+    configs/dmd_shapes_4step_onpolicy.yaml): the shipped LCD student (needs `student` first) trained as a four-step
+    generator at 999, 639, 339, 119 on the teacher's pairs (made here, or `dmd`'s) plus rows from the teacher's image
+    re-noised to 639, 339 and 119, first on the regression term alone (its EMA kept as
+    work/shapes/dmd4-regression.safetensors), then with the DMD term (its EMA kept as work/shapes/dmd4-stage2
+    .safetensors, and in int8-weights storage as dmd4-stage2-int8w.safetensors), then 400 steps more on rows that
+    start from that student's own states (make_ode_pairs.py --student); the mean of stage three's four EMA checkpoints
+    is shipped in int8-weights storage and evaluated in four steps."""
     stages = Stages(dry_run)
     student_file = shipped_student(recipe, dry_run, "the four-step student")
     pairs = teacher_pairs(stages, recipe)
@@ -333,9 +344,23 @@ def dmd4(recipe: Recipe, dry_run: bool) -> None:
                           paths + recipe.overrides, skip=regression.is_file())
     stages("keep the regression generator", regression.is_file(),
            fn=lambda: shutil.copyfile(run_dir / "ema.safetensors", regression))  # fp32, as stage two reads it
-    distil(recipe, dry_run, "dmd4", "the four-step student", "train/train_dmd.py", "dmd_shapes_4step", "dmd.teacher",
-           "ema.safetensors", "dmd4_student", DMD4_WHAT, stages=stages,
-           extra=(f"dmd.pairs={pairs4}", f"dmd.generator_init={regression}"), storage="int8-weights")
+    stage2, stage2_stored = recipe.work / "dmd4-stage2.safetensors", recipe.work / "dmd4-stage2-int8w.safetensors"
+    paths = distil_paths(recipe, "dmd.teacher", (f"dmd.pairs={pairs4}", f"dmd.generator_init={regression}"))
+    run_dir = train_stage(stages, recipe, "train/train_dmd.py", "dmd_shapes_4step", paths + recipe.overrides,
+                          skip=stage2_stored.is_file())
+
+    def keep_stage_two() -> None:
+        shutil.copyfile(run_dir / "ema.safetensors", stage2)  # fp32, as stage three starts from it
+        ship(run_dir / "ema.safetensors", stage2_stored, storage="int8-weights")  # the on-policy pairs' student
+
+    stages("keep the stage-two generator", stage2_stored.is_file(), fn=keep_stage_two)
+    on_policy = recipe.work / "pairs4_onpolicy.safetensors"
+    make_pairs(stages, recipe, "on-policy pairs from 639, 339, 119", on_policy, "--extend", pairs,
+               "--start-timesteps", "639,339,119", "--student", stage2_stored)
+    distil(recipe, dry_run, "dmd4", "the four-step student", "train/train_dmd.py", "dmd_shapes_4step_onpolicy",
+           "dmd.teacher", "averaged.safetensors", "dmd4_student", DMD4_WHAT, stages=stages,
+           extra=(f"dmd.pairs={on_policy}", f"dmd.generator_init={stage2}"), storage="int8-weights",
+           average_steps=(100, 200, 300, 400))
 
 
 CONTROL_BUDGET_BYTES = 3_200_000  # what the 20 MB budget leaves for a branch beside teacher, student and T5
