@@ -87,7 +87,7 @@ def quoted_figures() -> list[tuple[str, str]]:
         "full (611.3M trainable), bf16 (`train.frozen_dtype=bf16`)"]
     lcm4, dpm14 = "PixArt-δ LCM 4 steps, bf16, compiled", "PixArt-α DPM 14 steps, CFG 4.5, bf16, compiled"
     xl1024 = row_where("(`python tools/benchmark.py train --archs XL S", model="XL/2", image="1024px", batch="12")
-    four = table_after("The pick on the validation scenes: the best kind at FD under 0.45")
+    four = table_after("It is shipped as `weights/shapes/dmd4_student.safetensors` (int8-weights")
     dmd4 = four["four-step student (shipped, int8-weights), LCM 4 at 999, 639, 339, 119"]
     lcd4 = four["LCD student, LCM 4"]
     recipe = sentence_number(r"the recipe takes (\d+) minutes")
