@@ -853,8 +853,13 @@ def test_pairs_that_cannot_be_joined_exit_2_and_write_nothing(teacher_file, toy_
     _, overlapping = make_pairs(tmp_path, teacher_file, toy_cache, num=3, name="o", args=("--seed", "3"))
     _, guided = make_pairs(tmp_path, teacher_file, toy_cache, "sample.guidance=2", num=3, name="g",
                            args=("--seed", "5"))
+    starts = ("--start-timesteps", "759")
+    _, off = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, num=3, name="off", args=starts)
+    _, on = make_pairs(tmp_path, teacher_file, toy_cache, *DPM_ONE_STEP, num=3, name="on",
+                       args=(*starts, "--seed", "3", "--student", str(teacher_file)))
     out = tmp_path / "joined.safetensors"
     for files, message in [((a, overlapping), "share noise seeds"), ((a, guided), "made with other settings"),
+                           ((off, on), "student: None in"),
                            ((a,), "at least two"), ((a, tmp_path / "missing.safetensors"), "cannot read")]:
         caplog.clear()
         assert join_main([str(out), *map(str, files)]) == 2 and message in caplog.text

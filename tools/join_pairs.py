@@ -28,7 +28,7 @@ from data.pairs import load_pairs, read_pairs_metadata
 log = logging.getLogger("join_pairs")
 
 SHARED = ("teacher", "teacher_sha256", "sampler", "steps", "guidance", "cache_dir", "prediction", "start_timesteps",
-          "start_steps")
+          "start_steps", "student", "student_sha256")  # the student: on-policy rows (make_ode_pairs.py --student)
 
 
 def noise_rows(tensors: dict) -> int:
@@ -51,7 +51,7 @@ def join_pairs(out: Path, files: list[Path]) -> Path:
         if differ:
             named = ", ".join(f"{k}: {metas[0].get(k)!r} in {files[0]}, {meta.get(k)!r} in {f}" for k in differ)
             raise UserError(f"{f} was made with other settings than {files[0]} ({named}): join only pairs of one "
-                            f"teacher, sampler config, cache and --start-timesteps")
+                            f"teacher, sampler config, cache, --start-timesteps and --student")
     if any("," in meta["seed"] for meta in metas):
         raise UserError("a joined file cannot be joined again: join the files it was made from")
     tensors = [load_pairs(f) for f in files]
