@@ -94,6 +94,15 @@ def test_training_checkpoints_give_the_mean_of_their_ema_weights(tmp_path):
         np.testing.assert_allclose(averaged[key], ((shadows[0][key] + shadows[1][key]) / 2).numpy(), rtol=0, atol=1e-6)
     with safe_open(str(out), "pt") as f:
         assert [s["step"] for s in json.loads(f.metadata()["averaged_from"])] == ["2", "4"]
+    carried = tmp_path / "carried.safetensors"  # the run's own export: what the task records travels with the mean
+    assert main([str(carried), *map(str, states), "--metadata-from", str(run / "ema.safetensors")]) == 0
+    with safe_open(str(run / "ema.safetensors"), "pt") as f:
+        exported = f.metadata()
+    with safe_open(str(carried), "pt") as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in exported if k not in ("format", "model_config")} == \
+        {k: v for k, v in exported.items() if k not in ("format", "model_config")}
+    np.testing.assert_array_equal(raw(carried)["x_embedder.proj.weight"], averaged["x_embedder.proj.weight"])
 
 
 @pytest.mark.parametrize("case, message", [

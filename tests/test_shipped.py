@@ -216,7 +216,8 @@ def test_dmd4_recipe_regression_then_dmd_then_on_policy_rows_then_the_mean_of_fo
         commands[5]
     assert "tools/average_checkpoints.py" in commands[6]
     assert commands[6].split()[2].endswith("averaged.safetensors")
-    assert [Path(a).name for a in commands[6].split()[3:]] == [f"step_00000{n}00.pt" for n in (1, 2, 3, 4)]
+    assert [Path(a).name for a in commands[6].split()[3:7]] == [f"step_00000{n}00.pt" for n in (1, 2, 3, 4)]
+    assert commands[6].split()[7:9] == ["--metadata-from", commands[6].split()[2].replace("averaged", "ema")]
     assert "tools/evaluate.py model --config dmd_shapes_4step_onpolicy " in commands[7]
     assert f"sample.checkpoint={ship / 'dmd4_student.safetensors'}" in commands[7]
 

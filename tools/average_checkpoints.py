@@ -10,7 +10,9 @@ Every input is read by the project's loader (any format it reads, int8-weights f
 run's training checkpoint, checkpoints/step_*.pt, gives its EMA) and checked against the first one's architecture;
 the mean is taken in float64 and written as this project's safetensors in float32 (or --dtype). The output keeps the
 first input's metadata (its run config, which the samplers read for e.g. a generator's timesteps) and adds
-`averaged_from` (each input's path, sha256, step and weight). Inputs whose run configs differ are averaged with a
+`averaged_from` (each input's path, sha256, step and weight); --metadata-from FILE carries FILE's metadata instead
+(a run's own export records what its task adds, e.g. a DMD generator's timesteps, which training checkpoints lack).
+Inputs whose run configs differ are averaged with a
 warning (a weight soup of several runs); the output says which it came from.
 Nothing is written unless every input reads and fits.
 """
@@ -55,8 +57,10 @@ def describe_config_difference(a, b) -> str:
 
 
 def average_checkpoints(out: Path, files: list[Path], weights: list[float] | None = None,
-                        dtype: torch.dtype = torch.float32) -> Path:
-    """Write the weighted mean of `files`' weights (uniform when weights is None) to `out`; returns out."""
+                        dtype: torch.dtype = torch.float32, metadata_from: Path | None = None) -> Path:
+    """Write the weighted mean of `files`' weights (uniform when weights is None) to `out`; returns out.
+    metadata_from: a checkpoint whose metadata the output carries instead of the first input's (a run's own export,
+    which holds what its task records, e.g. a DMD generator's timesteps and teacher)."""
     if len(files) < 2:
         raise UserError(f"give at least two checkpoints to average, got {len(files)}")
     if out.suffix != ".safetensors":
@@ -69,7 +73,7 @@ def average_checkpoints(out: Path, files: list[Path], weights: list[float] | Non
         raise UserError(f"--weights gives {len(weights)} weights for {len(files)} checkpoints: give one per checkpoint")
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
-    missing = [str(f) for f in files if not f.exists()]
+    missing = [str(f) for f in [*files, *([metadata_from] if metadata_from else [])] if not f.exists()]
     if missing:
         raise UserError(f"no such checkpoint: {', '.join(missing)}")
     total, cfg, first_meta, steps = None, None, None, []
@@ -89,6 +93,8 @@ def average_checkpoints(out: Path, files: list[Path], weights: list[float] | Non
             total[k] += v.double() * w
     norm = sum(weights)
     sd = {k: (v / norm).to(dtype) if v.is_floating_point() else v for k, v in total.items()}
+    if metadata_from is not None:
+        first_meta = peek(metadata_from).metadata  # a training checkpoint here is refused by peek, with its reason
     meta = {k: v for k, v in first_meta.items() if k not in ("format", "model_config", "quantization")}
     meta["averaged_from"] = json.dumps([{"path": str(f), "sha256": content_hash(f),
                                          "step": step, "weight": w / norm}
@@ -106,10 +112,13 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=float, nargs="+", default=None,
                    help="one weight per checkpoint (normalised to sum 1); default: uniform")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the stored dtype of the mean")
+    p.add_argument("--metadata-from", type=Path, default=None, help="carry this checkpoint's metadata instead of the "
+                   "first input's (e.g. the run's own ema.safetensors, which records what its task adds: a DMD "
+                   "generator's timesteps and teacher; training checkpoints hold only the run config and step)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     try:
-        average_checkpoints(args.out, args.files, args.weights, DTYPES[args.dtype])
+        average_checkpoints(args.out, args.files, args.weights, DTYPES[args.dtype], args.metadata_from)
     except UserError as e:
         log.error("error: %s", e)
         return 2

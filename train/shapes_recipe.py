@@ -225,7 +225,8 @@ def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, con
     more --set of the training), ship the run's `weights` file as NAME.safetensors (fp16, or int8-weights: see
     ship), evaluate it with `config` (and with each config of `also_evaluate`, recorded under its key) and record it
     in the manifest. average_steps: ship instead the mean of the EMA weights of the run's training checkpoints at
-    those steps (tools/average_checkpoints.py, written as the run's `weights` file)."""
+    those steps (tools/average_checkpoints.py, written as the run's `weights` file, with the metadata of the run's
+    own export, ema.safetensors)."""
     stages = stages or Stages(dry_run)
     shipped = (recipe.ship / "teacher.safetensors").is_file() and (recipe.cache / "index.jsonl").is_file()
     if not dry_run and not shipped:
@@ -237,7 +238,8 @@ def distil(recipe: Recipe, dry_run: bool, stage: str, who: str, script: str, con
     if average_steps:
         stages("average checkpoints", False, python(
             "tools/average_checkpoints.py", run_dir / weights,
-            *[run_dir / "checkpoints" / f"step_{step:08d}.pt" for step in average_steps]))
+            *[run_dir / "checkpoints" / f"step_{step:08d}.pt" for step in average_steps],
+            "--metadata-from", run_dir / "ema.safetensors"))  # what the task records (a generator's timesteps)
     stages(f"ship {name.replace('_', ' ')}", False, fn=lambda: ship(run_dir / weights, target, storage=storage))
     shipped_files = [f"sample.checkpoint={target}", f"text_encoder.path={recipe.ship / 't5'}"]
     out = evaluate_stage(stages, recipe, config, shipped_files, name)
