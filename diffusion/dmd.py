@@ -109,6 +109,18 @@ class DistributionMatching:
         t_last = self.timesteps.to(noise.device)[stop]  # (N,)
         return self.x0(generator, inputs, t_last, cond), inputs
 
+    @torch.no_grad()
+    def step_inputs(self, generator: Network, noise: Tensor, cond: dict, fresh: list[Tensor]) -> list[Tensor]:
+        """What each step of the generator sees when it samples from noise (N, C, H, W), in one pass: noise for the
+        first step, then each output re-noised with fresh[j] to the next step's timestep (as generate() runs them)."""
+        x, inputs = noise.float(), [noise.float()]
+        for j in range(len(self.timesteps) - 1):
+            t = torch.full((len(noise),), int(self.timesteps[j]), device=noise.device)
+            nxt = torch.full((len(noise),), int(self.timesteps[j + 1]), device=noise.device)
+            x = self.schedule.q_sample(self.x0(generator, x, t, cond), nxt, fresh[j].float())
+            inputs.append(x)
+        return inputs
+
     def noise_levels(self, u: Tensor, t_max: float | None = None) -> Tensor:
         """Timesteps floor(T (t_min + (t_max - t_min) u)) for u ~ U[0, 1) (N,); t_max: another top than the DMD
         term's (the GAN term's dmd.gan_t_max)."""

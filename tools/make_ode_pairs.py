@@ -204,14 +204,13 @@ def make_pairs(args) -> Path:
         denoise = guided_denoiser(teacher, schedule, s, cond, prediction=cfg.diffusion.prediction)
         fresh = [initial_noise([seed + (k + 1) * 10_000_019 for seed in seeds], tuple(images.shape[1:]), s.device,
                                torch.float32) for k in range(len(starts_t))]
-        for k, t in enumerate(starts_t):  # re-noised to t (the teacher's image, or the student's own state there)
-            if student is None:
-                x_t = schedule.q_sample(images.float(), torch.full((len(indices),), t, device=s.device), fresh[k])
-            else:  # the student's steps 0..k from the row's noise, each re-noised with fresh[j]; its input at k + 1
-                net, chain = student
-                stop = torch.full((len(indices),), k + 1, device=s.device)
-                with torch.no_grad():
-                    _, x_t = chain.generate(net, noise.to(s.device), cond, fresh, stop)
+        if student is None:  # the teacher's image re-noised to each start
+            starts_x = [schedule.q_sample(images.float(), torch.full((len(indices),), t, device=s.device), fresh[k])
+                        for k, t in enumerate(starts_t)]
+        else:  # the student's own state at each of its later steps (its input there), from the row's noise
+            net, chain = student
+            starts_x = chain.step_inputs(net, noise.to(s.device), cond, fresh)[1:]
+        for t, x_t in zip(starts_t, starts_x):
             with torch.no_grad():
                 solved = sample_dpm_solver(denoise, x_t, schedule, start_steps(s.steps, t, schedule.num_steps),
                                            start=t, **s.sampler_options)
