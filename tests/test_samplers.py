@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler
 
 from common.errors import UserError
 from diffusion import (
@@ -292,6 +292,40 @@ def test_lcm_rejects_bad_given_timesteps(timesteps, steps, text):
         sample_lcm(fake_denoise, initial_noise(), SCHEDULE, steps, timesteps=timesteps)
     with pytest.raises(ValueError, match=text):  # the check a config meets before anything loads
         sampler_timesteps("lcm", steps, 1000, {"timesteps": timesteps, "original_steps": 50})
+
+
+def test_lcm_reusing_the_implied_noise_matches_diffusers_tcd_at_gamma_0():
+    """noise_reuse=1 re-noises each estimate with the noise its x_t implies: TCD's deterministic sampling (gamma = 0,
+    diffusers' TCDScheduler eta=0) at the same timesteps, state for state (TCD's last step lands at t = 0, not on
+    the estimate, so the states before it are compared)."""
+    timesteps = [999, 639, 339, 119]
+    x = initial_noise()
+    ours = []
+    sample_lcm(fake_denoise, x, SCHEDULE, 4, timesteps=timesteps, noise_reuse=1.0,
+               callback=lambda info: ours.append(info.x), generator=torch.Generator().manual_seed(3))
+    scheduler = TCDScheduler(**PIXART_BETAS)
+    scheduler.set_timesteps(timesteps=timesteps)
+    theirs, states = x, []
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(fake_denoise(theirs, t.expand(len(x))), t, theirs, eta=0.0).prev_sample
+        states.append(theirs)
+    for i in range(3):
+        assert_parity(ours[i], states[i])
+
+
+def test_lcm_noise_reuse_bounds_and_ends():
+    x = initial_noise()
+
+    def run(seed, reuse=None):
+        options = {} if reuse is None else {"noise_reuse": reuse}
+        return sample_lcm(fake_denoise, x, SCHEDULE, 4, generator=torch.Generator().manual_seed(seed), **options)
+
+    assert torch.equal(run(3, 0.0), run(3))  # 0 is the plain LCM sampler
+    assert torch.equal(run(3, 1.0), run(4, 1.0))  # no fresh noise at all
+    assert not torch.equal(run(3, 0.5), run(4, 0.5))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UserError, match="noise_reuse=.*must lie in \\[0, 1\\]"):
+            run(3, bad)
 
 
 # Properties

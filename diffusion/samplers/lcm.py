@@ -83,16 +83,27 @@ def sample_lcm(
     timestep_scaling: float = TIMESTEP_SCALING,
     sigma_data: float = SIGMA_DATA,
     timesteps: Sequence[int] | None = None,
+    noise_reuse: float = 0.0,
 ) -> Tensor:
     """Run multistep LCM sampling from noise x (N, C, H, W) with `steps` denoiser calls; returns the clean sample.
-    timesteps: the steps' timesteps (descending from T - 1) instead of LCM's picks of its original schedule."""
+    timesteps: the steps' timesteps (descending from T - 1) instead of LCM's picks of its original schedule.
+    noise_reuse: r in [0, 1]; each re-noising uses r eps_hat + sqrt(1 - r^2) z, eps_hat the noise the step's x_t
+    implies for its estimate and z fresh noise: 0 is LCM (fresh noise), 1 is deterministic (DDIM-like; TCD's
+    gamma = 0)."""
+    if not 0.0 <= noise_reuse <= 1.0:
+        raise UserError(f"sample.sampler_options.noise_reuse={noise_reuse}: must lie in [0, 1] "
+                        "(0: fresh noise at every step, as LCM; 1: the step's implied noise only)")
     timesteps = lcm_timesteps(steps, original_steps, schedule.num_steps, timesteps).tolist()
     for i, t in enumerate(timesteps):
         t_batch = timestep_batch(t, x)  # (N,)
         x0 = schedule.eps_to_x0(x, t_batch, denoise(x, t_batch))  # (N, C, H, W)
         denoised = consistency_function(x, x0, t, timestep_scaling, sigma_data)  # c_skip x_t + c_out x_0
-        if i + 1 < steps:  # re-noise to the next timestep with fresh noise
-            x = schedule.q_sample(denoised, timestep_batch(timesteps[i + 1], x), randn_like(x, generator))
+        if i + 1 < steps:  # re-noise to the next timestep (fresh noise, or part the step's own implied noise)
+            noise = randn_like(x, generator)
+            if noise_reuse > 0:
+                implied = schedule.x0_to_eps(x, t_batch, denoised)  # the noise that takes `denoised` to x at t
+                noise = noise_reuse * implied + (1.0 - noise_reuse**2) ** 0.5 * noise
+            x = schedule.q_sample(denoised, timestep_batch(timesteps[i + 1], x), noise)
         else:
             x = denoised
         if callback is not None:
