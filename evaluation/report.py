@@ -13,8 +13,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from common.files import atomic_path
 from data.synthetic import parse_caption
 from evaluation.frechet import frechet_distance_of
+from evaluation.paired import score_rows
 from evaluation.shapes import ATTRIBUTES, ImageScore, read_candidates, score_image, shape_features, summarise
 
 COLUMNS = (*ATTRIBUTES, "count", "all", "no_object")
@@ -56,6 +58,10 @@ def markdown_table(results: dict) -> str:
         by_kind = ", ".join(f"{k} {v:.1f}" for k, v in summary.get("kind_by_kind", {}).items())
         if by_kind:
             lines.append(f"\nKind accuracy by captioned kind ({group}): {by_kind}")
+    for group, summary in results["groups"].items():
+        errors = ", ".join(f"{HEADERS.get(k, k)} {v:.1f}" for k, v in summary.get("stderr", {}).items())
+        if errors:
+            lines.append(f"\nStandard errors of the accuracies ({group}; sqrt(p (1 - p) / n), in points): {errors}")
     if "frechet_distance" in results:
         lines.append("")
         lines.append(f"Frechet distance to {results['real_images']} real images (evaluator features): "
@@ -103,12 +109,15 @@ def worst_cases(path: Path, scores: list[ImageScore], images: list[np.ndarray], 
 
 def write_report(out_dir: Path, results: dict, scores: list[ImageScore], images: list[np.ndarray],
                  captions: list[str], real: list[np.ndarray] | None = None, extra: dict | None = None) -> dict:
-    """results.json, results.md and worst.png in out_dir; returns the JSON written."""
+    """results.json, results.md, scores.jsonl (each image's reading: evaluation/paired.py) and worst.png in out_dir;
+    returns the JSON written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**(extra or {}), **results}
     (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     header = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items())
     (out_dir / "results.md").write_text(header + ("\n" if header else "") + markdown_table(results))
+    with atomic_path(out_dir / "scores.jsonl") as tmp:  # per image, for paired comparisons (tools/compare_evals.py)
+        Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in score_rows(scores, captions)))
     worst_cases(out_dir / "worst.png", scores, images, captions, real)
     return record

@@ -23,6 +23,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from data.synthetic import KINDS, PALETTE, POSITIONS, SIZES, ShapeObject, shape_mask
+from evaluation.paired import binomial_stderr
 
 ATTRIBUTES = ("kind", "color", "size", "position")
 COLOR_NAMES = tuple(PALETTE)
@@ -257,6 +258,11 @@ def summarise(scores: list[ImageScore]) -> dict:
     out["count"] = 100.0 * sum(s.count_ok for s in scores) / len(scores)
     out["all"] = 100.0 * sum(s.all_ok for s in scores) / len(scores)
     out["no_object"] = 100.0 * sum(s.no_object for s in scores) / len(scores)
+    # The sampling error of each accuracy (binomial, over the objects or images it counts): how far apart two
+    # readings on different scenes must be to differ; on the same scenes compare pairwise (evaluation/paired.py).
+    out["stderr"] = {attr: binomial_stderr(sum(m[attr] for m in objects), len(objects)) for attr in ATTRIBUTES}
+    out["stderr"]["count"] = binomial_stderr(sum(s.count_ok for s in scores), len(scores))
+    out["stderr"]["all"] = binomial_stderr(sum(s.all_ok for s in scores), len(scores))
     out["mean_iou"] = float(np.mean([d.iou for s in scores for d in s.detected])) if any(
         s.detected for s in scores) else 0.0
     # Kind accuracy of the captioned objects of each kind: which outline the model fails to draw.
