@@ -96,25 +96,20 @@ class DistributionMatching:
         without gradient, the last with it); None: all steps. Returns (images, the input of each sample's last step)."""
         k = len(self.timesteps)
         stop = torch.full((len(noise),), k - 1, device=noise.device) if stop is None else stop
-        x, inputs = noise.float(), noise.float()
-        for j in range(int(stop.max()) + 1):
-            t = torch.full((len(noise),), int(self.timesteps[j]), device=noise.device)
-            last = stop == j  # (N,) samples whose output is this step's
-            inputs = torch.where(last[:, None, None, None], x, inputs)
-            if j < int(stop.max()):
-                with torch.no_grad():
-                    out = self.x0(generator, x, t, cond)
-                nxt = torch.full((len(noise),), int(self.timesteps[j + 1]), device=noise.device)
-                x = self.schedule.q_sample(out, nxt, fresh[j].float())  # re-noise to the next step's timestep
+        states = torch.stack(self.step_inputs(generator, noise, cond, fresh, int(stop.max()) + 1))  # (J, N, C, H, W)
+        inputs = states[stop, torch.arange(len(noise), device=noise.device)]  # each sample's input at its last step
         t_last = self.timesteps.to(noise.device)[stop]  # (N,)
         return self.x0(generator, inputs, t_last, cond), inputs
 
     @torch.no_grad()
-    def step_inputs(self, generator: Network, noise: Tensor, cond: dict, fresh: list[Tensor]) -> list[Tensor]:
-        """What each step of the generator sees when it samples from noise (N, C, H, W), in one pass: noise for the
-        first step, then each output re-noised with fresh[j] to the next step's timestep (as generate() runs them)."""
+    def step_inputs(self, generator: Network, noise: Tensor, cond: dict, fresh: list[Tensor],
+                    count: int | None = None) -> list[Tensor]:
+        """What the generator's first `count` steps (default: all) see when it samples from noise (N, C, H, W), in
+        one pass without gradient: noise for the first step, then each output re-noised with fresh[j] to the next
+        step's timestep."""
+        count = len(self.timesteps) if count is None else count
         x, inputs = noise.float(), [noise.float()]
-        for j in range(len(self.timesteps) - 1):
+        for j in range(count - 1):
             t = torch.full((len(noise),), int(self.timesteps[j]), device=noise.device)
             nxt = torch.full((len(noise),), int(self.timesteps[j + 1]), device=noise.device)
             x = self.schedule.q_sample(self.x0(generator, x, t, cond), nxt, fresh[j].float())

@@ -99,7 +99,7 @@ def sample_lcm(
         x0 = schedule.eps_to_x0(x, t_batch, denoise(x, t_batch))  # (N, C, H, W)
         denoised = consistency_function(x, x0, t, timestep_scaling, sigma_data)  # c_skip x_t + c_out x_0
         if i + 1 < steps:  # re-noise to the next timestep (fresh noise, or part the step's own implied noise)
-            noise = randn_like(x, generator)
+            noise = randn_like(x, generator)  # drawn at every r, so each image's later draws do not depend on r
             if noise_reuse > 0:
                 implied = schedule.x0_to_eps(x, t_batch, denoised)  # the noise that takes `denoised` to x at t
                 noise = noise_reuse * implied + (1.0 - noise_reuse**2) ** 0.5 * noise
